@@ -1,0 +1,7 @@
+"""OmniTokenizer: one tokenizer for images (T=1) and videos, with VQ, KL and LFQ bottlenecks.
+
+Importing this package registers its LightningModules with the `timeloom` CLI (entry point group
+`timeloom.packages`). The models land with the tokenizer issue.
+"""
+
+__version__ = "0.1.0"
