@@ -1,0 +1,106 @@
+"""The `timeloom` command: LightningCLI over every installed timeloom package, plus `timeloom bench`.
+
+Model and data classes are chosen in subclass mode, so any installed `TimeloomModule` / `TimeloomDataModule`
+works by its short name (``--model=VideoAutoencoder``). Model packages make themselves known through the
+entry-point group ``timeloom.packages``; importing them registers their classes.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+import timeloom.data  # noqa: F401  (registers the core data modules for short names)
+import timeloom.models  # noqa: F401  (registers the core models for short names)
+from timeloom.data import TimeloomDataModule
+from timeloom.module import TimeloomModule
+from timeloom.throughput import Throughput
+
+
+def load_packages() -> list[str]:
+    """Import every installed timeloom model package; a broken one is reported, never fatal for the rest."""
+    loaded = []
+    for entry in entry_points(group="timeloom.packages"):
+        try:
+            entry.load()
+            loaded.append(entry.name)
+        except Exception as error:  # noqa: BLE001 - one broken package must not take the CLI down
+            warnings.warn(f"timeloom package {entry.name!r} ({entry.value}) failed to import: {error}", stacklevel=2)
+    return loaded
+
+
+class SaveConfigToRun(SaveConfigCallback):
+    """Writes the full resolved config next to the checkpoints and sends it to every logger."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_hyperparams(self.config.as_dict())
+        self._config_text = config
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The checkpoint folder is only resolved once training starts (it may depend on the logger's run id).
+        if trainer.is_global_zero and trainer.checkpoint_callback is not None:
+            directory = Path(trainer.checkpoint_callback.dirpath)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / self.config_filename).write_text(self._config_text)
+
+
+class TimeloomCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+
+
+def _bench(argv: list[str]) -> None:
+    """`timeloom bench kernels [...]`: the performance suites."""
+    suites: dict[str, Callable[[list[str]], object]] = {}
+    from timeloom_kernels import bench as kernels_bench
+
+    suites["kernels"] = kernels_bench.main
+    if not argv or argv[0] not in suites:
+        raise SystemExit(f"usage: timeloom bench {{{','.join(suites)}}} [--help]")
+    suites[argv[0]](argv[1:])
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"bench": _bench}
+
+DESCRIPTION = """timeloom: train, evaluate and benchmark causal video models.
+
+Lightning commands: fit, validate, test, predict (each takes -c CONFIG, several -c compose in order).
+Other commands: bench kernels (attention kernels' speed and memory; writes JSON and Markdown).
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        EXTRA_COMMANDS[argv[0]](argv[1:])
+        return
+    load_packages()
+    TimeloomCLI(
+        TimeloomModule,
+        TimeloomDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=SaveConfigToRun,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"logger": {"class_path": "timeloom.logging.WandbLogger"}},
+        parser_kwargs={"parser_mode": "omegaconf+", "description": DESCRIPTION},
+        auto_configure_optimizers=False,
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()

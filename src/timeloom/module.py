@@ -1,0 +1,152 @@
+"""`TimeloomModule`: the thin LightningModule every timeloom model trains through.
+
+It owns only what all models share: optimiser and scheduler injection (LightningCLI's ``OptimizerCallable`` /
+``LRSchedulerCallable``), video logging, sample/token counts for throughput, and safetensors export.
+A subclass builds ``self.model`` (a plain ``nn.Module``) and implements ``training_step``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import WandbLogger
+from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LambdaLR
+
+from timeloom.video_io import make_grid_video, write_video
+
+
+class WarmupCosine(LambdaLR):
+    """Linear warm-up to the base learning rate, then cosine decay to ``min_lr_ratio`` of it.
+
+    ``total_steps=None`` means "the trainer's estimated number of optimiser steps"; the module fills it in.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 100,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+    ):
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        total = max(self.total_steps or step + 1, self.warmup_steps + 1)
+        progress = min((step - self.warmup_steps) / (total - self.warmup_steps), 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def default_scheduler(optimizer: torch.optim.Optimizer) -> WarmupCosine:
+    return WarmupCosine(optimizer)
+
+
+class TimeloomModule(pl.LightningModule):
+    """Base class of every timeloom LightningModule (LightningCLI subclass mode picks the concrete one)."""
+
+    model: torch.nn.Module
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = default_scheduler,
+    ):
+        super().__init__()
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        # Lightning collects the init args of the concrete subclass from the call stack.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+
+    # -- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        scheduler = self.scheduler(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- throughput accounting (used by `timeloom.throughput.Throughput`) ----------------------------------
+    def count_samples(self, batch: Any) -> int:
+        """Samples in a batch: the leading dimension of its ``video`` (override for other batch layouts)."""
+        return len(batch["video"])
+
+    def count_tokens(self, batch: Any) -> int | None:
+        """Tokens the model attends over in a batch, or None when the notion does not apply."""
+        return None
+
+    # -- media --------------------------------------------------------------------------------------------
+    def log_video(self, key: str, video: torch.Tensor, fps: int = 8, caption: str | None = None) -> Path | None:
+        """Log a video (or a batch of videos, tiled) as W&B media and as a local MP4 and GIF.
+
+        ``video`` is ``(C, T, H, W)`` or ``(B, C, T, H, W)`` in ``[-1, 1]``. Files go to
+        ``<log_dir>/media/<key>_<step>.{mp4,gif}``; returns the MP4's path (None on non-zero ranks).
+        """
+        if self.trainer is None or not self.trainer.is_global_zero:
+            return None
+        if video.dim() == 5:
+            video = make_grid_video(video)
+        media_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "media"
+        media_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{key.replace('/', '_')}_{self.global_step:07d}"
+        mp4 = write_video(media_dir / f"{stem}.mp4", video.detach().float().cpu(), fps=fps)
+        write_video(media_dir / f"{stem}.gif", video.detach().float().cpu(), fps=fps)
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_video(key, videos=[str(mp4)], step=self.global_step, fps=[fps], caption=[caption])
+        return mp4
+
+    # -- export -------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` (weights of ``self.model``) and ``config.json`` (how to rebuild it)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        save_file(weights, directory / "model.safetensors")
+        config = {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": _jsonable(dict(self.hparams)),
+        }
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> TimeloomModule:
+        """Rebuild a module saved by ``save_pretrained`` (any subclass; ``cls`` only checks the type)."""
+        directory = Path(directory)
+        config = json.loads((directory / "config.json").read_text())
+        module_name, _, class_name = config["class_path"].rpartition(".")
+        klass = getattr(importlib.import_module(module_name), class_name)
+        if not issubclass(klass, cls):
+            raise ValueError(f"{directory} holds a {klass.__name__}, which is not a {cls.__name__}")
+        module = klass(**{**config["init_args"], **overrides})
+        module.model.load_state_dict(load_file(directory / "model.safetensors"))
+        return module
+
+
+def _jsonable(value: Any) -> Any:
+    """Hyper-parameters as JSON (dataclass configs and tuples included)."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
