@@ -172,7 +172,8 @@ def to_uint8(video: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def frames_to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Turn uint8 frames ``(T, H, W, C)`` into the model layout: float32 ``(C, T, H, W)`` in ``[-1, 1]``."""
-    frames = torch.as_tensor(frames)
+    if isinstance(frames, np.ndarray):  # astype copies: arrays from PIL are read-only
+        frames = torch.from_numpy(frames.astype(np.float32))
     return frames.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
