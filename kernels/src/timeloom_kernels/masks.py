@@ -64,7 +64,7 @@ _cache: OrderedDict[tuple, tuple[Any, tuple]] = OrderedDict()
 
 
 def _cached(key: tuple, pins: tuple, build: Callable[[], Any]) -> Any:
-    """Small LRU keyed by tensor identities; ``pins`` keeps those tensors alive so ids are never reused."""
+    """Small LRU keyed by tensor identities; ``pins`` keeps those tensors alive so storages are never reused."""
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key][0]
@@ -76,7 +76,11 @@ def _cached(key: tuple, pins: tuple, build: Callable[[], Any]) -> Any:
 
 
 def _tensor_key(t: Tensor | None) -> tuple | None:
-    return None if t is None else (id(t), t._version, tuple(t.shape), str(t.device))
+    """Identity of a tensor's contents: its storage, view and version (views of one tensor agree)."""
+    if t is None:
+        return None
+    storage = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.stride()))
+    return (storage, tuple(t.shape), t.dtype, str(t.device), t._version)
 
 
 # --------------------------------------------------------------------------------------------------------
