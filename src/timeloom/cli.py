@@ -31,7 +31,9 @@ def load_packages() -> list[str]:
             entry.load()
             loaded.append(entry.name)
         except Exception as error:  # noqa: BLE001 - one broken package must not take the CLI down
-            warnings.warn(f"timeloom package {entry.name!r} ({entry.value}) failed to import: {error}", stacklevel=2)
+            warnings.warn(
+                f"timeloom package {entry.name!r} ({entry.value}) failed to import: {error}", stacklevel=2
+            )
     return loaded
 
 

@@ -29,7 +29,9 @@ class WandbLogger(LightningWandbLogger):
     Offline runs live under ``<save_dir>/wandb/offline-run-*``; ``wandb sync <that folder>`` uploads them later.
     """
 
-    def __init__(self, project: str = "timeloom", save_dir: str = "runs", offline: bool | None = None, **kwargs: Any):
+    def __init__(
+        self, project: str = "timeloom", save_dir: str = "runs", offline: bool | None = None, **kwargs: Any
+    ):
         if offline is None:
             offline = os.environ.get("WANDB_MODE", "") != "online" and not wandb_has_api_key()
         Path(save_dir).mkdir(parents=True, exist_ok=True)

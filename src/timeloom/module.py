@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from safetensors.torch import load_file, save_file
@@ -72,6 +73,8 @@ class TimeloomModule(pl.LightningModule):
         self.scheduler = scheduler
         # Lightning collects the init args of the concrete subclass from the call stack.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # Plain values only, so checkpoints load with `torch.load(weights_only=True)`.
+        self.hparams.update(_jsonable(dict(self.hparams)))
 
     # -- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -93,7 +96,9 @@ class TimeloomModule(pl.LightningModule):
         return None
 
     # -- media --------------------------------------------------------------------------------------------
-    def log_video(self, key: str, video: torch.Tensor, fps: int = 8, caption: str | None = None) -> Path | None:
+    def log_video(
+        self, key: str, video: torch.Tensor, fps: int = 8, caption: str | None = None
+    ) -> Path | None:
         """Log a video (or a batch of videos, tiled) as W&B media and as a local MP4 and GIF.
 
         ``video`` is ``(C, T, H, W)`` or ``(B, C, T, H, W)`` in ``[-1, 1]``. Files go to
@@ -122,7 +127,7 @@ class TimeloomModule(pl.LightningModule):
         save_file(weights, directory / "model.safetensors")
         config = {
             "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-            "init_args": _jsonable(dict(self.hparams)),
+            "init_args": dict(self.hparams),
         }
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         return directory
@@ -136,7 +141,11 @@ class TimeloomModule(pl.LightningModule):
         klass = getattr(importlib.import_module(module_name), class_name)
         if not issubclass(klass, cls):
             raise ValueError(f"{directory} holds a {klass.__name__}, which is not a {cls.__name__}")
-        module = klass(**{**config["init_args"], **overrides})
+        # jsonargparse rebuilds typed arguments (dataclass configs, nested classes) from plain JSON.
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(klass, "module", skip={"optimizer", "scheduler"})
+        init_args = parser.parse_object({"module": {**config["init_args"], **overrides}})
+        module = parser.instantiate(init_args).module
         module.model.load_state_dict(load_file(directory / "model.safetensors"))
         return module
 

@@ -60,7 +60,12 @@ class CausalVideoAutoencoder(nn.Module):
     def check_input(self, video: torch.Tensor) -> None:
         c = self.config
         factor = 2**c.levels
-        if video.dim() != 5 or video.shape[1] != c.channels or video.shape[-1] % factor or video.shape[-2] % factor:
+        if (
+            video.dim() != 5
+            or video.shape[1] != c.channels
+            or video.shape[-1] % factor
+            or video.shape[-2] % factor
+        ):
             raise ValueError(
                 f"expected a video (B, C={c.channels}, T, H, W) with H and W divisible by {factor}, "
                 f"got shape {tuple(video.shape)}"
@@ -80,7 +85,9 @@ class CausalVideoAutoencoder(nn.Module):
 class VideoAutoencoder(TimeloomModule):
     """Trains `CausalVideoAutoencoder` with an L1 + MSE reconstruction loss; logs PSNR and sample videos."""
 
-    def __init__(self, config: VideoAutoencoderConfig | None = None, log_video_every_n_epochs: int = 1, **kwargs):
+    def __init__(
+        self, config: VideoAutoencoderConfig | None = None, log_video_every_n_epochs: int = 1, **kwargs
+    ):
         super().__init__(**kwargs)
         self.config = config or VideoAutoencoderConfig()
         self.model = CausalVideoAutoencoder(self.config)
@@ -96,7 +103,9 @@ class VideoAutoencoder(TimeloomModule):
         loss = F.l1_loss(recon, video) + F.mse_loss(recon, video)
         # PSNR on [-1, 1] data: peak-to-peak range is 2.
         psnr = 10 * torch.log10(4 / F.mse_loss(recon, video).clamp_min(1e-10))
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/psnr": psnr}, prog_bar=True, sync_dist=stage != "train")
+        self.log_dict(
+            {f"{stage}/loss": loss, f"{stage}/psnr": psnr}, prog_bar=True, sync_dist=stage != "train"
+        )
         return loss, recon
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
