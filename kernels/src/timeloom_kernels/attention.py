@@ -22,7 +22,7 @@ from timeloom_kernels.backends import sdpa as sdpa_backend
 from timeloom_kernels.backends import xformers as xformers_backend
 from timeloom_kernels.masks import Mask, ScoreMod, resolve_positions
 
-__all__ = ["BACKENDS", "ENV_BACKEND", "Problem", "attend", "ineligibility", "select_backend"]
+__all__ = ["BACKENDS", "ENV_BACKEND", "Problem", "attend", "describe", "ineligibility", "select_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,59 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, mask, bias, dropout_p: float) -> 
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
 
 
+def describe(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Mask | None = None,
+    *,
+    bias: Tensor | ScoreMod | None = None,
+    dropout_p: float = 0.0,
+    q_pos: Tensor | None = None,
+    kv_pos: Tensor | None = None,
+    needs_probs: bool = False,
+    probe_xformers: bool = False,
+) -> Problem:
+    """Validate an `attend` call (``ValueError`` on bad input) and describe it as a `Problem`.
+
+    Run-time facts are gathered only where the choice can use them: block sparsity for large structured
+    CUDA calls, and the xformers probe on CUDA or when ``probe_xformers`` (an explicit request).
+    """
+    _validate(q, k, v, mask, bias, dropout_p)
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, q.device)  # raises on bad positions
+    on_cuda = q.device.type == "cuda"
+    probe_xformers = probe_xformers or on_cuda
+    bias_tensor = bias if isinstance(bias, Tensor) else None
+    tensors = (q, k, v) if bias_tensor is None else (q, k, v, bias_tensor)
+    block_sparsity = None
+    if on_cuda and mask is not None and q_len * kv_len >= FLEX_MIN_SCORES and dropout_p == 0:
+        block_sparsity = mask.sparsity(batch, q_heads, q_len, kv_len, q_pos, kv_pos, q.device)
+    xformers_exact = probe_xformers and (
+        mask is None or mask.xformers_bias(batch, q_heads, q_len, kv_len, q_pos, kv_pos) is not None
+    )
+    return Problem(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        batch=batch,
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        q_len=q_len,
+        kv_len=kv_len,
+        mask=mask,
+        bias="none" if bias is None else ("score_mod" if isinstance(bias, ScoreMod) else "tensor"),
+        bias_requires_grad=bias_tensor is not None and bias_tensor.requires_grad,
+        dropout_p=dropout_p,
+        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+        default_positions=q_pos is None and kv_pos is None,
+        needs_probs=needs_probs,
+        available=_available(q.device, probe_xformers),
+        block_sparsity=block_sparsity,
+        xformers_exact=xformers_exact,
+    )
+
+
 _logged: set[tuple] = set()
 
 
@@ -196,46 +249,24 @@ def attend(
         ``(B, Hq, Lq, Dv)`` in q's dtype, or ``(output, probs)`` with ``return_probs``. Fully masked rows
         are 0 with zero gradient on every backend.
     """
-    _validate(q, k, v, mask, bias, dropout_p)
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, q.device)  # raises on bad positions
-    if mask is not None and mask.is_plain("full"):
+    if mask is not None and isinstance(mask, Mask) and mask.is_plain("full"):
         mask = None
     needs_probs = return_probs or processor is not None
     if backend == "auto" and not needs_probs:
         backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
-
-    on_cuda = q.device.type == "cuda"
-    default_positions = q_pos is None and kv_pos is None
-    bias_tensor = bias if isinstance(bias, Tensor) else None
-    tensors = (q, k, v) if bias_tensor is None else (q, k, v, bias_tensor)
-    block_sparsity = None
-    if on_cuda and mask is not None and q_len * kv_len >= FLEX_MIN_SCORES and dropout_p == 0:
-        block_sparsity = mask.sparsity(batch, q_heads, q_len, kv_len, q_pos, kv_pos, q.device)
-    xformers_exact = (on_cuda or backend == "xformers") and (
-        mask is None or mask.xformers_bias(batch, q_heads, q_len, kv_len, q_pos, kv_pos) is not None
-    )
-    problem = Problem(
-        device_type=q.device.type,
-        dtype=q.dtype,
-        batch=batch,
-        q_heads=q_heads,
-        kv_heads=kv_heads,
-        q_len=q_len,
-        kv_len=kv_len,
-        mask=mask,
-        bias="none" if bias is None else ("score_mod" if isinstance(bias, ScoreMod) else "tensor"),
-        bias_requires_grad=bias_tensor is not None and bias_tensor.requires_grad,
+    problem = describe(
+        q,
+        k,
+        v,
+        mask,
+        bias=bias,
         dropout_p=dropout_p,
-        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
-        default_positions=default_positions,
+        q_pos=q_pos,
+        kv_pos=kv_pos,
         needs_probs=needs_probs,
-        available=_available(q.device, probe_xformers=on_cuda or backend == "xformers"),
-        block_sparsity=block_sparsity,
-        xformers_exact=xformers_exact,
+        probe_xformers=backend == "xformers",
     )
     if backend == "auto":
         backend = select_backend(problem)
@@ -248,7 +279,7 @@ def attend(
     args = AttentionArgs(
         mask=mask,
         bias=bias,
-        scale=head_dim**-0.5 if scale is None else float(scale),
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
         dropout_p=dropout_p,
         q_pos=q_pos,
         kv_pos=kv_pos,
