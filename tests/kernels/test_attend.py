@@ -145,19 +145,22 @@ def test_head_dims(case, head_dim, backend):
         assert_matches_reference(case, backend, "cpu", head_dim, with_grad=backend == "sdpa")
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])
-def test_fully_masked_rows_are_zero_with_zero_grad(backend):
+def test_fully_masked_rows_are_zero_with_zero_grad(backend, device):
+    device_or_skip(device)
+    with_grad = backend != "flex" or device == "cuda"
     for case in (
         next(c for c in CASES if c.id == "key_padding"),
         next(c for c in CASES if c.id == "causal_more_q"),
     ):
-        tensors = inputs(case, grad=backend != "flex")
-        with torch.set_grad_enabled(backend != "flex"):
+        tensors = inputs(case, device=device, grad=with_grad)
+        with torch.set_grad_enabled(with_grad):
             out = run(case, backend, tensors)
-        empty = ~case.mask.dense(B, 1, case.q_len, case.kv_len).any(-1)  # (B|1, 1, Lq)
+        empty = ~case.mask.dense(B, 1, case.q_len, case.kv_len, device=device).any(-1)  # (B|1, 1, Lq)
         empty = empty.expand(B, HQ, case.q_len)
         assert empty.any() and out[empty].eq(0).all()
-        if backend != "flex":
+        if with_grad:
             dq, dk, dv = grads(out, tensors)
             assert all(g.isfinite().all() for g in (dq, dk, dv))
             assert dq[empty].eq(0).all()

@@ -309,11 +309,13 @@ def test_cca_ring_map():
     assert ring.max() == 11 and ring.unique().numel() == 12
 
 
-def test_sparsity_matches_flex():
+def test_sparsity():
     # Spec §3: frame-causal, 16 tokens/frame, L = 128 -> 43.75 % of 16x16 tiles skipped.
-    mask = M.block_causal(16)
-    assert mask.sparsity(1, 1, 128, 128, block_size=16) == pytest.approx(0.4375)
-    assert mask.block_mask(1, 1, 128, 128, block_size=16).sparsity() == pytest.approx(43.75)
+    assert M.block_causal(16).sparsity(1, 1, 128, 128, block_size=16) == pytest.approx(0.4375)
+    # Ragged edges: 10 queries x 12 keys in 4x4 tiles, causal -> tiles (r, c) with c > r are empty.
+    tiles = torch.ones(3, 3, dtype=torch.bool).tril()
+    assert M.causal().sparsity(1, 1, 12, 12, block_size=4) == pytest.approx(1 - tiles.float().mean().item())
+    assert M.full().sparsity(2, 2, 10, 7, block_size=4) == 0.0
 
 
 # --------------------------------------------------------------------------------------------------------

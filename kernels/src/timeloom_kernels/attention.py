@@ -190,16 +190,10 @@ _logged: set[tuple] = set()
 
 
 def _log_choice(name: str | None, problem: Problem, backend: str) -> None:
-    """Log the backend once per (layer name, call signature)."""
-    signature = (
-        name,
-        problem.device_type,
-        problem.dtype,
-        problem.q_len,
-        problem.kv_len,
-        repr(problem.mask),
-        backend,
-    )
+    """Log the backend once per (layer, signature). Lengths stay out of the signature: they grow every
+    decoding step, and the set of logged signatures must stay small."""
+    mask_name = problem.mask.name if problem.mask is not None else None
+    signature = (name, problem.device_type, problem.dtype, mask_name, problem.bias, backend)
     if signature not in _logged:
         _logged.add(signature)
         logger.debug(

@@ -59,8 +59,9 @@ __all__ = [
 Coord = Literal["position", "slot"]
 """What a leaf predicate reads as ``i``/``j``: absolute positions or raw slot indices."""
 
-_CACHE_SIZE = 32
-_cache: OrderedDict[tuple, tuple[Any, tuple]] = OrderedDict()
+_CACHE_ENTRIES = 32
+_CACHE_BYTES = 1 << 30  # dense masks of long videos are large; keep at most ~1 GiB of them alive
+_cache: OrderedDict[tuple, tuple[Any, tuple, int]] = OrderedDict()
 
 
 def _cached(key: tuple, pins: tuple, build: Callable[[], Any]) -> Any:
@@ -69,8 +70,11 @@ def _cached(key: tuple, pins: tuple, build: Callable[[], Any]) -> Any:
         _cache.move_to_end(key)
         return _cache[key][0]
     value = build()
-    _cache[key] = (value, pins)
-    if len(_cache) > _CACHE_SIZE:
+    size = value.untyped_storage().nbytes() if isinstance(value, Tensor) else 0
+    _cache[key] = (value, pins, size)
+    while len(_cache) > 1 and (
+        len(_cache) > _CACHE_ENTRIES or sum(entry[2] for entry in _cache.values()) > _CACHE_BYTES
+    ):
         _cache.popitem(last=False)
     return value
 
@@ -286,7 +290,10 @@ class Mask:
         kv_pos: Tensor | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """Bool tensor ``(B|1, H|1, Lq, Lk)``: a size-1 dim means the mask does not depend on it."""
+        """Bool tensor ``(B|1, H|1, Lq, Lk)``: a size-1 dim means the mask does not depend on it.
+
+        Cached and shared between calls: never modify it in place.
+        """
         device = torch.device(device) if device is not None else _default_device(q_pos, kv_pos)
         key = (
             "dense",
@@ -366,15 +373,12 @@ class Mask:
         device: torch.device | str | None = None,
         block_size: int = 128,
     ) -> float:
-        """Fraction of ``block_size × block_size`` tiles with nothing allowed: the work flex can skip."""
-        allowed = self.dense(batch, heads, q_len, kv_len, q_pos, kv_pos, device)
-        pad_q, pad_k = -q_len % block_size, -kv_len % block_size
-        tiles = torch.nn.functional.pad(allowed, (0, pad_k, 0, pad_q))
-        b, h = tiles.shape[:2]
-        tiles = tiles.view(
-            b, h, tiles.shape[2] // block_size, block_size, tiles.shape[3] // block_size, block_size
-        )
-        return 1.0 - tiles.any(dim=5).any(dim=3).float().mean().item()
+        """Fraction of ``block_size × block_size`` tiles with nothing allowed: the work flex can skip.
+
+        Read off the (cached) ``BlockMask``, which flex reuses when it is chosen.
+        """
+        block_mask = self.block_mask(batch, heads, q_len, kv_len, q_pos, kv_pos, device, block_size)
+        return block_mask.sparsity() / 100.0
 
     def xformers_bias(
         self,
