@@ -133,6 +133,11 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, mask, bias, dropout_p: float) -> 
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
 
 
+def _drop_full(mask: Mask | None) -> Mask | None:
+    """`full()` allows everything: every backend serves it best as no mask at all."""
+    return None if isinstance(mask, Mask) and mask.is_plain("full") else mask
+
+
 def describe(
     q: Tensor,
     k: Tensor,
@@ -152,6 +157,7 @@ def describe(
     CUDA calls, and the xformers probe on CUDA or when ``probe_xformers`` (an explicit request).
     """
     _validate(q, k, v, mask, bias, dropout_p)
+    mask = _drop_full(mask)
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, q.device)  # raises on bad positions
@@ -243,8 +249,7 @@ def attend(
         ``(B, Hq, Lq, Dv)`` in q's dtype, or ``(output, probs)`` with ``return_probs``. Fully masked rows
         are 0 with zero gradient on every backend.
     """
-    if mask is not None and isinstance(mask, Mask) and mask.is_plain("full"):
-        mask = None
+    mask = _drop_full(mask)
     needs_probs = return_probs or processor is not None
     if backend == "auto" and not needs_probs:
         backend = os.environ.get(ENV_BACKEND, "auto") or "auto"

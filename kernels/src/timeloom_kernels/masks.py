@@ -24,7 +24,6 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Literal
 
 import torch
@@ -172,6 +171,10 @@ class Mask:
     key for materialisations. ``tables`` are batched per-sample metadata: tensors whose first dim is the
     batch (1 = shared). ``table_extent`` says what their second dim indexes, so bad positions raise instead
     of silently wrapping: ``"position"`` (tables indexed by ``i``/``j``) or ``"kv_slot"`` (indexed by key slot).
+
+    A new mask is one leaf, ``Mask("my_mask", params, predicate)``: ``name`` and ``params`` must identify the
+    predicate (they are its cache key), and ``per_head=True`` is needed when the predicate reads ``h``.
+    Masks are immutable; build them once per forward and share them across layers.
     """
 
     name: str
@@ -202,7 +205,7 @@ class Mask:
         return f"{self.name}({', '.join(args)})"
 
     # ---- identity ----------------------------------------------------------------------------------------
-    @cached_property
+    @property
     def key(self) -> tuple:
         """Hashable identity: constructor, parameters, metadata tensor identities and children."""
         tables = tuple((n, _tensor_key(t)) for n, t in self.tables)
