@@ -13,6 +13,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         EXTRA_COMMANDS[argv[0]](argv[1:])
         return
     load_packages()
+    # Configs nest under the subcommand (fit.model...); this keeps `${data.init_args.frames}` meaning the
+    # merged config's own `data` section rather than a top-level key.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     TimeloomCLI(
         TimeloomModule,
         TimeloomDataModule,

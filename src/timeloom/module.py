@@ -82,9 +82,14 @@ class TimeloomModule(pl.LightningModule):
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)
-        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # Not in configure_optimizers: asking for the step estimate there builds the train loader before a
+        # checkpoint's loader state is restored, and a mid-epoch resume would then restart the epoch.
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, WarmupCosine) and config.scheduler.total_steps is None:
+                config.scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
 
     # -- throughput accounting (used by `timeloom.throughput.Throughput`) ----------------------------------
     def count_samples(self, batch: Any) -> int:

@@ -11,8 +11,18 @@ from timeloom.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs/core/autoencoder-tiny.yaml")
-MODEL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in {"trainer", "logger"})
-OVERLAYS = sorted((ROOT / "configs/trainer").glob("*.yaml")) + sorted((ROOT / "configs/logger").glob("*.yaml"))
+MODEL_CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in {"trainer", "logger"}
+)
+OVERLAYS = sorted((ROOT / "configs/trainer").glob("*.yaml")) + sorted(
+    (ROOT / "configs/logger").glob("*.yaml")
+)
+
+
+@pytest.fixture(autouse=True)
+def _argv_of_the_console_script(monkeypatch):
+    # LightningCLI warns when both sys.argv (pytest's) and args are given.
+    monkeypatch.setattr(sys, "argv", ["timeloom"])
 
 
 def run_main(args: list[str], capsys) -> tuple[int, str]:

@@ -83,8 +83,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     )
     env = {"PYTHONPATH": str(killer)}
     # 8 steps per epoch: step 11 is in the middle of the second epoch.
-    killed = fit(tmp_path / "run", "--trainer.callbacks+=kill_at_step.KillAtStep",
-                 "--trainer.callbacks.step=11", env=env)
+    killed = fit(
+        tmp_path / "run",
+        "--trainer.callbacks+=kill_at_step.KillAtStep",
+        "--trainer.callbacks.step=11",
+        env=env,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 11
     resumed = fit(tmp_path / "run", "--ckpt_path", "last")
