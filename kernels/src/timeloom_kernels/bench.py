@@ -276,7 +276,7 @@ class Cell:
     reason: str | None = None
 
 
-TimingKey = tuple[str, str, str]  # (section, backend, "fwd" | "fwd_bwd")
+TimingKey = tuple[str, str, str]  # (pattern, backend, "fwd" | "fwd_bwd")
 
 
 class Runner:
@@ -288,7 +288,7 @@ class Runner:
         self._last: dict[TimingKey, tuple[float, float]] = {}  # last measured (work, seconds per call)
 
     def _projected_s(self, key: TimingKey, work: float) -> float | None:
-        """The last measured call of this (section, backend, mode), scaled by the work ratio."""
+        """The last measured call of this (pattern, backend, mode), scaled by the work ratio."""
         if key not in self._last:
             return None
         last_work, seconds = self._last[key]
@@ -297,10 +297,10 @@ class Runner:
         return seconds * (work / last_work) ** exponent
 
     def time(
-        self, key: TimingKey, work: float, fn: Callable[[], Any]
+        self, key: TimingKey, work: float, fn: Callable[[], Any], project: bool
     ) -> tuple[float | None, float, str | None]:
-        """`(ms, first_call_s, skip_reason)` for one mode of one cell."""
-        projected = self._projected_s(key, work)
+        """`(ms, first_call_s, skip_reason)` for one mode of one cell; `project=False` never skips."""
+        projected = self._projected_s(key, work) if project else None
         if projected is not None and projected > self.preset.max_call_s:
             return (
                 None,
@@ -334,8 +334,13 @@ class Runner:
         backend: str,
         forward: Callable[..., Tensor],
         no_backward: str | None = "inference only",
+        project_from: str | None = None,
     ) -> Cell:
-        """Time `forward(q, k, v)` without gradients, and with a backward pass unless `no_backward` says why not."""
+        """Time `forward(q, k, v)` without gradients, and with a backward pass unless `no_backward` says why not.
+
+        With `project_from`, the cell is skipped when its call time, projected from the last measured cell of
+        that pattern with the same backend, exceeds the preset's limit; without it the cell always runs.
+        """
         cell = Cell(section, case.pattern, backend, **case.shape)
         work = float(case.shape["q_len"]) * case.shape["kv_len"]
         q, k, v = case.q, case.k, case.v
@@ -344,7 +349,8 @@ class Runner:
             with torch.no_grad():
                 return forward(q, k, v)
 
-        ms, first, reason = self.time((section, backend, "fwd"), work, fwd)
+        pattern = project_from or case.pattern
+        ms, first, reason = self.time((pattern, backend, "fwd"), work, fwd, project=project_from is not None)
         if ms is None:
             cell.status, cell.reason = "skipped", reason
             return cell
@@ -360,7 +366,9 @@ class Runner:
             def fwd_bwd() -> None:
                 torch.autograd.grad(forward(qg, kg, vg), (qg, kg, vg), grad_out)
 
-            cell.fwd_bwd_ms, _, backward_reason = self.time((section, backend, "fwd_bwd"), work, fwd_bwd)
+            cell.fwd_bwd_ms, _, backward_reason = self.time(
+                (pattern, backend, "fwd_bwd"), work, fwd_bwd, project=project_from is not None
+            )
             if backward_reason:
                 cell.reason = f"backward skipped: {backward_reason}"
             cell.peak_mb = peak_memory_mb(fwd_bwd, self.device) if cell.fwd_bwd_ms is not None else None
@@ -417,7 +425,7 @@ def sweep(runner: Runner) -> None:
                 else:
                     with_grad = describe(case.q.detach().requires_grad_(), case.k, case.v, case.mask)
                     no_backward = ineligibility(backend, with_grad) if backend in BACKENDS else None
-                    cell = runner.run_case("cab", case, backend, forward, no_backward)
+                    cell = runner.run_case("cab", case, backend, forward, no_backward, project_from=pattern)
                 runner.record(cell)
 
 
@@ -455,7 +463,8 @@ def block_causal_section(runner: Runner) -> None:
             error = (forward(case.q, case.k, case.v).float() - expected.float()).abs().max().item()
         if error > 1e-2:
             raise RuntimeError(f"block-causal path {name} disagrees with dense SDPA by {error:.3e}")
-        runner.record(runner.run_case("block_causal", case, name, forward))
+        # eager flex on CPU, say, is projected from its causal sweep and skipped when hopeless
+        runner.record(runner.run_case("block_causal", case, name, forward, project_from="CS"))
 
 
 def _compiled_flex(case: Case) -> Callable[..., Tensor]:
@@ -474,6 +483,7 @@ def lightning_section(runner: Runner) -> None:
     for length in runner.preset.lightning_lengths:
         case = make_case("CS", length, runner.preset.batch, runner.device, runner.dtype)
         forward = lambda q, k, v: lightning_attention(q, k, v, decay)[0]  # noqa: E731
+        # the scaling target needs both lengths: never skipped
         runner.record(runner.run_case("lightning", case, "lightning", forward))
 
 
