@@ -17,6 +17,7 @@ from timeloom_kernels.linear import (
     lightning_attention,
 )
 from timeloom_kernels.linear.aaren import hillis_steele_scan
+from timeloom_kernels.linear.lightning import SEGMENT_BLOCKS
 
 B, H, DK, DV = 2, 3, 8, 5
 LENGTH = 50  # not a multiple of any chunk size below
@@ -76,6 +77,25 @@ def test_lightning_chunk_matches_references(chunk_size, decay_value):
     for name in ("quadratic", "chunk"):
         for actual, expected in zip(results[name], results["recurrent"]):
             assert_rel_close(actual, expected)
+
+
+def test_lightning_chunk_spanning_several_segments_matches_recurrent():
+    length = 2 * SEGMENT_BLOCKS * 16 + 21  # three segments of 16-token blocks, then a short block
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (_randn(1, 2, length, 4, gen=gen) for _ in range(3))
+    decay, h0 = (
+        torch.tensor([0.99, 1.0], dtype=torch.float64, requires_grad=True),
+        _randn(1, 2, 4, 4, gen=gen),
+    )
+    inputs = [q, k, v, decay, h0]
+    results = {}
+    for backend in ("recurrent", "chunk"):
+        o, state = lightning_attention(
+            q, k, v, decay, initial_state=h0, output_final_state=True, chunk_size=16, backend=backend
+        )
+        results[backend] = [o, state, *_gradients([o, state], inputs)]
+    for actual, expected in zip(results["chunk"], results["recurrent"]):
+        assert_rel_close(actual, expected)
 
 
 def test_lightning_decoding_and_state_passing_match_one_call():

@@ -26,6 +26,10 @@ from timeloom_kernels.linear._checks import (
 from timeloom_kernels.linear.naive import quadratic_linear_attention, recurrent_linear_attention
 
 BACKENDS = ("auto", "chunk", "recurrent", "quadratic")
+# Blocks batched per step of the chunked form. Bounding the step keeps its working set (intra scores, entering
+# states) cache-sized, so the cost per token stays flat in L: 16384 tokens in one step ran ~3x slower per token
+# than 1024 on CPU.
+SEGMENT_BLOCKS = 16
 
 
 def alibi_decay(num_heads: int, layer: int | None = None, num_layers: int | None = None) -> Tensor:
@@ -140,19 +144,16 @@ def lightning_attention(
     elif backend == "quadratic":
         output, state = quadratic_linear_attention(qf, kf, vf, log_decay, state)
     else:
-        # whole blocks first, then the remainder as one shorter block, so no padding ever decays the state
+        # Segments of whole blocks, then the remainder as one shorter block: no padding ever decays the state.
         whole = length - length % chunk_size
-        pieces = []
-        if whole:
-            piece, state = _chunked(
-                qf[:, :, :whole], kf[:, :, :whole], vf[:, :, :whole], log_decay, state, chunk_size
-            )
-            pieces.append(piece)
+        segment = SEGMENT_BLOCKS * chunk_size
+        bounds = [(start, min(start + segment, whole)) for start in range(0, whole, segment)]
         if whole < length:
-            rest = length - whole
-            piece, state = _chunked(
-                qf[:, :, whole:], kf[:, :, whole:], vf[:, :, whole:], log_decay, state, rest
+            bounds.append((whole, length))
+        output = qf.new_empty(batch, heads, length, v.shape[-1])
+        for start, end in bounds:
+            block = chunk_size if end <= whole else end - start
+            output[:, :, start:end], state = _chunked(
+                qf[:, :, start:end], kf[:, :, start:end], vf[:, :, start:end], log_decay, state, block
             )
-            pieces.append(piece)
-        output = torch.cat(pieces, dim=2)
     return output.to(q.dtype), state if output_final_state else None
