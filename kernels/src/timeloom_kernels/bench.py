@@ -320,7 +320,10 @@ class Runner:
             for name, value in (("fwd", cell.fwd_ms), ("fwd+bwd", cell.fwd_bwd_ms))
             if value is not None
         )
-        detail = timings if cell.status == "ok" else f"skipped: {cell.reason}"
+        if cell.status != "ok":
+            detail = f"skipped: {cell.reason}"
+        else:
+            detail = timings + (f"  ({cell.reason})" if cell.reason else "")
         print(
             f"[{len(self.cells):3d}] {cell.section:<12} {cell.pattern:<3} Lq={cell.q_len:<6} Lk={cell.kv_len:<6} "
             f"{cell.backend:<16} {detail}",
