@@ -50,12 +50,8 @@ def hillis_steele_scan(leaves: AarenState) -> AarenState:
     length = leaves.max.shape[2]
     offset = 1
     while offset < length:
-        earlier = AarenState(
-            state.max[:, :, :-offset], state.normalizer[:, :, :-offset], state.numerator[:, :, :-offset]
-        )
-        later = AarenState(
-            state.max[:, :, offset:], state.normalizer[:, :, offset:], state.numerator[:, :, offset:]
-        )
+        earlier = AarenState(*(x[:, :, :-offset] for x in state))
+        later = AarenState(*(x[:, :, offset:] for x in state))
         merged = combine(earlier, later)
         # the first `offset` prefixes are already complete
         state = AarenState(
@@ -66,7 +62,8 @@ def hillis_steele_scan(leaves: AarenState) -> AarenState:
 
 
 def _final(scanned: AarenState) -> AarenState:
-    return AarenState(scanned.max[:, :, -1], scanned.normalizer[:, :, -1], scanned.numerator[:, :, -1])
+    """The state after the last token of a scanned sequence."""
+    return AarenState(*(x[:, :, -1] for x in scanned))
 
 
 def aaren_attention(
