@@ -57,9 +57,8 @@ def _chunked(
         qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
         entering_lse, block_lse = lse[:, :, start : start + 1], lse[:, :, start + 1 : end + 1]
         causal = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).tril()
-        log_weights = (
-            kc[:, :, None, :, :] - block_lse[:, :, :, None, :]
-        )  # (B, H, t, s, Dk), <= 0 where s <= t
+        # log exp(k_s - z_t) as (B, H, t, s, Dk): <= 0 wherever s <= t, so exp never overflows
+        log_weights = kc[:, :, None, :, :] - block_lse[:, :, :, None, :]
         weights = log_weights.masked_fill(~causal[:, :, None], float("-inf")).exp()
         scores = torch.einsum("bhtd,bhtsd->bhts", qc, weights)
         outputs.append(scores @ vc + (qc * (entering_lse - block_lse).exp()) @ state)
