@@ -76,12 +76,22 @@ def _bench(argv: list[str]) -> None:
     suites[argv[0]](argv[1:])
 
 
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"bench": _bench}
+def _export(argv: list[str]) -> None:
+    """`timeloom export CKPT OUT_DIR`: a Lightning checkpoint to safetensors weights plus config.json."""
+    if len(argv) != 2 or argv[0].startswith("-"):
+        raise SystemExit("usage: timeloom export CHECKPOINT OUT_DIR")
+    load_packages()
+    out = TimeloomModule.from_checkpoint(argv[0]).save_pretrained(argv[1])
+    print(f"exported {argv[0]} to {out}")
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"bench": _bench, "export": _export}
 
 DESCRIPTION = """timeloom: train, evaluate and benchmark causal video models.
 
 Lightning commands: fit, validate, test, predict (each takes -c CONFIG, several -c compose in order).
-Other commands: bench kernels (attention kernels' speed and memory; writes JSON and Markdown).
+Other commands: bench kernels (attention kernels' speed and memory; writes JSON and Markdown),
+export CHECKPOINT OUT_DIR (a checkpoint's model as safetensors weights plus config.json).
 """
 
 

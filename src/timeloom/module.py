@@ -107,13 +107,13 @@ class TimeloomModule(pl.LightningModule):
         """Log a video (or a batch of videos, tiled) as W&B media and as a local MP4 and GIF.
 
         ``video`` is ``(C, T, H, W)`` or ``(B, C, T, H, W)`` in ``[-1, 1]``. Files go to
-        ``<log_dir>/media/<key>_<step>.{mp4,gif}``; returns the MP4's path (None on non-zero ranks).
+        ``<default_root_dir>/media/<key>_<step>.{mp4,gif}``; returns the MP4's path (None on non-zero ranks).
         """
         if self.trainer is None or not self.trainer.is_global_zero:
             return None
         if video.dim() == 5:
             video = make_grid_video(video)
-        media_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "media"
+        media_dir = Path(self.trainer.default_root_dir) / "media"
         media_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{key.replace('/', '_')}_{self.global_step:07d}"
         mp4 = write_video(media_dir / f"{stem}.mp4", video.detach().float().cpu(), fps=fps)
@@ -124,16 +124,21 @@ class TimeloomModule(pl.LightningModule):
         return mp4
 
     # -- export -------------------------------------------------------------------------------------------
+    @classmethod
+    def class_path(cls) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # With the class path beside the (plain) hyper-parameters, a checkpoint rebuilds without its config.
+        checkpoint["class_path"] = self.class_path()
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` (weights of ``self.model``) and ``config.json`` (how to rebuild it)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         save_file(weights, directory / "model.safetensors")
-        config = {
-            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-            "init_args": dict(self.hparams),
-        }
+        config = {"class_path": self.class_path(), "init_args": dict(self.hparams)}
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         return directory
 
@@ -142,17 +147,32 @@ class TimeloomModule(pl.LightningModule):
         """Rebuild a module saved by ``save_pretrained`` (any subclass; ``cls`` only checks the type)."""
         directory = Path(directory)
         config = json.loads((directory / "config.json").read_text())
-        module_name, _, class_name = config["class_path"].rpartition(".")
+        module = cls._build(config["class_path"], {**config["init_args"], **overrides}, source=directory)
+        module.model.load_state_dict(load_file(directory / "model.safetensors"))
+        return module
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> TimeloomModule:
+        """Rebuild a module from a Lightning checkpoint written by `timeloom fit` (loaded ``weights_only``)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if "class_path" not in checkpoint:
+            raise ValueError(f"{path} was not written by a TimeloomModule (it names no class_path)")
+        module = cls._build(checkpoint["class_path"], checkpoint.get("hyper_parameters", {}), source=path)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
+
+    @classmethod
+    def _build(cls, class_path: str, init_args: dict[str, Any], source: str | Path) -> TimeloomModule:
+        module_name, _, class_name = class_path.rpartition(".")
         klass = getattr(importlib.import_module(module_name), class_name)
         if not issubclass(klass, cls):
-            raise ValueError(f"{directory} holds a {klass.__name__}, which is not a {cls.__name__}")
+            raise ValueError(f"{source} holds a {klass.__name__}, which is not a {cls.__name__}")
+        # LightningCLI adds private bookkeeping (`_class_path`, `_instantiator`) to the hyper-parameters.
+        init_args = {k: v for k, v in init_args.items() if not k.startswith("_")}
         # jsonargparse rebuilds typed arguments (dataclass configs, nested classes) from plain JSON.
         parser = ArgumentParser(exit_on_error=False)
         parser.add_class_arguments(klass, "module", skip={"optimizer", "scheduler"})
-        init_args = parser.parse_object({"module": {**config["init_args"], **overrides}})
-        module = parser.instantiate(init_args).module
-        module.model.load_state_dict(load_file(directory / "model.safetensors"))
-        return module
+        return parser.instantiate(parser.parse_object({"module": init_args})).module
 
 
 def _jsonable(value: Any) -> Any:

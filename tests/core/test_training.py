@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from timeloom.module import TimeloomModule
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs/core/autoencoder-tiny.yaml"
 TIMELOOM = str(Path(sys.executable).parent / "timeloom")
@@ -52,13 +54,27 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=f"parameter {key} differs")
 
 
-def test_fit_writes_config_checkpoint_and_pretrained(tmp_path):
-    result = fit(tmp_path / "run")
+def test_fit_writes_config_metrics_videos_and_exports(tmp_path):
+    result = fit(tmp_path / "run", "--trainer.limit_val_batches=1")
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = tmp_path / "run/checkpoints"
-    assert (checkpoints / "last.ckpt").exists()
     assert "MovingDigitsDataModule" in (checkpoints / "config.yaml").read_text()
-    assert "train/loss" in (next((tmp_path / "run").rglob("metrics.csv"))).read_text()
+    assert sorted(p.suffix for p in (tmp_path / "run/media").glob("val_reconstruction_0000016.*")) == [
+        ".gif",
+        ".mp4",
+    ]
+
+    export = subprocess.run(
+        [TIMELOOM, "export", str(checkpoints / "last.ckpt"), str(tmp_path / "export")],
+        capture_output=True,
+        text=True,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    exported = TimeloomModule.from_pretrained(tmp_path / "export")
+    for key, value in exported.model.state_dict().items():
+        torch.testing.assert_close(value, final_weights(tmp_path / "run")[f"model.{key}"], rtol=0, atol=0)
+    metrics = next((tmp_path / "run").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/samples_per_s", "train/tokens_per_s", "train/mfu"} <= set(metrics)
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):

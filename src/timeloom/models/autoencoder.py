@@ -35,27 +35,34 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(F.pad(x, (1, 1, 1, 1, self.time_pad, 0), mode="replicate"))
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels at each (t, h, w): keeps activations well scaled without mixing frames, so the
+    model stays causal (GroupNorm would pool statistics over future frames)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def conv_block(cin: int, cout: int, temporal_kernel: int, stride: tuple[int, int, int] = (1, 1, 1)) -> list:
+    return [CausalConv3d(cin, cout, temporal_kernel, stride), ChannelNorm(cout), nn.SiLU()]
+
+
 class CausalVideoAutoencoder(nn.Module):
     def __init__(self, config: VideoAutoencoderConfig):
         super().__init__()
         self.config = c = config
-        encoder: list[nn.Module] = [CausalConv3d(c.channels, c.width, c.temporal_kernel), nn.SiLU()]
-        decoder: list[nn.Module] = []
+        encoder = conv_block(c.channels, c.width, c.temporal_kernel)
+        decoder = conv_block(c.latent_channels, c.width, c.temporal_kernel)
         for _ in range(c.levels):
-            encoder += [CausalConv3d(c.width, c.width, c.temporal_kernel, stride=(1, 2, 2)), nn.SiLU()]
-            decoder += [
-                nn.Upsample(scale_factor=(1, 2, 2), mode="nearest"),
-                CausalConv3d(c.width, c.width, c.temporal_kernel),
-                nn.SiLU(),
-            ]
-        encoder.append(CausalConv3d(c.width, c.latent_channels, 1))
-        self.encoder = nn.Sequential(*encoder)
-        self.decoder = nn.Sequential(
-            CausalConv3d(c.latent_channels, c.width, c.temporal_kernel),
-            nn.SiLU(),
-            *decoder,
-            CausalConv3d(c.width, c.channels, 1),
-        )
+            encoder += conv_block(c.width, c.width, c.temporal_kernel, stride=(1, 2, 2))
+            decoder += [nn.Upsample(scale_factor=(1, 2, 2), mode="nearest")]
+            decoder += conv_block(c.width, c.width, c.temporal_kernel)
+        self.encoder = nn.Sequential(*encoder, CausalConv3d(c.width, c.latent_channels, 1))
+        self.decoder = nn.Sequential(*decoder, CausalConv3d(c.width, c.channels, 1))
 
     def check_input(self, video: torch.Tensor) -> None:
         c = self.config
