@@ -251,6 +251,7 @@ class KVCache:
         """`(k, v, positions, valid)` of the held entries, oldest first.
 
         `window` mode re-bases positions to `0..S-1`; `store="pre_rope"` rotates keys at the returned positions.
+        Pass `positions` as `attend`'s `kv_pos`; when padding was appended, add `& key_padding(valid)` to the mask.
         """
         slots = self._ordered_slots()
         if isinstance(slots, slice):
