@@ -4,7 +4,7 @@ import pytest
 import torch
 from timeloom_kernels.attention import attend
 from timeloom_kernels.kv_cache import KVCache, KVCacheStack
-from timeloom_kernels.masks import block_causal, causal, frame_window
+from timeloom_kernels.masks import block_causal, causal, frame_window, key_padding
 from timeloom_kernels.positions import apply_rope
 from torch import nn
 
@@ -211,6 +211,26 @@ def test_eviction_never_splits_a_frame_and_keeps_the_pinned_prefix():
             assert recent.tolist() == list(range(int(recent[0]), end))  # contiguous, newest last
         assert cache.length <= pinned + 3 * per_frame and valid.all()
         assert_close(keys, k[:, :, positions[0]])
+
+
+def test_padded_tokens_are_masked_through_valid():
+    q, k, v = _qkv(6, seed=7)
+    valid = torch.ones(B, 6, dtype=torch.bool)
+    valid[0, :2] = False  # sample 0 is left-padded by two tokens
+    cache = _cache(6)
+    cache.append(k, v, torch.arange(6), valid=valid)
+    keys, values, positions, fetched_valid = cache.fetch()
+    assert torch.equal(fetched_valid, valid)
+    out = attend(
+        q[:, :, -1:],
+        keys,
+        values,
+        causal() & key_padding(fetched_valid),
+        kv_pos=positions,
+        backend="reference",
+    )
+    unpadded = attend(q[:1, :, -1:], k[:1, :, 2:], v[:1, :, 2:], backend="reference")
+    assert_close(out[:1], unpadded)
 
 
 def test_non_monotone_positions_raise():
