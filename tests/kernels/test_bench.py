@@ -92,5 +92,5 @@ def test_crossover_of_quadratic_and_linear_fits():
     quadratic = [1e-4 * n * n for n in lengths]
     linear = [0.2 * n for n in lengths]  # equal at n = 2000
     assert crossover(lengths, quadratic, linear) == pytest.approx(2000, rel=1e-6)
-    always_faster = [0.1 * n for n in lengths]
-    assert crossover(lengths, always_faster, linear) is None
+    assert crossover(lengths, [0.1 * n for n in lengths], linear) is None  # the baseline is always faster
+    assert crossover(lengths, [1e-4 * n * n + 500 for n in lengths], linear) == 0.0  # never faster

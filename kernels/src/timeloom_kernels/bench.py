@@ -497,15 +497,19 @@ def lightning_section(runner: Runner) -> None:
 
 
 def crossover(lengths: list[int], quadratic_ms: list[float], linear_ms: list[float]) -> float | None:
-    """Smallest L > 0 beyond which a quadratic fit of the baseline exceeds a linear fit of the other method."""
-    if len(lengths) < 3 or len(linear_ms) < 2:
+    """The efficiency length: the L beyond which a quadratic fit of the baseline stays above a linear fit of the
+    efficient method. 0 when the linear fit is below everywhere on L > 0; None when it never gets below (or
+    there are too few points to fit)."""
+    if len(lengths) < 3:
         return None
     c2, c1, c0 = np.polyfit(lengths, quadratic_ms, 2)
+    if abs(c2) * max(lengths) ** 2 < 1e-9 * max(map(abs, quadratic_ms)):
+        c2 = 0.0  # round-off of an exactly linear baseline, not curvature
     d1, d0 = np.polyfit(lengths, linear_ms, 1)
-    roots = np.roots([c2, c1 - d1, c0 - d0]) if abs(c2) > 0 else np.roots([c1 - d1, c0 - d0])
-    positive = sorted(float(r.real) for r in np.atleast_1d(roots) if abs(r.imag) < 1e-9 and r.real > 0)
-    beyond = [r for r in positive if np.polyval([c2, c1 - d1, c0 - d0], r * 1.01) > 0]
-    return beyond[0] if beyond else None
+    difference = np.array([c2, c1 - d1, c0 - d0])  # baseline minus linear, as a polynomial in L
+    roots = sorted(float(r.real) for r in np.roots(np.trim_zeros(difference, "f")) if abs(r.imag) < 1e-9)
+    last = max([0.0] + [r for r in roots if r > 0])
+    return last if np.polyval(difference, 2 * last + max(lengths)) > 0 else None
 
 
 def _times(cells: list[Cell], section: str, pattern: str, backend: str, field: str) -> dict[int, float]:
@@ -607,7 +611,13 @@ def markdown(cells: list[Cell], summary: dict[str, Any], environment: dict[str, 
         "|---|---|",
     ]
     for name, value in summary["efficiency_length"].items():
-        lines.append(f"| {name} | {_fmt(value, 0) if value is not None else 'no crossover in range'} |")
+        if value is None:
+            text = "none: softmax stays faster"
+        elif value < min(c.q_len for c in cells if c.section == "cab"):
+            text = f"{value:.0f} (below the sweep: linear wins at every measured length)"
+        else:
+            text = f"{value:.0f}"
+        lines.append(f"| {name} | {text} |")
     lines.append("")
     block = summary["block_causal"]
     if block is not None:
