@@ -30,7 +30,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def rope_frequencies(
-    num_pairs: int, base: float = ROPE_BASE, *, device: torch.device | None = None, dtype=torch.float32
+    num_pairs: int,
+    base: float = ROPE_BASE,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Rotation speeds `theta_k = base^(-2k/d) = base^(-k/num_pairs)` for `k < num_pairs`: `(num_pairs,)`."""
     if num_pairs < 1:
