@@ -8,6 +8,7 @@ import pytest
 import torch
 from timeloom_kernels import masks as M
 from timeloom_kernels.attention import ENV_BACKEND, Problem, attend, describe, ineligibility, select_backend
+from timeloom_kernels.backends import tiled
 
 OUT_TOL = dict(atol=2e-5, rtol=1e-4)
 GRAD_TOL = dict(atol=1e-4, rtol=1e-3)
@@ -112,6 +113,42 @@ def test_sdpa_matches_reference(case, device):
     assert_matches_reference(case, "sdpa", device, head_dim=16, with_grad=True)
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 query rows, so the 13-token cases span several tiles with different key spans."""
+    monkeypatch.setattr(tiled, "TILE_ROWS", 4)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_tiled_matches_reference_or_is_refused(case, device, small_tiles):
+    device_or_skip(device)
+    if case.mask is None or case.mask.is_plain("full"):
+        assert_refused(case, "tiled", inputs(case, device=device), match="no mask")
+    else:
+        assert_matches_reference(case, "tiled", device, head_dim=16, with_grad=True)
+
+
+def test_tiled_key_spans():
+    allowed = M.block_causal(3).dense(1, 1, 7, 7)
+    assert tiled.key_spans(allowed, tile_rows=3) == [
+        (slice(0, 3), slice(0, 3), True),  # frame 0 sees itself only, no mask needed
+        (slice(3, 6), slice(0, 6), True),
+        (slice(6, 7), slice(0, 7), True),
+    ]
+    window = M.sliding_window(2).dense(1, 1, 6, 6)  # row i sees i-1 and i
+    assert tiled.key_spans(window, tile_rows=3) == [
+        (slice(0, 3), slice(0, 3), False),
+        (slice(3, 6), slice(2, 6), False),
+    ]
+    nothing = M.key_padding(torch.zeros(1, 4, dtype=torch.bool)).dense(1, 1, 4, 4)
+    assert tiled.key_spans(nothing, tile_rows=2) == [
+        (slice(0, 2), slice(0, 0), False),
+        (slice(2, 4), slice(0, 0), False),
+    ]
+    assert tiled.skipped_fraction(window, tile_rows=3) == pytest.approx(1 - (3 * 3 + 3 * 4) / 36)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_flex_matches_reference(case, device):
@@ -146,8 +183,8 @@ def test_head_dims(case, head_dim, backend):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])
-def test_fully_masked_rows_are_zero_with_zero_grad(backend, device):
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "tiled", "flex"])
+def test_fully_masked_rows_are_zero_with_zero_grad(backend, device, small_tiles):
     device_or_skip(device)
     with_grad = backend != "flex" or device == "cuda"
     for case in (
@@ -200,16 +237,17 @@ def test_value_dim_may_differ_and_fp64_stays_fp64():
     torch.testing.assert_close(attend(q, k, v, M.causal(), backend="sdpa"), ref, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
-def test_alibi_and_tensor_bias(backend):
+@pytest.mark.parametrize("backend", ["sdpa", "tiled", "flex"])
+def test_alibi_and_tensor_bias(backend, small_tiles):
     case = Case("causal", M.causal(), q_len=6)
-    tensors = inputs(case, grad=backend == "sdpa")
-    with torch.set_grad_enabled(backend == "sdpa"):
-        for bias in (M.ALiBi(HQ), torch.randn(1, HQ, 6, LK, requires_grad=backend == "sdpa")):
+    with_grad = backend != "flex"
+    tensors = inputs(case, grad=with_grad)
+    with torch.set_grad_enabled(with_grad):
+        for bias in (M.ALiBi(HQ), torch.randn(1, HQ, 6, LK, requires_grad=with_grad)):
             expected = run(case, "reference", tensors, bias=bias)
             got = run(case, backend, tensors, bias=bias)
             torch.testing.assert_close(got, expected, **OUT_TOL)
-            if backend == "sdpa":
+            if with_grad:
                 wrt = [*tensors, bias] if isinstance(bias, torch.Tensor) else tensors
                 for g_got, g_ref in zip(grads(got, wrt), grads(expected, wrt)):
                     torch.testing.assert_close(g_got, g_ref, **GRAD_TOL)
@@ -300,8 +338,15 @@ WITH_XF = frozenset({"reference", "sdpa", "flex", "xformers"})
 NO_FLEX = frozenset({"reference", "sdpa", "xformers"})
 TABLE = [
     ("probs first", problem(needs_probs=True, mask=CAUSAL), "reference"),
-    ("cpu", problem(device_type="cpu", dtype=torch.float32, mask=BLOCK, **BIG, block_sparsity=0.5), "sdpa"),
-    ("cpu no grad still sdpa", problem(device_type="cpu", mask=BLOCK, needs_grad=False), "sdpa"),
+    (
+        "cpu sparse big",
+        problem(device_type="cpu", dtype=torch.float32, mask=BLOCK, **BIG, block_sparsity=0.5),
+        "tiled",
+    ),
+    ("cpu dense-ish big", problem(device_type="cpu", mask=BLOCK, **BIG, block_sparsity=0.1), "sdpa"),
+    ("cpu small (sparsity not measured)", problem(device_type="cpu", mask=BLOCK, needs_grad=False), "sdpa"),
+    ("cpu causal", problem(device_type="cpu", mask=CAUSAL, **BIG, block_sparsity=0.44), "sdpa"),
+    ("cpu no mask", problem(device_type="cpu", **BIG), "sdpa"),
     ("cuda no mask", problem(), "sdpa"),
     ("cuda causal", problem(mask=CAUSAL, **BIG), "sdpa"),
     ("cuda causal cache", problem(mask=CAUSAL, q_len=16, kv_len=4096), "sdpa"),

@@ -51,7 +51,7 @@ def test_cells_cover_every_section_with_environment(tiny_run):
     flex = [c for c in cab if c["backend"] == "flex" and c["status"] == "ok"]
     assert flex and all(c["fwd_bwd_ms"] is None and "backward" in c["reason"] for c in flex)
     block = {c["backend"]: c for c in cells if c["section"] == "block_causal"}
-    assert block["sdpa_dense"]["status"] == "ok" and block["frame_prefix"]["status"] == "ok"
+    assert block["sdpa_dense"]["status"] == "ok" and block["tiled"]["status"] == "ok"
     assert block["flex_compiled"]["status"] == "skipped"
     assert sorted(c["q_len"] for c in cells if c["section"] == "lightning") == [64, 256]
 

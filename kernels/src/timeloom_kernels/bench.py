@@ -6,10 +6,9 @@ Sections (spec §10):
    baseline ("vanilla", CAB's vanilla attention) and Lightning Attention-2 (chunked) on the self patterns. From
    them the efficiency length: the crossover of a quadratic fit of the baseline's time with a linear fit of
    Lightning's.
-2. Block-causal attention by frame (16 frames x 256 tokens), inference: every backend against SDPA with the
-   dense mask (target >= 1.5x; ideal 1/density), plus `frame_prefix`, a *candidate* exact block-sparse path
-   (one SDPA call per frame over that frame's key prefix) measured to inform the backend choice, and compiled
-   flex on CPU where the preset allows its compile time (reported separately).
+2. Block-causal attention by frame (16 frames x 256 tokens), inference: every backend (among them `tiled`,
+   SDPA over each query tile's key span) against SDPA with the dense mask (target >= 1.5x; ideal
+   1/density), and compiled flex on CPU where the preset allows its compile time (reported separately).
 3. Lightning Attention-2 forward time(L=16384) / time(L=1024) (target <= 20).
 
 Timing: inputs are built before timing; warm-up calls; then the mean of the latencies inside the
@@ -236,23 +235,6 @@ def _vanilla(case: Case) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
 
 
-def frame_prefix_attention(q: Tensor, k: Tensor, v: Tensor, tokens_per_frame: int) -> Tensor:
-    """Candidate exact block-causal path: frame f's queries attend to keys of frames 0..f, unmasked.
-
-    Skips the masked blocks entirely (work ~ density x full), at the cost of one SDPA call per frame.
-    """
-    frames = q.shape[2] // tokens_per_frame
-    outputs = []
-    for frame in range(frames):
-        end = (frame + 1) * tokens_per_frame
-        outputs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, end - tokens_per_frame : end], k[:, :, :end], v[:, :, :end]
-            )
-        )
-    return torch.cat(outputs, dim=2)
-
-
 # ------------------------------------------------------------------------------------------------ runner
 
 
@@ -449,9 +431,6 @@ def block_causal_section(runner: Runner) -> None:
             (lambda q, k, v, b=backend: attend(q, k, v, case.mask, backend=b)) if reason is None else None
         )
         paths.append((backend, forward, reason))
-    paths.append(
-        ("frame_prefix", lambda q, k, v: frame_prefix_attention(q, k, v, preset.tokens_per_frame), None)
-    )
     if device.type == "cpu":
         compiled_reason = (
             None if preset.compile_flex_on_cpu else "compiling flex on CPU takes ~30 s; full preset only"

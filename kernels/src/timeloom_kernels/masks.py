@@ -29,6 +29,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from timeloom_kernels.positions import concentric_rings
+
 __all__ = [
     "ALiBi",
     "Mask",
@@ -46,7 +48,6 @@ __all__ = [
     "key_padding",
     "modality_mutual",
     "prefix",
-    "ring_index",
     "ring_map",
     "same_frame",
     "same_sequence",
@@ -99,16 +100,11 @@ def _row_col(pos: Tensor, start: Tensor | int, width: int, tokens_per_frame: int
     return torch.div(offset, width, rounding_mode="floor"), torch.remainder(offset, width)
 
 
-def ring_index(row: Tensor, col: Tensor, height: int, width: int) -> Tensor:
-    """CCA's concentric ring ``ρ(r, c) = min(r, c, H−1−r, W−1−c)``: 0 on the border, growing inwards."""
-    return torch.minimum(torch.minimum(row, col), torch.minimum(height - 1 - row, width - 1 - col))
-
-
 def ring_map(height: int, width: int) -> Tensor:
     """The ``(height, width)`` grid of ring indices (24×24: border 0, 2×2 centre 11)."""
     rows = torch.arange(height).view(-1, 1)
     cols = torch.arange(width).view(1, -1)
-    return ring_index(rows, cols, height, width)
+    return concentric_rings(rows, cols, height, width)
 
 
 def default_positions(
@@ -595,7 +591,7 @@ def concentric(spans: Tensor | Sequence, height: int, width: int) -> Mask:
         )
 
     def ring(pos: Tensor, start: Tensor) -> Tensor:
-        return ring_index(*_row_col(pos, start, width, n), height, width)
+        return concentric_rings(*_row_col(pos, start, width, n), height, width)
 
     def predicate(b: Tensor, h: Tensor, i: Tensor, j: Tensor, spans: Tensor) -> Tensor:
         in_i, start = _span_membership(spans, b, i)

@@ -33,8 +33,9 @@ class Problem:
     """One attention call as the backend choice sees it: shapes, dtype, mask, bias, dropout, gradients.
 
     ``available`` names the backends whose kernels run here (probed at run time, e.g. xformers).
-    ``block_sparsity`` is the fraction of 128×128 tiles the mask skips, filled in only where it matters
-    (large CUDA calls with a structured mask). ``xformers_exact`` says whether the mask has an exact
+    ``block_sparsity`` is the share of the scores a block-sparse kernel skips (CUDA: 128×128 tiles of flex's
+    BlockMask; elsewhere: what lies outside each 128-row tile's key span, see `tiled`), filled in only where
+    it matters (large calls with a structured mask). ``xformers_exact`` says whether the mask has an exact
     xformers ``attn_bias`` for this layout.
     """
 
