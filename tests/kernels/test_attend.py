@@ -142,9 +142,11 @@ def test_tiled_key_spans():
         (slice(3, 6), slice(2, 6), False),
     ]
     nothing = M.key_padding(torch.zeros(1, 4, dtype=torch.bool)).dense(1, 1, 4, 4)
-    assert tiled.key_spans(nothing, tile_rows=2) == [
-        (slice(0, 2), slice(0, 0), False),
-        (slice(2, 4), slice(0, 0), False),
+    assert tiled.key_spans(nothing, tile_rows=2) == [(slice(0, 4), slice(0, 0), False)]  # merged
+    frames = M.block_causal(4).dense(1, 1, 8, 8)  # two tiles per frame share the frame's key prefix
+    assert tiled.key_spans(frames, tile_rows=2) == [
+        (slice(0, 4), slice(0, 4), True),
+        (slice(4, 8), slice(0, 8), True),
     ]
     assert tiled.skipped_fraction(window, tile_rows=3) == pytest.approx(1 - (3 * 3 + 3 * 4) / 36)
 

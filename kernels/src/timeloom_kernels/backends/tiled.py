@@ -40,18 +40,24 @@ def key_spans(allowed: Tensor, tile_rows: int) -> list[tuple[slice, slice, bool]
     """For each query tile of ``allowed (B|1, H|1, Lq, Lk)``: (rows, keys, whether every pair is allowed).
 
     ``keys`` is the smallest span holding every allowed key of the tile's rows (empty when none is).
+    Neighbouring tiles with the same span and flag merge into one (e.g. all tiles of one frame under a
+    block-causal mask), so fewer, larger SDPA calls run.
     """
-    q_len, kv_len = allowed.shape[-2:]
-    spans = []
+    q_len = allowed.shape[-2]
+    spans: list[tuple[slice, slice, bool]] = []
     for start in range(0, q_len, tile_rows):
         rows = slice(start, min(start + tile_rows, q_len))
         tile = allowed[..., rows, :]
         columns = tile.flatten(0, -2).any(dim=0).nonzero()
         if len(columns) == 0:
-            spans.append((rows, slice(0, 0), False))
-            continue
-        keys = slice(int(columns[0]), int(columns[-1]) + 1)
-        spans.append((rows, keys, bool(tile[..., keys].all())))
+            keys, all_allowed = slice(0, 0), False
+        else:
+            keys = slice(int(columns[0]), int(columns[-1]) + 1)
+            all_allowed = bool(tile[..., keys].all())
+        if spans and spans[-1][1:] == (keys, all_allowed):
+            spans[-1] = (slice(spans[-1][0].start, rows.stop), keys, all_allowed)
+        else:
+            spans.append((rows, keys, all_allowed))
     return spans
 
 
