@@ -9,6 +9,8 @@ structured video masks, forward and backward. Tiles whose rows see nothing outpu
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,8 +43,25 @@ def key_spans(allowed: Tensor, tile_rows: int) -> list[tuple[slice, slice, bool]
 
     ``keys`` is the smallest span holding every allowed key of the tile's rows (empty when none is).
     Neighbouring tiles with the same span and flag merge into one (e.g. all tiles of one frame under a
-    block-causal mask), so fewer, larger SDPA calls run.
+    block-causal mask), so fewer, larger SDPA calls run. Remembered per mask tensor (masks are cached and
+    shared between layers, so one forward plans once).
     """
+    key = (id(allowed), tile_rows)
+    cached = _plans.get(key)
+    if cached is not None and cached[0]() is allowed:
+        return cached[1]
+    spans = _plan(allowed, tile_rows)
+    if len(_plans) >= _MAX_PLANS:
+        _plans.pop(next(iter(_plans)))
+    _plans[key] = (weakref.ref(allowed), spans)
+    return spans
+
+
+_MAX_PLANS = 64
+_plans: dict[tuple[int, int], tuple[weakref.ref, list[tuple[slice, slice, bool]]]] = {}
+
+
+def _plan(allowed: Tensor, tile_rows: int) -> list[tuple[slice, slice, bool]]:
     q_len = allowed.shape[-2]
     spans: list[tuple[slice, slice, bool]] = []
     for start in range(0, q_len, tile_rows):
