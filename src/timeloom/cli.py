@@ -96,9 +96,10 @@ export CHECKPOINT OUT_DIR (a checkpoint's model as safetensors weights plus conf
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        EXTRA_COMMANDS[argv[0]](argv[1:])
+    """The console script; ``argv`` (default: the command line) is for calling it from Python."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] in EXTRA_COMMANDS:
+        EXTRA_COMMANDS[words[0]](words[1:])
         return
     load_packages()
     # Configs nest under the subcommand (fit.model...); this keeps `${data.init_args.frames}` meaning the
