@@ -120,7 +120,8 @@ class TimeloomModule(pl.LightningModule):
         write_video(media_dir / f"{stem}.gif", video.detach().float().cpu(), fps=fps)
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_video(key, videos=[str(mp4)], step=self.global_step, fps=[fps], caption=[caption])
+                # The MP4 carries its frame rate; W&B ignores `fps` for files.
+                logger.log_video(key, videos=[str(mp4)], step=self.global_step, caption=[caption])
         return mp4
 
     # -- export -------------------------------------------------------------------------------------------
