@@ -442,3 +442,14 @@ def test_bad_input_raises():
         M.ccam(4, 2, 2, query_frame="middle")
     with pytest.raises(ValueError, match="compose only with masks"):
         M.causal() & torch.ones(3)
+
+
+def test_metadata_from_numpy_is_copied():
+    """An array shared with NumPy changes without a version bump, so masks keep their own copy."""
+    import numpy as np
+
+    segments = np.array([[0, 1, 1, 2, 2, 0]])
+    mask = M.segment_bidirectional(segments)
+    before = mask.dense(1, 1, 6, 6).clone()
+    segments[:] = 0
+    assert torch.equal(mask.dense(1, 1, 6, 6), before)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Literal
 
 import torch
@@ -160,11 +161,13 @@ def describe(
     kv_pos: Tensor | None = None,
     needs_probs: bool = False,
     probe_xformers: bool = False,
+    measure_sparsity: bool = True,
 ) -> Problem:
     """Validate an `attend` call (``ValueError`` on bad input) and describe it as a `Problem`.
 
     Run-time facts are gathered only where the choice can use them: block sparsity for large structured
-    calls (flex on CUDA, tiled elsewhere), and the xformers probe on CUDA or when ``probe_xformers`` (an explicit request).
+    calls (flex on CUDA, tiled elsewhere) unless ``measure_sparsity`` is off (a backend was named), and the
+    xformers probe on CUDA or when ``probe_xformers`` (an explicit request).
     """
     _validate(q, k, v, mask, bias, dropout_p)
     mask = _drop_full(mask)
@@ -176,11 +179,12 @@ def describe(
     bias_tensor = bias if isinstance(bias, Tensor) else None
     tensors = (q, k, v) if bias_tensor is None else (q, k, v, bias_tensor)
     block_sparsity = None
-    if mask is not None and on_cuda and q_len * kv_len >= FLEX_MIN_SCORES and dropout_p == 0:
+    if not measure_sparsity or mask is None:
+        pass
+    elif on_cuda and q_len * kv_len >= FLEX_MIN_SCORES and dropout_p == 0:
         block_sparsity = mask.sparsity(batch, q_heads, q_len, kv_len, q_pos, kv_pos, q.device)
     elif (
-        mask is not None
-        and not on_cuda
+        not on_cuda
         and q_len * kv_len >= TILED_MIN_SCORES
         and not (mask.is_plain("causal") and q_pos is None and kv_pos is None)  # sdpa's is_causal serves it
     ):
@@ -255,8 +259,9 @@ def attend(
         bias: an additive tensor broadcasting to ``(B, Hq, Lq, Lk)`` or a `ScoreMod` (e.g. `ALiBi`).
         scale: defaults to ``D^-½``.
         dropout_p: applied whenever > 0; pass ``p if self.training else 0``.
-        backend: ``"auto"`` (overridable with the env var ``TIMELOOM_ATTN_BACKEND``) or a backend name,
-            which raises ``ValueError`` when it cannot serve the call.
+        backend: ``"auto"`` or a backend name. ``auto`` follows the env var ``TIMELOOM_ATTN_BACKEND``
+            wherever that backend can serve the call (and warns where it cannot); a name given here raises
+            ``ValueError`` when it cannot serve the call.
         name: the layer's qualified name, for logs.
         q_pos, kv_pos: int absolute positions ``(L,)`` or ``(B, L)`` the mask and score mod read. Default:
             keys ``0..Lk-1``, queries the last ``Lq`` of them (bottom-right aligned).
@@ -270,10 +275,10 @@ def attend(
     """
     mask = _drop_full(mask)
     needs_probs = return_probs or processor is not None
-    if backend == "auto" and not needs_probs:
-        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+    preferred = (os.environ.get(ENV_BACKEND) or None) if backend == "auto" and not needs_probs else None
+    for name, where in ((backend, "backend"), (preferred, ENV_BACKEND)):
+        if name is not None and name != "auto" and name not in BACKENDS:
+            raise ValueError(f"unknown {where} {name!r}; expected 'auto' or one of {sorted(BACKENDS)}")
     problem = describe(
         q,
         k,
@@ -284,10 +289,19 @@ def attend(
         q_pos=q_pos,
         kv_pos=kv_pos,
         needs_probs=needs_probs,
-        probe_xformers=backend == "xformers",
+        probe_xformers=backend == "xformers" or preferred == "xformers",
+        measure_sparsity=backend == "auto",
     )
     if backend == "auto":
         backend = select_backend(problem)
+        if preferred not in (None, "auto"):
+            # The env var is a preference for the whole model: layers it cannot serve keep `auto`'s choice.
+            reason = ineligibility(preferred, problem)
+            if reason is None:
+                backend = preferred
+            else:
+                message = f"{ENV_BACKEND}={preferred} cannot serve this call ({reason}); using {backend}"
+                warnings.warn(message, stacklevel=2)
     else:
         reason = ineligibility(backend, problem)
         if reason is not None:

@@ -84,7 +84,9 @@ def _tensor_key(t: Tensor | None) -> tuple | None:
     if t is None:
         return None
     storage = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.stride()))
-    return (storage, tuple(t.shape), t.dtype, str(t.device), t._version)
+    # Inference tensors keep no version counter; they also cannot be written outside inference mode.
+    version = -1 if t.is_inference() else t._version
+    return (storage, tuple(t.shape), t.dtype, str(t.device), version)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -450,7 +452,9 @@ def _contiguous_run_lengths(ids: Tensor, batch: int, length: int) -> list[int] |
 
 def _batched(table: Tensor | Sequence, what: str, trailing: int, dtype: torch.dtype = torch.int64) -> Tensor:
     """Metadata as a tensor with a leading batch dim (1 = shared by every sample)."""
-    t = torch.as_tensor(table) if not isinstance(table, Tensor) else table
+    # A copy for anything but a tensor: an array shared with NumPy changes without a version bump, and the
+    # mask cache would then keep serving the old contents.
+    t = torch.tensor(table) if not isinstance(table, Tensor) else table
     if t.dim() == trailing:
         t = t.unsqueeze(0)
     if t.dim() != trailing + 1:

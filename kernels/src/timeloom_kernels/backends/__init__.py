@@ -15,7 +15,7 @@ from torch import Tensor
 
 from timeloom_kernels.masks import Mask, ScoreMod
 
-__all__ = ["AttentionArgs", "BiasKind", "Problem", "ScoreHook", "dense_bias", "repeat_kv"]
+__all__ = ["AttentionArgs", "BiasKind", "Problem", "ScoreHook", "additive_mask", "dense_bias", "repeat_kv"]
 
 BiasKind = Literal["none", "tensor", "score_mod"]
 
@@ -82,13 +82,21 @@ class AttentionArgs:
 
 
 def dense_bias(args: AttentionArgs, q: Tensor, k: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """The additive bias as a tensor broadcastable to ``(B, Hq, Lq, Lk)``, or None."""
+    """The additive bias as a 4-D tensor broadcastable to ``(B, Hq, Lq, Lk)``, or None."""
     if args.bias is None:
         return None
     if isinstance(args.bias, ScoreMod):
         batch, heads, q_len, _ = q.shape
         return args.bias.dense(batch, heads, q_len, k.shape[2], args.q_pos, args.kv_pos, q.device, dtype)
-    return args.bias.to(dtype)
+    bias = args.bias.to(dtype)
+    return bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))  # (Lk,) or a scalar broadcast too
+
+
+def additive_mask(bias: Tensor | None, allowed: Tensor | None) -> Tensor | None:
+    """One SDPA ``attn_mask``: the bias with disallowed pairs at -inf, or whichever of the two is given."""
+    if bias is None:
+        return allowed
+    return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
 
 
 def repeat_kv(x: Tensor, groups: int, dim: int = 1) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from timeloom_kernels.backends import AttentionArgs, Problem, dense_bias
+from timeloom_kernels.backends import AttentionArgs, Problem, additive_mask, dense_bias
 
 NAME = "sdpa"
 
@@ -36,13 +36,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, args: AttentionArgs) -> Tensor:
     attn_mask = None
     if mask is not None and not is_causal:
         attn_mask = mask.dense(batch, q_heads, q_len, kv_len, args.q_pos, args.kv_pos, q.device)
-    if bias is not None:
-        attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
     return F.scaled_dot_product_attention(
         q,
         k,
         v,
-        attn_mask=attn_mask,
+        attn_mask=additive_mask(bias, attn_mask),
         dropout_p=args.dropout_p,
         is_causal=is_causal,
         scale=args.scale,

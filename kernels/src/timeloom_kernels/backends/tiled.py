@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from timeloom_kernels.backends import AttentionArgs, Problem, dense_bias
+from timeloom_kernels.backends import AttentionArgs, Problem, additive_mask, dense_bias
 
 NAME = "tiled"
 TILE_ROWS = 128
@@ -100,10 +100,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, args: AttentionArgs) -> Tensor:
         if keys.stop == keys.start:
             outputs.append(q_tile.new_zeros(*q_tile.shape[:-1], v.shape[-1]))
             continue
-        attn_mask = None if all_allowed else _keys(_rows(allowed, rows), keys)
-        tile_bias = _keys(_rows(bias, rows), keys)
-        if tile_bias is not None:
-            attn_mask = tile_bias if attn_mask is None else tile_bias.masked_fill(~attn_mask, float("-inf"))
+        tile_allowed = None if all_allowed else _keys(_rows(allowed, rows), keys)
+        attn_mask = additive_mask(_keys(_rows(bias, rows), keys), tile_allowed)
         outputs.append(
             F.scaled_dot_product_attention(
                 q_tile,
