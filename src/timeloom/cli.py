@@ -46,8 +46,9 @@ class SaveConfigToRun(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = self.parser.dump(self.config, skip_none=False, format="yaml")
-        if trainer.is_global_zero and trainer.logger is not None:
-            trainer.logger.log_hyperparams(self.config.as_dict())
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(self.config.as_dict())
         self._config_text = config
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -32,8 +32,10 @@ class WandbLogger(LightningWandbLogger):
     def __init__(
         self, project: str = "timeloom", save_dir: str = "runs", offline: bool | None = None, **kwargs: Any
     ):
+        self._reason = "set offline" if offline else ""
         if offline is None:
             offline = os.environ.get("WANDB_MODE", "") != "online" and not wandb_has_api_key()
+            self._reason = "no API key"
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
         self._announce_offline = offline
@@ -45,6 +47,7 @@ class WandbLogger(LightningWandbLogger):
             self._announce_offline = False
             run_dir = Path(run.dir).parent
             rank_zero_info(
-                f"W&B is offline (no API key): this run lives in {run_dir}. Upload it with `wandb sync {run_dir}`."
+                f"W&B is offline ({self._reason}): this run lives in {run_dir}. "
+                f"Upload it with `wandb sync {run_dir}`."
             )
         return run

@@ -27,7 +27,8 @@ from timeloom.video_io import make_grid_video, write_video
 class WarmupCosine(LambdaLR):
     """Linear warm-up to the base learning rate, then cosine decay to ``min_lr_ratio`` of it.
 
-    ``total_steps=None`` means "the trainer's estimated number of optimiser steps"; the module fills it in.
+    ``total_steps=None`` means "the trainer's estimated number of optimiser steps"; the module fills it in
+    when training starts. Without a finite estimate (``max_epochs=-1``) the rate holds after warm-up.
     """
 
     def __init__(
@@ -45,7 +46,9 @@ class WarmupCosine(LambdaLR):
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        total = max(self.total_steps or step + 1, self.warmup_steps + 1)
+        if self.total_steps is None:
+            return 1.0
+        total = max(self.total_steps, self.warmup_steps + 1)
         progress = min((step - self.warmup_steps) / (total - self.warmup_steps), 1.0)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -88,8 +91,9 @@ class TimeloomModule(pl.LightningModule):
         # Not in configure_optimizers: asking for the step estimate there builds the train loader before a
         # checkpoint's loader state is restored, and a mid-epoch resume would then restart the epoch.
         for config in self.trainer.lr_scheduler_configs:
+            steps = self.trainer.estimated_stepping_batches
             if isinstance(config.scheduler, WarmupCosine) and config.scheduler.total_steps is None:
-                config.scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+                config.scheduler.total_steps = int(steps) if math.isfinite(steps) else None
 
     # -- throughput accounting (used by `timeloom.throughput.Throughput`) ----------------------------------
     def count_samples(self, batch: Any) -> int:

@@ -19,54 +19,70 @@ def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
     """FLOP/s of an ``n x n`` matmul on ``device``: the best of a few timed runs after a warm-up."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
-    sync()
+    _synchronize(a.device)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         a @ b
-        sync()
+        _synchronize(a.device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
 
-class Throughput(pl.Callback):
-    """Logs ``train/samples_per_s``, ``train/tokens_per_s`` and ``train/mfu``.
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    FLOPs are counted once, on the first training step (forward, backward and optimiser step together), by
-    wrapping the real step in ``FlopCounterMode``; later steps run untouched and are timed.
+
+def _compute_dtype(precision: str, parameter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in under a Lightning precision setting ("bf16-mixed", "16-true", "32-true" ...)."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return parameter_dtype
+
+
+class Throughput(pl.Callback):
+    """Logs ``train/samples_per_s``, ``train/tokens_per_s`` and ``train/mfu`` every ``log_every_n_batches``.
+
+    FLOPs are counted once, on the first training batch (forward, backward and, unless gradients accumulate,
+    the optimiser step), by wrapping the real batch in ``FlopCounterMode``; later batches run untouched and
+    are timed. The peak is a matmul in the dtype the model computes in (bf16 under ``bf16-mixed``).
     """
 
-    def __init__(self, log_every_n_steps: int = 10):
-        self.log_every_n_steps = log_every_n_steps
-        self.flops_per_step: int | None = None
+    def __init__(self, log_every_n_batches: int = 10):
+        self.log_every_n_batches = log_every_n_batches
+        self.flops_per_batch: int | None = None
         self.peak_flops: float | None = None
         self._counter: FlopCounterMode | None = None
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.flops_per_step is None:
+        if self.flops_per_batch is None:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
+        _synchronize(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self.flops_per_step = self._counter.get_total_flops()
+            self.flops_per_batch = self._counter.get_total_flops()
             self._counter = None
-            dtype = next(pl_module.parameters()).dtype
+            dtype = _compute_dtype(str(trainer.precision), next(pl_module.parameters()).dtype)
             self.peak_flops = measure_matmul_peak(str(pl_module.device.type), dtype)
-            return  # the counted step ran slower than normal: do not time it
-        if trainer.global_step % self.log_every_n_steps:
+            return  # the counted batch ran slower than normal: do not time it
+        if batch_idx % self.log_every_n_batches:
             return
+        _synchronize(pl_module.device)  # CUDA runs asynchronously: time the work, not its queueing
         seconds = time.perf_counter() - self._start
         samples = pl_module.count_samples(batch)
         metrics = {"train/samples_per_s": samples / seconds}
         tokens = pl_module.count_tokens(batch)
         if tokens is not None:
             metrics["train/tokens_per_s"] = tokens / seconds
-        if self.flops_per_step and self.peak_flops:
-            metrics["train/mfu"] = self.flops_per_step / seconds / self.peak_flops
+        if self.flops_per_batch and self.peak_flops:
+            metrics["train/mfu"] = self.flops_per_batch / seconds / self.peak_flops
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)

@@ -25,6 +25,12 @@ def test_warmup_cosine_shape():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
 
 
+def test_warmup_cosine_without_a_horizon_holds_the_rate():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = WarmupCosine(optimizer, warmup_steps=4)
+    assert [schedule.factor(step) for step in (4, 100, 10**6)] == [1.0, 1.0, 1.0]
+
+
 def test_save_and_load_pretrained_roundtrip(tmp_path):
     module = tiny_module()
     video = torch.rand(2, 1, 3, 8, 8) * 2 - 1
