@@ -144,6 +144,13 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, mask, bias, dropout_p: float) -> 
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
 
 
+def _bias_requires_grad(bias: Tensor | ScoreMod | None) -> bool:
+    """A bias tensor, or a learned score mod (an `nn.Module` with parameters), that needs a gradient."""
+    if isinstance(bias, Tensor):
+        return bias.requires_grad
+    return isinstance(bias, torch.nn.Module) and any(p.requires_grad for p in bias.parameters())
+
+
 def _drop_full(mask: Mask | None) -> Mask | None:
     """`full()` allows everything: every backend serves it best as no mask at all."""
     return None if isinstance(mask, Mask) and mask.is_plain("full") else mask
@@ -176,8 +183,6 @@ def describe(
     resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, q.device)  # raises on bad positions
     on_cuda = q.device.type == "cuda"
     probe_xformers = probe_xformers or on_cuda
-    bias_tensor = bias if isinstance(bias, Tensor) else None
-    tensors = (q, k, v) if bias_tensor is None else (q, k, v, bias_tensor)
     block_sparsity = None
     if not measure_sparsity or mask is None:
         pass
@@ -194,6 +199,7 @@ def describe(
     xformers_exact = probe_xformers and (
         mask is None or mask.xformers_bias(batch, q_heads, q_len, kv_len, q_pos, kv_pos) is not None
     )
+    bias_requires_grad = torch.is_grad_enabled() and _bias_requires_grad(bias)
     return Problem(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -204,9 +210,10 @@ def describe(
         kv_len=kv_len,
         mask=mask,
         bias="none" if bias is None else ("score_mod" if isinstance(bias, ScoreMod) else "tensor"),
-        bias_requires_grad=bias_tensor is not None and bias_tensor.requires_grad,
+        bias_requires_grad=bias_requires_grad,
         dropout_p=dropout_p,
-        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+        needs_grad=bias_requires_grad
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))),
         default_positions=q_pos is None and kv_pos is None,
         needs_probs=needs_probs,
         available=_available(q.device, probe_xformers),

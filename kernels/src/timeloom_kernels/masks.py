@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from timeloom_kernels.positions import concentric_rings
 
 __all__ = [
     "ALiBi",
+    "RelativePositionBias",
     "Mask",
     "ScoreMod",
     "block_causal",
@@ -776,3 +777,37 @@ class ALiBi(ScoreMod):
 
     def __repr__(self) -> str:
         return f"ALiBi({self.num_heads})"
+
+
+class RelativePositionBias(nn.Module, ScoreMod):
+    """Swin's learned relative position bias for window attention: one value per (Δrow, Δcol, head).
+
+    Tokens are window-major, ``window_h × window_w`` per window in raster order (models partition into
+    windows before `attend`, pairing it with ``chunk(window_h * window_w)``), so a token's place in its
+    window is its position modulo the window size. The table has ``(2·wh − 1)(2·ww − 1)`` rows, one per
+    offset, and ``num_heads`` columns; it trains with the model (``sdpa``/``tiled``/``reference`` carry its
+    gradient).
+    """
+
+    def __init__(self, window_h: int, window_w: int, num_heads: int) -> None:
+        super().__init__()
+        self.window_h = _positive(window_h, "window_h")
+        self.window_w = _positive(window_w, "window_w")
+        self.num_heads = _positive(num_heads, "num_heads")
+        offsets = (2 * window_h - 1) * (2 * window_w - 1)
+        self.table = nn.Parameter(torch.empty(offsets, num_heads))
+        nn.init.trunc_normal_(self.table, std=0.02)
+
+    def bias(self, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        area = self.window_h * self.window_w
+        (ri, ci), (rj, cj) = (divmod_tensor(p % area, self.window_w) for p in (i, j))
+        offset = (ri - rj + self.window_h - 1) * (2 * self.window_w - 1) + (ci - cj + self.window_w - 1)
+        return self.table[offset, h]
+
+    def __repr__(self) -> str:
+        return f"RelativePositionBias({self.window_h}, {self.window_w}, heads={self.num_heads})"
+
+
+def divmod_tensor(x: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
+    """``(x // divisor, x % divisor)`` for integer tensors."""
+    return torch.div(x, divisor, rounding_mode="floor"), torch.remainder(x, divisor)

@@ -28,8 +28,8 @@ def why_not(problem: Problem) -> str | None:
         return "flex_attention has no dropout"
     if problem.needs_grad and problem.device_type == "cpu":
         return "flex_attention has no backward pass on CPU (inputs require grad)"
-    if problem.bias == "tensor" and problem.bias_requires_grad:
-        return "flex: gradients w.r.t. a captured bias tensor are not supported; use a ScoreMod or 'sdpa'"
+    if problem.bias_requires_grad:
+        return "flex: gradients w.r.t. tensors a score_mod captures are not supported here; use 'sdpa'"
     return None
 
 
