@@ -297,21 +297,9 @@ class Mask:
         Cached and shared between calls: never modify it in place.
         """
         device = torch.device(device) if device is not None else _default_device(q_pos, kv_pos)
-        key = (
-            "dense",
-            self.key,
-            batch,
-            heads,
-            q_len,
-            kv_len,
-            _tensor_key(q_pos),
-            _tensor_key(kv_pos),
-            device,
-        )
 
         def build() -> Tensor:
-            qp, kp = resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, device)
-            self._check_layout(batch, q_len, kv_len, qp, kp)
+            qp, kp = self._positions(batch, q_len, kv_len, q_pos, kv_pos, device)
             b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
             h = torch.arange(heads, device=device).view(1, -1, 1, 1)
             q_idx = torch.arange(q_len, device=device).view(1, 1, -1, 1)
@@ -319,7 +307,30 @@ class Mask:
             allowed = self.index_mod(qp, kp)(b, h, q_idx, kv_idx)
             return allowed.expand(torch.broadcast_shapes(allowed.shape, (1, 1, q_len, kv_len)))
 
+        key = self._layout_key("dense", batch, heads, q_len, kv_len, q_pos, kv_pos, device)
         return _cached(key, (self, q_pos, kv_pos), build)
+
+    def _layout_key(self, kind: str, *layout: Any) -> tuple:
+        """Cache key of a materialisation: the mask, the layout, and the positions' contents."""
+        return (
+            kind,
+            self.key,
+            *(_tensor_key(x) if isinstance(x, Tensor) or x is None else x for x in layout),
+        )
+
+    def _positions(
+        self,
+        batch: int,
+        q_len: int,
+        kv_len: int,
+        q_pos: Tensor | None,
+        kv_pos: Tensor | None,
+        device: torch.device,
+    ) -> tuple[Tensor, Tensor]:
+        """Resolved positions, checked against the mask's batched metadata."""
+        qp, kp = resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, device)
+        self._check_layout(batch, q_len, kv_len, qp, kp)
+        return qp, kp
 
     def block_mask(
         self,
@@ -336,21 +347,9 @@ class Mask:
         from torch.nn.attention.flex_attention import create_block_mask
 
         device = torch.device(device) if device is not None else _default_device(q_pos, kv_pos)
-        key = (
-            "block",
-            self.key,
-            batch,
-            heads,
-            q_len,
-            kv_len,
-            _tensor_key(q_pos),
-            _tensor_key(kv_pos),
-            device,
-        )
 
         def build():
-            qp, kp = resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, device)
-            self._check_layout(batch, q_len, kv_len, qp, kp)
+            qp, kp = self._positions(batch, q_len, kv_len, q_pos, kv_pos, device)
             per_sample = self.batch_size > 1 or qp.shape[0] > 1 or kp.shape[0] > 1
             return create_block_mask(
                 self.index_mod(qp, kp),
@@ -362,7 +361,8 @@ class Mask:
                 BLOCK_SIZE=block_size,
             )
 
-        return _cached(key + (block_size,), (self, q_pos, kv_pos), build)
+        key = self._layout_key("block", batch, heads, q_len, kv_len, q_pos, kv_pos, device, block_size)
+        return _cached(key, (self, q_pos, kv_pos), build)
 
     def sparsity(
         self,
