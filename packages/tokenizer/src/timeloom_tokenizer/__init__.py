@@ -4,4 +4,20 @@ Importing this package registers its LightningModules with the `timeloom` CLI (e
 `timeloom.packages`). The models land with the tokenizer issue.
 """
 
+from timeloom_tokenizer.quantizers import (
+    DiagonalGaussian,
+    EMAVectorQuantizer,
+    LookupFreeQuantizer,
+    Quantizer,
+    QuantizerOutput,
+)
+
+__all__ = [
+    "DiagonalGaussian",
+    "EMAVectorQuantizer",
+    "LookupFreeQuantizer",
+    "Quantizer",
+    "QuantizerOutput",
+]
+
 __version__ = "0.1.0"
