@@ -4,6 +4,7 @@ Importing this package registers its LightningModules with the `timeloom` CLI (e
 `timeloom.packages`). The models land with the tokenizer issue.
 """
 
+from timeloom_tokenizer.model import OmniTokenizer, OmniTokenizerConfig
 from timeloom_tokenizer.quantizers import (
     DiagonalGaussian,
     EMAVectorQuantizer,
@@ -16,6 +17,8 @@ __all__ = [
     "DiagonalGaussian",
     "EMAVectorQuantizer",
     "LookupFreeQuantizer",
+    "OmniTokenizer",
+    "OmniTokenizerConfig",
     "Quantizer",
     "QuantizerOutput",
 ]
