@@ -5,6 +5,7 @@ Importing this package registers its LightningModules with the `timeloom` CLI (e
 """
 
 from timeloom_tokenizer.model import OmniTokenizer, OmniTokenizerConfig
+from timeloom_tokenizer.module import OmniTokenizerModule, TokenizerLossConfig
 from timeloom_tokenizer.quantizers import (
     DiagonalGaussian,
     EMAVectorQuantizer,
@@ -19,8 +20,10 @@ __all__ = [
     "LookupFreeQuantizer",
     "OmniTokenizer",
     "OmniTokenizerConfig",
+    "OmniTokenizerModule",
     "Quantizer",
     "QuantizerOutput",
+    "TokenizerLossConfig",
 ]
 
 __version__ = "0.1.0"
