@@ -300,8 +300,7 @@ class Mask:
 
         def build() -> Tensor:
             qp, kp = self._positions(batch, q_len, kv_len, q_pos, kv_pos, device)
-            b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-            h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+            b, h = _batch_head_grid(batch, heads, device)
             q_idx = torch.arange(q_len, device=device).view(1, 1, -1, 1)
             kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
             allowed = self.index_mod(qp, kp)(b, h, q_idx, kv_idx)
@@ -423,6 +422,14 @@ class Mask:
             lengths = _contiguous_run_lengths(dict(self.tables)["ids"], batch, q_len)
             return None if lengths is None else attn_bias.BlockDiagonalMask.from_seqlens(lengths)
         return None
+
+
+def _batch_head_grid(batch: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Sample and head indices shaped ``(B, 1, 1, 1)`` and ``(1, H, 1, 1)`` to broadcast over scores."""
+    return (
+        torch.arange(batch, device=device).view(-1, 1, 1, 1),
+        torch.arange(heads, device=device).view(1, -1, 1, 1),
+    )
 
 
 def _check_mask(other: object) -> Mask:
@@ -744,8 +751,7 @@ class ScoreMod:
     ) -> Tensor:
         """Float tensor ``(B|1, H|1, Lq, Lk)``."""
         qp, kp = resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, device)
-        b = torch.arange(batch, device=qp.device).view(-1, 1, 1, 1)
-        h = torch.arange(heads, device=qp.device).view(1, -1, 1, 1)
+        b, h = _batch_head_grid(batch, heads, qp.device)
         i, j = qp.view(qp.shape[0], 1, -1, 1), kp.view(kp.shape[0], 1, 1, -1)
         bias = self.bias(b, h, i, j).to(dtype)
         return bias.expand(torch.broadcast_shapes(bias.shape, (1, 1, q_len, kv_len)))
