@@ -1,8 +1,10 @@
-"""The `timeloom` command: LightningCLI over every installed timeloom package, plus `timeloom bench`.
+"""The `timeloom` command: LightningCLI over every installed timeloom package, plus the packages' own commands.
 
 Model and data classes are chosen in subclass mode, so any installed `TimeloomModule` / `TimeloomDataModule`
 works by its short name (``--model=VideoAutoencoder``). Model packages make themselves known through the
-entry-point group ``timeloom.packages``; importing them registers their classes.
+entry-point group ``timeloom.packages``; importing them registers their classes. Extra commands
+(``timeloom.commands``, e.g. ``export``) and benchmark suites (``timeloom.bench``, run as ``timeloom bench NAME``)
+are entry points too, so a package adds one without touching this file.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
@@ -66,15 +68,17 @@ class TimeloomCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
 
 
-def _bench(argv: list[str]) -> None:
-    """`timeloom bench kernels [...]`: the performance suites."""
-    suites: dict[str, Callable[[list[str]], object]] = {}
-    from timeloom_kernels import bench as kernels_bench
+def _plugins(group: str) -> dict[str, EntryPoint]:
+    """The commands or benchmark suites that installed packages register under an entry-point group."""
+    return {entry.name: entry for entry in entry_points(group=group)}
 
-    suites["kernels"] = kernels_bench.main
+
+def _bench(argv: list[str]) -> None:
+    """`timeloom bench SUITE [...]`: the performance suites of every installed package."""
+    suites = _plugins("timeloom.bench")
     if not argv or argv[0] not in suites:
-        raise SystemExit(f"usage: timeloom bench {{{','.join(suites)}}} [--help]")
-    suites[argv[0]](argv[1:])
+        raise SystemExit(f"usage: timeloom bench {{{','.join(sorted(suites))}}} [--help]")
+    suites[argv[0]].load()(argv[1:])
 
 
 def _export(argv: list[str]) -> None:
@@ -86,21 +90,37 @@ def _export(argv: list[str]) -> None:
     print(f"exported {argv[0]} to {out}")
 
 
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"bench": _bench, "export": _export}
+CORE_COMMANDS: dict[str, Callable[[list[str]], None]] = {"bench": _bench, "export": _export}
 
-DESCRIPTION = """timeloom: train, evaluate and benchmark causal video models.
 
-Lightning commands: fit, validate, test, predict (each takes -c CONFIG, several -c compose in order).
-Other commands: bench kernels (attention kernels' speed and memory; writes JSON and Markdown),
-export CHECKPOINT OUT_DIR (a checkpoint's model as safetensors weights plus config.json).
-"""
+def extra_commands() -> dict[str, Callable[[list[str]], None]]:
+    """Commands beside Lightning's: the core's, then those packages register under ``timeloom.commands``.
+
+    Each takes the remaining command-line words; packages load only when their command is called.
+    """
+    commands: dict[str, Callable[[list[str]], None]] = dict(CORE_COMMANDS)
+    for name, entry in _plugins("timeloom.commands").items():
+        commands.setdefault(name, lambda argv, entry=entry: entry.load()(argv))
+    return commands
+
+
+def describe() -> str:
+    """The top-level help text, listing the commands and benchmark suites that are installed."""
+    commands = ", ".join(name for name in extra_commands() if name != "bench")
+    suites = ", ".join(sorted(_plugins("timeloom.bench")))
+    return (
+        "timeloom: train, evaluate and benchmark causal video models.\n\n"
+        "Lightning commands: fit, validate, test, predict (each takes -c CONFIG; several -c compose in order).\n"
+        f"Other commands (each has --help): {commands}; bench {{{suites}}} (speed and memory, JSON + Markdown).\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     """The console script; ``argv`` (default: the command line) is for calling it from Python."""
     words = sys.argv[1:] if argv is None else list(argv)
-    if words and words[0] in EXTRA_COMMANDS:
-        EXTRA_COMMANDS[words[0]](words[1:])
+    commands = extra_commands()
+    if words and words[0] in commands:
+        commands[words[0]](words[1:])
         return
     load_packages()
     # Configs nest under the subcommand (fit.model...); this keeps `${data.init_args.frames}` meaning the
@@ -114,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         save_config_callback=SaveConfigToRun,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"logger": {"class_path": "timeloom.logging.WandbLogger"}},
-        parser_kwargs={"parser_mode": "omegaconf+", "description": DESCRIPTION},
+        parser_kwargs={"parser_mode": "omegaconf+", "description": describe()},
         auto_configure_optimizers=False,
         args=argv,
     )
