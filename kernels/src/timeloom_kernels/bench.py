@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -132,7 +132,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, preset: Preset) -> tuple[float, float]:
+class TimingBudget(Protocol):
+    """The timing fields `measure` reads (a `Preset` here; other suites bring their own)."""
+
+    warmup_s: float
+    budget_s: float
+    min_runs: int
+    max_runs: int
+    max_call_s: float
+
+
+def measure(fn: Callable[[], Any], device: torch.device, preset: TimingBudget) -> tuple[float, float]:
     """`(first_call_s, iqr_mean_ms)`: a first call (compiles, caches masks), warm-up, then timed calls.
 
     A call slower than `preset.max_call_s` after warming up is timed once: its warm-up is the first call.
@@ -160,6 +170,13 @@ def measure(fn: Callable[[], Any], device: torch.device, preset: Preset) -> tupl
         _sync(device)
         samples.append(time.perf_counter() - start)
     return first, iqr_mean(samples) * 1e3
+
+
+def out_of_memory(device: torch.device) -> str:
+    """The skip reason for a cell that ran out of device memory, after freeing what it left cached."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return "out of device memory"
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -289,7 +306,10 @@ class Runner:
                 0.0,
                 f"projected {projected:.1f} s per call exceeds this preset's {self.preset.max_call_s} s",
             )
-        first, ms = measure(fn, self.device, self.preset)
+        try:
+            first, ms = measure(fn, self.device, self.preset)
+        except torch.OutOfMemoryError:
+            return None, 0.0, out_of_memory(self.device)
         self._last[key] = (work, ms / 1e3)
         return ms, first, None
 
@@ -346,7 +366,11 @@ class Runner:
             cell.compile_s = max(0.0, first - ms / 1e3)
         if no_backward is None:
             qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-            grad_out = torch.ones_like(forward(qg, kg, vg))
+            try:
+                grad_out = torch.ones_like(forward(qg, kg, vg))
+            except torch.OutOfMemoryError:
+                cell.reason = f"backward skipped: {out_of_memory(self.device)}"
+                return cell
 
             def fwd_bwd() -> None:
                 torch.autograd.grad(forward(qg, kg, vg), (qg, kg, vg), grad_out)
@@ -634,6 +658,34 @@ def markdown(cells: list[Cell], summary: dict[str, Any], environment: dict[str, 
 # ------------------------------------------------------------------------------------------------ entry point
 
 
+def resolve_device_and_dtype(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """`--device` / `--dtype` values to torch objects: `auto` is CUDA when available, and bf16 on CUDA, fp32 on
+    CPU. Raises ValueError when CUDA is named but not available."""
+    device = torch.device(
+        "cuda" if device_name == "auto" and torch.cuda.is_available() else device_name.replace("auto", "cpu")
+    )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device_name} requested but CUDA is not available")
+    if dtype_name != "auto":
+        return device, getattr(torch, dtype_name)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def describe_environment(device: torch.device, dtype: torch.dtype, mode: str) -> dict[str, Any]:
+    """What a result depends on besides the code: device, threads, versions, dtype and preset."""
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "mode": mode,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """`timeloom bench kernels [--out DIR] [--quick | --tiny] [--device cpu|cuda]`."""
     parser = argparse.ArgumentParser(prog="timeloom bench kernels", description=__doc__.split("\n")[0])
@@ -645,29 +697,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     args = parser.parse_args(argv)
 
-    device = torch.device(
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
-    dtype = (
-        getattr(torch, args.dtype)
-        if args.dtype != "auto"
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
+    try:
+        device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    except ValueError as error:
+        parser.error(str(error))
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     preset = (CUDA_PRESETS if device.type == "cuda" else CPU_PRESETS)[mode]
-    environment = {
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "mode": mode,
-    }
+    environment = describe_environment(device, dtype, mode)
     print(f"timeloom bench kernels: {environment}", flush=True)
     runner = Runner(device, dtype, preset, environment)
     started = time.perf_counter()

@@ -21,6 +21,7 @@ order, so frame ``f(i) = ⌊(i−s)/n⌋``, row ``r(i) = ⌊((i−s) mod n)/W'�
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -376,10 +377,16 @@ class Mask:
     ) -> float:
         """Fraction of ``block_size × block_size`` tiles with nothing allowed: the work flex can skip.
 
-        Read off the (cached) ``BlockMask``, which flex reuses when it is chosen.
+        Counted on the (cached) ``BlockMask``, which flex reuses when it is chosen. Not its ``sparsity()``:
+        torch 2.11 divides by the area in tiles rather than their count, which goes negative on ragged edges.
         """
         block_mask = self.block_mask(batch, heads, q_len, kv_len, q_pos, kv_pos, device, block_size)
-        return block_mask.sparsity() / 100.0
+        visited = block_mask.kv_num_blocks.sum()
+        if block_mask.full_kv_num_blocks is not None:
+            visited = visited + block_mask.full_kv_num_blocks.sum()
+        *leading, q_tiles = block_mask.kv_num_blocks.shape
+        tiles = math.prod(leading) * q_tiles * math.ceil(kv_len / block_size)
+        return 1.0 - visited.item() / tiles
 
     def xformers_bias(
         self,

@@ -37,7 +37,9 @@ def why_not(problem: Problem) -> str | None:
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # Automatic dynamic shapes: with dynamic=False every new length recompiles, and past dynamo's recompile
+    # limit (8) torch silently falls back to the unfused kernel that materialises all scores (seen on an H200).
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def _score_mod(args: AttentionArgs, q: Tensor, k: Tensor):
