@@ -1,0 +1,570 @@
+"""Titans' neural long-term memory (Behrouz, Zhong, Mirrokni, arXiv 2501.00663), spec §2.
+
+Per head the memory is an MLP ``f(z; W)`` whose weights are written at test time by gradient descent on the
+associative loss ``ℓ(W; k, v) = ‖f(k; W) − v‖²``, with momentum ("surprise") and forgetting:
+
+    u_t = ∇_W ℓ(W_{t'}; k_t, v_t)        gradient at the weights of the chunk start t'
+    S_t = η_t S_{t−1} − θ_t u_t          surprise with momentum
+    W_t = (1 − α_t) W_{t−1} + S_t        forgetting = weight decay
+    y_t = f(q_t; W_t)                    read after write (or W_{t−1}: read before)
+
+Because every gradient of a chunk is taken at the same weights, a chunk is computed in parallel: the two
+recurrences are linear, so they unroll to ``W_i = D_{i,0} W' + c_i S' − Σ_j C_{i,j} θ_j u_j`` with ``C = D·E``
+from cumulative sums of the log gates (the closed form of their parallel scan). Three chunk kernels compute
+the same thing: `dual_chunk` (default; never builds per-token weights), `scan_chunk` (per-token weights from
+an associative scan) and `sequential_chunk` (the definition: a token loop with autograd gradients).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "NeuralMemory",
+    "NeuralMemoryConfig",
+    "NeuralMemoryState",
+    "dual_chunk",
+    "gate_coefficients",
+    "linear_scan",
+    "scan_chunk",
+    "sequential_chunk",
+]
+
+
+@dataclass
+class NeuralMemoryConfig:
+    """Sizes and options of `NeuralMemory`.
+
+    Args:
+        dim: width of the input features and the output.
+        heads: memories per sample (one MLP each).
+        head_dim: width of each head's keys, values and queries.
+        depth: MLP layers ``L_M`` (1 = a matrix memory).
+        expansion: hidden width of a deep memory, in multiples of ``head_dim``.
+        chunk_size: the paper's ``b``: tokens whose gradients share the chunk-start weights (1 = online).
+        theta_max: upper bound of the inner learning rate θ.
+        read: ``"after"`` reads ``f(q_t; W_t)``, ``"before"`` reads ``f(q_t; W_{t−1})``.
+        conv_kernel: causal depthwise convolution after the q/k/v projections (0 turns it off).
+        update: chunk kernel, see the module docstring.
+        surprise_clip: clip each token's gradient to this Frobenius norm (None: no clip).
+        eta_bias, alpha_bias: initial gate biases (η ≈ 0.88 and α ≈ 0.018 at start).
+    """
+
+    dim: int = 64
+    heads: int = 2
+    head_dim: int = 32
+    depth: int = 2
+    expansion: int = 2
+    chunk_size: int = 16
+    theta_max: float = 0.1
+    read: Literal["after", "before"] = "after"
+    conv_kernel: int = 4
+    update: Literal["dual", "scan", "sequential"] = "dual"
+    surprise_clip: float | None = None
+    eta_bias: float = 2.0
+    alpha_bias: float = -4.0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "heads", "head_dim", "depth", "expansion", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"NeuralMemoryConfig.{name} must be ≥ 1; got {getattr(self, name)}")
+        if self.read not in ("after", "before"):
+            raise ValueError(f"NeuralMemoryConfig.read must be 'after' or 'before'; got {self.read!r}")
+        if self.update not in ("dual", "scan", "sequential"):
+            raise ValueError(
+                f"NeuralMemoryConfig.update must be dual, scan or sequential; got {self.update!r}"
+            )
+        if not self.theta_max > 0:
+            raise ValueError(f"NeuralMemoryConfig.theta_max must be > 0; got {self.theta_max}")
+
+    @property
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        """``(out, in)`` of each memory layer."""
+        d, hidden = self.head_dim, self.expansion * self.head_dim
+        widths = [d] + [hidden] * (self.depth - 1) + [d]
+        return [(widths[i + 1], widths[i]) for i in range(self.depth)]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class NeuralMemoryState:
+    """Memory of a batch of streams, batch first (one memory per sample and head).
+
+    ``weights`` / ``momentum``: per layer ``(B, H, out, in)`` at the last chunk boundary. ``pending_*``: the
+    tokens of the unfinished chunk (keys, values ``(B, H, p, d)``; θ, log η, log(1 − α) ``(B, H, p)``), which
+    have been read but not committed. ``conv_tail``: the last projected inputs the causal conv still needs.
+    ``position``: tokens seen so far.
+    """
+
+    weights: list[Tensor]
+    momentum: list[Tensor]
+    pending_k: Tensor
+    pending_v: Tensor
+    pending_theta: Tensor
+    pending_log_eta: Tensor
+    pending_log_keep: Tensor
+    conv_tail: Tensor
+    position: int = 0
+
+    def _map(self, fn) -> NeuralMemoryState:
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = fn(value)
+            elif isinstance(value, list):
+                changes[f.name] = [fn(t) for t in value]
+        return replace(self, **changes)
+
+    def detach(self) -> NeuralMemoryState:
+        """The same state cut from the autograd graph (truncated BPTT)."""
+        return self._map(Tensor.detach)
+
+    def to(self, *args, **kwargs) -> NeuralMemoryState:
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def reset(self, mask: Tensor, initial: NeuralMemoryState) -> NeuralMemoryState:
+        """Restart the samples where ``mask`` (B,) is True from ``initial`` (`NeuralMemory.init_state`).
+
+        Their pending tokens become no-ops (θ = 0, η = 1, α = 0), so a restarted sample keeps the batch's
+        chunk grid: its first chunk is shorter by the pending tokens.
+        """
+        mask = mask.to(torch.bool)
+
+        def pick(fresh: Tensor, old: Tensor) -> Tensor:
+            return torch.where(mask.view(-1, *([1] * (old.dim() - 1))), fresh, old)
+
+        no_op = torch.zeros_like(self.pending_theta)
+        return replace(
+            self,
+            weights=[pick(w0, w) for w0, w in zip(initial.weights, self.weights)],
+            momentum=[pick(s0, s) for s0, s in zip(initial.momentum, self.momentum)],
+            pending_theta=pick(no_op, self.pending_theta),
+            pending_log_eta=pick(no_op, self.pending_log_eta),
+            pending_log_keep=pick(no_op, self.pending_log_keep),
+            conv_tail=pick(torch.zeros_like(self.conv_tail), self.conv_tail),
+        )
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                out[f.name] = value
+            elif isinstance(value, list):
+                out.update({f"{f.name}.{i}": t for i, t in enumerate(value)})
+        return out
+
+    def save(self, path: str | Path, config: NeuralMemoryConfig) -> Path:
+        """One safetensors file: the tensors, plus position and the config's fingerprint as metadata."""
+        path = Path(path)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
+        metadata = {
+            "position": str(self.position),
+            "config": config.fingerprint(),
+            "depth": str(config.depth),
+        }
+        save_file(tensors, path, metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, config: NeuralMemoryConfig, device=None) -> NeuralMemoryState:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        if metadata.get("config") != config.fingerprint():
+            raise ValueError(f"{path}: memory state was saved with another NeuralMemoryConfig")
+        tensors = load_file(str(path), device=str(device or "cpu"))
+        depth = config.depth
+        return cls(
+            weights=[tensors[f"weights.{i}"] for i in range(depth)],
+            momentum=[tensors[f"momentum.{i}"] for i in range(depth)],
+            **{f.name: tensors[f.name] for f in fields(cls) if f.name.startswith(("pending", "conv"))},
+            position=int(metadata["position"]),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The memory MLP and its closed-form inner gradients
+# --------------------------------------------------------------------------------------------------------
+def silu_grad(a: Tensor) -> Tensor:
+    s = torch.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
+def mlp_forward(weights: list[Tensor], z: Tensor) -> Tensor:
+    """``f(z; W)`` for per-(sample, head) weights ``(B, H, out, in)`` and inputs ``(B, H, n, in)``."""
+    for i, w in enumerate(weights):
+        z = z @ w.transpose(-1, -2)
+        if i < len(weights) - 1:
+            z = F.silu(z)
+    return z
+
+
+def inner_gradients(weights: list[Tensor], k: Tensor, v: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Per token and layer, the rank-1 factors of ``∇_{W_l} ‖f(k; W) − v‖² = δ_l ẑ_lᵀ``.
+
+    Returns ``(inputs, deltas)``: ``ẑ_l (B, H, n, in_l)`` the layer's input and ``δ_l (B, H, n, out_l)`` the
+    backpropagated signal at its output, both at ``weights``.
+    """
+    inputs, pre = [], []
+    z = k
+    for i, w in enumerate(weights):
+        inputs.append(z)
+        a = z @ w.transpose(-1, -2)
+        pre.append(a)
+        z = F.silu(a) if i < len(weights) - 1 else a
+    delta = 2 * (z - v)
+    deltas = [delta]
+    for i in range(len(weights) - 1, 0, -1):
+        delta = (delta @ weights[i]) * silu_grad(pre[i - 1])
+        deltas.insert(0, delta)
+    return inputs, deltas
+
+
+def clipped_theta(theta: Tensor, inputs: list[Tensor], deltas: list[Tensor], clip: float | None) -> Tensor:
+    """θ scaled so that each token's step ``θ·u`` uses ``u·min(1, clip/‖u‖)`` (‖u‖ over all layers)."""
+    if clip is None:
+        return theta
+    sq_norm = sum((d * d).sum(-1) * (z * z).sum(-1) for z, d in zip(inputs, deltas))
+    return theta * torch.clamp(clip / sq_norm.clamp_min(1e-30).sqrt(), max=1.0)
+
+
+def gate_coefficients(log_eta: Tensor, log_keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unrolled coefficients of the chunk's two linear recurrences, rows ``i = 0..n`` (0 = chunk start).
+
+    With ``E_{i,j} = Π_{l=j+1..i} η_l`` and ``D_{i,j} = Π_{l=j+1..i} (1 − α_l)`` (lower triangular, from
+    cumulative log sums): ``S_i = E_{i,0} S' − Σ_j E_{i,j} θ_j u_j`` and
+    ``W_i = D_{i,0} W' + c_i S' − Σ_j C_{i,j} θ_j u_j`` with ``C = D·E``, ``c_i = (D·E)_{i,0} − D_{i,0}``.
+    Returns ``(E, D0, c, C)``: ``E (…, n+1, n+1)``, ``D0 (…, n+1)``, ``c (…, n+1)``, ``C (…, n+1, n)``.
+    """
+
+    def decay_matrix(log_gate: Tensor) -> Tensor:
+        cum = F.pad(log_gate.cumsum(-1), (1, 0))
+        diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)
+        lower = torch.ones(diff.shape[-2:], dtype=torch.bool, device=diff.device).tril()
+        return torch.exp(diff.masked_fill(~lower, float("-inf")))
+
+    E, D = decay_matrix(log_eta), decay_matrix(log_keep)
+    M = D @ E
+    return E, D[..., 0], M[..., 0] - D[..., 0], M[..., 1:]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Chunk kernels: one chunk from (W', S'), returning outputs and the weights after its last token
+# --------------------------------------------------------------------------------------------------------
+ChunkResult = tuple[Tensor, list[Tensor], list[Tensor]]
+
+
+def dual_chunk(
+    weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None
+) -> ChunkResult:
+    """The chunk in matmuls, no per-token weights (spec §2.3 "dual").
+
+    Layer ``l``'s output at token ``i`` is ``D_{i,0} W' z_i + c_i S' z_i − Σ_j C_{i,j} θ_j δ_j (ẑ_j·z_i)``:
+    a masked n×n product, like attention.
+    """
+    inputs, deltas = inner_gradients(weights, k, v)
+    theta = clipped_theta(theta, inputs, deltas, surprise_clip)
+    E, d0, c, C = gate_coefficients(log_eta, log_keep)
+    n = q.shape[-2]
+    rows = slice(1, n + 1) if read == "after" else slice(0, n)
+    d0_r, c_r = d0[..., rows, None], c[..., rows, None]
+    mix = C[..., rows, :] * theta.unsqueeze(-2)  # (B, H, n, n): C_{i,j} θ_j
+    z = q
+    for i, (w, s) in enumerate(zip(weights, momentum)):
+        a = d0_r * (z @ w.transpose(-1, -2)) + c_r * (z @ s.transpose(-1, -2))
+        a = a - (mix * (z @ inputs[i].transpose(-1, -2))) @ deltas[i]
+        z = F.silu(a) if i < len(weights) - 1 else a
+    end_w = [
+        d0[..., n, None, None] * w + c[..., n, None, None] * s - _rank1_sum(C[..., n, :] * theta, dl, zl)
+        for w, s, dl, zl in zip(weights, momentum, deltas, inputs)
+    ]
+    end_s = [
+        E[..., n, 0, None, None] * s - _rank1_sum(E[..., n, 1:] * theta, dl, zl)
+        for s, dl, zl in zip(momentum, deltas, inputs)
+    ]
+    return z, end_w, end_s
+
+
+def _rank1_sum(coef: Tensor, delta: Tensor, z: Tensor) -> Tensor:
+    """``Σ_j coef_j δ_j ẑ_jᵀ = Δᵀ diag(coef) Ẑ`` (Eq. 17 as one matmul)."""
+    return (delta * coef.unsqueeze(-1)).transpose(-1, -2) @ z
+
+
+def linear_scan(a: Tensor, x: Tensor, h0: Tensor) -> Tensor:
+    """All ``h_i = a_i h_{i−1} + x_i`` (i = 1..n) by a Hillis–Steele associative scan.
+
+    ``a (…, n)`` scalars per step, ``x (…, n, *shape)``, ``h0 (…, *shape)``; returns ``(…, n, *shape)``.
+    Combining step pairs, ``(a₁, x₁) ∘ (a₂, x₂) = (a₁a₂, a₂x₁ + x₂)``, is associative, so ``log₂ n`` rounds
+    of element-wise work replace the length-n loop.
+    """
+    extra = x.dim() - a.dim()
+    a = a.reshape(*a.shape, *([1] * extra))
+    n, shift = a.shape[a.dim() - extra - 1], 1
+    dim = a.dim() - extra - 1
+    while shift < n:
+        a_prev = F.pad(a.narrow(dim, 0, n - shift), [0, 0] * extra + [shift, 0], value=1.0)
+        x_prev = F.pad(x.narrow(dim, 0, n - shift), [0, 0] * extra + [shift, 0], value=0.0)
+        a, x = a * a_prev, a * x_prev + x
+        shift *= 2
+    return a * h0.unsqueeze(dim) + x
+
+
+def scan_chunk(
+    weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None
+) -> ChunkResult:
+    """The chunk with per-token weights ``W_i`` from two associative scans (spec §2.3 "scan")."""
+    inputs, deltas = inner_gradients(weights, k, v)
+    theta = clipped_theta(theta, inputs, deltas, surprise_clip)
+    eta, keep = log_eta.exp(), log_keep.exp()
+    per_token_w, end_w, end_s = [], [], []
+    for w, s, dl, zl in zip(weights, momentum, deltas, inputs):
+        steps = -theta[..., None, None] * dl.unsqueeze(-1) * zl.unsqueeze(-2)  # −θ_j u_j (B, H, n, out, in)
+        surprise = linear_scan(eta, steps, s)
+        w_tokens = linear_scan(keep, surprise, w)
+        per_token_w.append(
+            w_tokens if read == "after" else torch.cat([w.unsqueeze(2), w_tokens[:, :, :-1]], 2)
+        )
+        end_w.append(w_tokens[:, :, -1])
+        end_s.append(surprise[:, :, -1])
+    z = q
+    for i, w_tokens in enumerate(per_token_w):
+        z = (w_tokens @ z.unsqueeze(-1)).squeeze(-1)
+        if i < len(per_token_w) - 1:
+            z = F.silu(z)
+    return z, end_w, end_s
+
+
+def sequential_chunk(
+    weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None
+) -> ChunkResult:
+    """The definition, token by token, with the gradient from autograd at the chunk-start weights."""
+    outer_graph = torch.is_grad_enabled()
+    start = [w if outer_graph and w.requires_grad else w.detach().requires_grad_() for w in weights]
+    w, s, outputs = list(weights), list(momentum), []
+    for t in range(q.shape[-2]):
+        with torch.enable_grad():
+            loss = (mlp_forward(start, k[:, :, t : t + 1]) - v[:, :, t : t + 1]).pow(2).sum()
+            grads = torch.autograd.grad(loss, start, create_graph=outer_graph)
+        step = theta[:, :, t, None, None]
+        if surprise_clip is not None:
+            norm = torch.sqrt(sum(g.pow(2).sum((-1, -2)) for g in grads)).clamp_min(1e-30)
+            step = step * torch.clamp(surprise_clip / norm, max=1.0)[..., None, None]
+        if read == "before":
+            outputs.append(mlp_forward(w, q[:, :, t : t + 1]))
+        eta, keep = log_eta[:, :, t, None, None].exp(), log_keep[:, :, t, None, None].exp()
+        s = [eta * s_l - step * g for s_l, g in zip(s, grads)]
+        w = [keep * w_l + s_l for w_l, s_l in zip(w, s)]
+        if read == "after":
+            outputs.append(mlp_forward(w, q[:, :, t : t + 1]))
+    return torch.cat(outputs, dim=2), w, s
+
+
+CHUNK_KERNELS = {"dual": dual_chunk, "scan": scan_chunk, "sequential": sequential_chunk}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------------------
+class NeuralMemory(nn.Module):
+    """Titans' long-term memory as a sequence layer: ``forward(x (B, L, dim), state) -> (y, state)``.
+
+    Outputs do not depend on how a stream is cut into calls: tokens of an unfinished chunk are kept as
+    pending in the state, read at once, and committed when their chunk completes.
+    """
+
+    def __init__(self, config: NeuralMemoryConfig | None = None):
+        super().__init__()
+        self.config = c = config or NeuralMemoryConfig()
+        inner = c.heads * c.head_dim
+        self.to_qkv = nn.Linear(c.dim, 3 * inner, bias=False)
+        # Depthwise causal conv: the spatial half of "depthwise-separable" (the projection is the pointwise).
+        self.conv = (
+            nn.Conv1d(3 * inner, 3 * inner, c.conv_kernel, groups=3 * inner, bias=False)
+            if c.conv_kernel > 0
+            else None
+        )
+        self.to_gates = nn.Linear(c.dim, 3 * c.heads)  # θ, η, α per token and head
+        with torch.no_grad():
+            self.to_gates.bias.view(3, c.heads)[1].fill_(c.eta_bias)
+            self.to_gates.bias.view(3, c.heads)[2].fill_(c.alpha_bias)
+        self.initial_weights = nn.ParameterList(
+            nn.Parameter(torch.randn(c.heads, out, inp) / inp**0.5) for out, inp in c.layer_shapes
+        )
+        self.out_norm = nn.RMSNorm(c.head_dim)
+        self.to_gate = nn.Linear(c.dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, c.dim, bias=False)
+
+    # ---- state ------------------------------------------------------------------------------------------
+    def init_state(
+        self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
+    ) -> NeuralMemoryState:
+        c = self.config
+        device = device or self.initial_weights[0].device
+        inner = c.heads * c.head_dim
+        weights = [
+            w.to(device, dtype).unsqueeze(0).expand(batch_size, -1, -1, -1) for w in self.initial_weights
+        ]
+        empty = torch.zeros(batch_size, c.heads, 0, device=device, dtype=dtype)
+        return NeuralMemoryState(
+            weights=weights,
+            momentum=[torch.zeros_like(w) for w in weights],
+            pending_k=torch.zeros(batch_size, c.heads, 0, c.head_dim, device=device, dtype=dtype),
+            pending_v=torch.zeros(batch_size, c.heads, 0, c.head_dim, device=device, dtype=dtype),
+            pending_theta=empty,
+            pending_log_eta=empty,
+            pending_log_keep=empty,
+            conv_tail=torch.zeros(
+                batch_size, max(c.conv_kernel - 1, 0), 3 * inner, device=device, dtype=dtype
+            ),
+        )
+
+    def reset(self, state: NeuralMemoryState, mask: Tensor) -> NeuralMemoryState:
+        """Restart the streams where ``mask`` (B,) is True."""
+        w = state.weights[0]
+        return state.reset(mask, self.init_state(w.shape[0], w.device, w.dtype))
+
+    # ---- projections ------------------------------------------------------------------------------------
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.config.heads, self.config.head_dim).transpose(1, 2)
+
+    def project(self, x: Tensor, conv_tail: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Queries, keys, values ``(B, H, L, d)`` and the new conv tail; ``conv_tail=None``: zero history."""
+        p = self.to_qkv(x)
+        if self.conv is not None:
+            k = self.config.conv_kernel
+            history = conv_tail if conv_tail is not None else p.new_zeros(p.shape[0], k - 1, p.shape[-1])
+            p = torch.cat([history.to(p.dtype), p], dim=1)
+            new_tail = p[:, p.shape[1] - (k - 1) :]
+            p = self.conv(p.transpose(1, 2)).transpose(1, 2)
+        else:
+            new_tail = p[:, :0]
+        q, k, v = (self._heads(t) for t in p.chunk(3, dim=-1))
+        q = F.normalize(F.silu(q), dim=-1)
+        k = F.normalize(F.silu(k), dim=-1)
+        return q, k, F.silu(v), new_tail
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """θ, log η, log(1 − α), each ``(B, H, L)``, in log space so long products stay finite."""
+        g = self.to_gates(x).view(x.shape[0], x.shape[1], 3, self.config.heads).permute(2, 0, 3, 1)
+        return self.config.theta_max * torch.sigmoid(g[0]), F.logsigmoid(g[1]), F.logsigmoid(-g[2])
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        """``W_O(RMSNorm(y) ⊙ SiLU(x W_G))``, heads concatenated (Gated DeltaNet's output gate)."""
+        y = self.out_norm(y).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.to_out(y * F.silu(self.to_gate(x)))
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
+        """Read and write the memory along ``x (B, L, dim)``; ``state=None`` starts new streams."""
+        check_finite(x, "NeuralMemory input x")
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, _state_dtype(x.dtype))
+        q, k, v, conv_tail = self.project(x, state.conv_tail)
+        theta, log_eta, log_keep = self.gates(x)
+        y, state = self.write_and_read(state, q, k, v, theta, log_eta, log_keep)
+        state = replace(state, conv_tail=conv_tail.to(state.conv_tail.dtype))
+        return self._output(y.to(x.dtype), x), state
+
+    def write_and_read(
+        self, state: NeuralMemoryState, q, k, v, theta, log_eta, log_keep
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        """The update on projected heads: pending tokens first, then chunks on the stream's grid."""
+        c = self.config
+        kernel = CHUNK_KERNELS[c.update]
+        dtype = state.weights[0].dtype
+        pending = state.pending_k.shape[2]
+        with torch.autocast(x_device_type(q), enabled=False):
+            q = torch.cat([q.new_zeros(*q.shape[:2], pending, q.shape[-1]), q], 2).to(dtype)
+            k = torch.cat([state.pending_k, k.to(dtype)], 2)
+            v = torch.cat([state.pending_v, v.to(dtype)], 2)
+            theta = torch.cat([state.pending_theta, theta.to(dtype)], 2)
+            log_eta = torch.cat([state.pending_log_eta, log_eta.to(dtype)], 2)
+            log_keep = torch.cat([state.pending_log_keep, log_keep.to(dtype)], 2)
+            weights, momentum, outputs = state.weights, state.momentum, []
+            total = k.shape[2]
+            for start in range(0, total, c.chunk_size):
+                end = min(start + c.chunk_size, total)
+                part = slice(start, end)
+                y, end_w, end_s = kernel(
+                    weights, momentum, q[:, :, part], k[:, :, part], v[:, :, part],
+                    theta[:, :, part], log_eta[:, :, part], log_keep[:, :, part],
+                    read=c.read, surprise_clip=c.surprise_clip,
+                )  # fmt: skip
+                outputs.append(y)
+                if end - start == c.chunk_size:
+                    check_finite(end_w + end_s, f"memory state after tokens {start}..{end - 1} of this call")
+                    weights, momentum = end_w, end_s
+            committed = total - total % c.chunk_size
+            rest = slice(committed, total)
+            new_state = replace(
+                state,
+                weights=weights,
+                momentum=momentum,
+                pending_k=k[:, :, rest],
+                pending_v=v[:, :, rest],
+                pending_theta=theta[:, :, rest],
+                pending_log_eta=log_eta[:, :, rest],
+                pending_log_keep=log_keep[:, :, rest],
+                position=state.position + total - pending,
+            )
+            y = torch.cat(outputs, 2)[:, :, pending:]
+        return y, new_state
+
+    def current_weights(self, state: NeuralMemoryState) -> list[Tensor]:
+        """Weights after every token seen, pending ones included."""
+        if state.pending_k.shape[2] == 0:
+            return state.weights
+        p = state
+        _, weights, _ = dual_chunk(
+            p.weights, p.momentum, p.pending_k, p.pending_k, p.pending_v,
+            p.pending_theta, p.pending_log_eta, p.pending_log_keep, surprise_clip=self.config.surprise_clip,
+        )  # fmt: skip
+        return weights
+
+    def retrieve(self, x: Tensor, state: NeuralMemoryState) -> Tensor:
+        """Eq. 15's ``M*(q)``: read with the current weights, no write; the state is left as it was.
+
+        Queries come from ``x`` alone (the conv starts from zero history), so a read does not touch the
+        write stream's conv tail.
+        """
+        check_finite(x, "NeuralMemory.retrieve input x")
+        q, _, _, _ = self.project(x, None)
+        weights = self.current_weights(state)
+        y = mlp_forward(weights, q.to(weights[0].dtype))
+        return self._output(y.to(x.dtype), x)
+
+
+def x_device_type(t: Tensor) -> str:
+    return t.device.type if t.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Memory state is float32 (float64 when the inputs are), also under bf16 autocast."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_finite(tensors: Tensor | list[Tensor], what: str) -> None:
+    """Raise a clear error instead of carrying a NaN/inf state forward."""
+    for t in tensors if isinstance(tensors, list) else [tensors]:
+        if not torch.isfinite(t).all():
+            raise FloatingPointError(
+                f"{what} holds NaN or inf; lower theta_max, set surprise_clip, or clip gradients"
+            )
