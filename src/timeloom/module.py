@@ -149,21 +149,30 @@ class TimeloomModule(pl.LightningModule):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> TimeloomModule:
-        """Rebuild a module saved by ``save_pretrained`` (any subclass; ``cls`` only checks the type)."""
+        """Rebuild a module saved by ``save_pretrained`` (any subclass; ``cls`` only checks the type).
+
+        ``overrides`` replace init arguments of the saved config. Weights that do not fit the module built
+        raise a `StateDictMismatchError` naming the missing, unexpected and differently shaped keys.
+        """
         directory = Path(directory)
         config = json.loads((directory / "config.json").read_text())
         module = cls._build(config["class_path"], {**config["init_args"], **overrides}, source=directory)
-        module.model.load_state_dict(load_file(directory / "model.safetensors"))
+        weights = directory / "model.safetensors"
+        load_state_dict_checked(module.model, load_file(weights), source=weights)
         return module
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> TimeloomModule:
-        """Rebuild a module from a Lightning checkpoint written by `timeloom fit` (loaded ``weights_only``)."""
+    def from_checkpoint(cls, path: str | Path, **overrides: Any) -> TimeloomModule:
+        """Rebuild a module from a Lightning checkpoint written by `timeloom fit` (loaded ``weights_only``).
+
+        ``overrides`` and mismatching weights behave as in `from_pretrained`.
+        """
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if "class_path" not in checkpoint:
             raise ValueError(f"{path} was not written by a TimeloomModule (it names no class_path)")
-        module = cls._build(checkpoint["class_path"], checkpoint.get("hyper_parameters", {}), source=path)
-        module.load_state_dict(checkpoint["state_dict"])
+        init_args = {**checkpoint.get("hyper_parameters", {}), **overrides}
+        module = cls._build(checkpoint["class_path"], init_args, source=path)
+        load_state_dict_checked(module, checkpoint["state_dict"], source=path)
         return module
 
     @classmethod
@@ -178,6 +187,49 @@ class TimeloomModule(pl.LightningModule):
         parser = ArgumentParser(exit_on_error=False)
         parser.add_class_arguments(klass, "module", skip={"optimizer", "scheduler"})
         return parser.instantiate(parser.parse_object({"module": init_args})).module
+
+
+class StateDictMismatchError(ValueError):
+    """Saved weights do not fit the module they are loaded into; the message names every disagreeing key."""
+
+
+def load_state_dict_checked(
+    target: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, *, shown: int = 10
+) -> None:
+    """Load ``state`` into ``target`` strictly, or raise `StateDictMismatchError` naming what disagrees.
+
+    Nothing is loaded when a key disagrees. The error names the missing keys, the unexpected keys and the
+    shape mismatches (up to ``shown`` of each, with their counts): what a checkpoint saved with a
+    different config looks like.
+    """
+    expected = target.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    reshaped = [
+        f"{key} (saved {tuple(state[key].shape)}, model {tuple(expected[key].shape)})"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = [
+        _name_keys(kind, keys, shown)
+        for kind, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", reshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise StateDictMismatchError(
+            f"{source} does not fit the {type(target).__name__} built from its config (was it saved "
+            f"with a different config?): " + "; ".join(problems)
+        )
+    target.load_state_dict(state)
+
+
+def _name_keys(kind: str, keys: list[str], shown: int) -> str:
+    more = f", … and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{len(keys)} {kind}: {', '.join(keys[:shown])}{more}"
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,8 +1,10 @@
-"""Video decoding and encoding with PyAV, plus the conversions between decoded frames and model tensors.
+"""Video and image decoding and encoding (PyAV, Pillow), plus the conversions between frames and model tensors.
 
-Decoded frames are ``uint8`` numpy arrays of shape ``(T, H, W, 3)`` (RGB): the form PyAV produces, cheap to
-cache on disk. Model tensors are float ``(C, T, H, W)`` in ``[-1, 1]``; ``frames_to_tensor`` and
-``to_uint8`` convert between the two value ranges.
+Decoded frames are ``uint8`` numpy arrays of shape ``(T, H, W, C)``: RGB (``C = 3``) unless asked for grey
+(1) or RGBA (4), the form PyAV produces, cheap to cache on disk. Model tensors are float ``(C, T, H, W)`` in
+``[-1, 1]``; ``frames_to_tensor`` and ``to_uint8`` convert between the two value ranges. The helpers that fit
+arbitrary input to a model (``convert_channels``, ``resize_video``, ``center_crop``, ``pad_frames``) each
+say what they changed, so a command can report it.
 """
 
 from __future__ import annotations
@@ -18,24 +20,41 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "CHANNEL_NAMES",
     "VideoInfo",
+    "center_crop",
+    "convert_channels",
     "frames_to_tensor",
     "make_grid_video",
+    "pad_frames",
+    "read_image",
     "read_video",
+    "resize_video",
     "to_uint8",
     "video_info",
+    "write_image",
     "write_video",
 ]
+
+#: What a frame with this many channels holds.
+CHANNEL_NAMES = {1: "grey", 3: "RGB", 4: "RGBA"}
+_PIXEL_FORMATS = {1: "gray", 3: "rgb24", 4: "rgba"}
+# ITU-R BT.601 luma, the weights Pillow's "L" conversion uses.
+_LUMA = np.array([0.299, 0.587, 0.114])
 
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What a probe of a video file found: frame count, frame rate and frame size in pixels."""
+    """What a probe of a video file found: frame count, frame rate, frame size in pixels and channels.
+
+    ``channels`` is what the stream carries: 1 (grey), 3 (colour) or 4 (colour with alpha).
+    """
 
     frames: int
     fps: float
     width: int
     height: int
+    channels: int = 3
 
     @property
     def duration(self) -> float:
@@ -46,6 +65,16 @@ class VideoInfo:
 def _stream_fps(stream: av.video.stream.VideoStream) -> float:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return float(rate) if rate else 0.0
+
+
+def _stream_channels(stream: av.video.stream.VideoStream) -> int:
+    """1 for a grey pixel format, 4 for one with alpha, else 3 (palettes are colour)."""
+    pixel_format = stream.codec_context.format
+    if pixel_format is None:
+        return 3
+    if any(component.is_alpha for component in pixel_format.components):
+        return 4
+    return 1 if len(pixel_format.components) == 1 and not pixel_format.has_palette else 3
 
 
 def video_info(path: str | Path, *, count_packets: bool = False) -> VideoInfo:
@@ -66,6 +95,7 @@ def video_info(path: str | Path, *, count_packets: bool = False) -> VideoInfo:
         stream = container.streams.video[0]
         fps = _stream_fps(stream)
         width, height = stream.codec_context.width, stream.codec_context.height
+        channels = _stream_channels(stream)
         if count_packets:
             frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
         elif stream.frames:
@@ -74,7 +104,7 @@ def video_info(path: str | Path, *, count_packets: bool = False) -> VideoInfo:
             frames = round(float(stream.duration * stream.time_base) * fps)
         else:  # neither header field is set (e.g. some GIF and WebM files): count instead
             frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    return VideoInfo(frames=frames, fps=fps, width=width, height=height)
+    return VideoInfo(frames=frames, fps=fps, width=width, height=height, channels=channels)
 
 
 def read_video(
@@ -84,8 +114,9 @@ def read_video(
     num_frames: int | None = None,
     stride: int = 1,
     size: tuple[int, int] | None = None,
+    channels: int = 3,
 ) -> np.ndarray:
-    """Decode frames ``start, start + stride, ...`` of a video as uint8 RGB, shape ``(T, H, W, 3)``.
+    """Decode frames ``start, start + stride, ...`` of a video as uint8, shape ``(T, H, W, channels)``.
 
     The decoder seeks to the keyframe before ``start`` when the stream has timestamps, so a clip from the
     middle of a long file does not decode the whole file. Frame indices come from presentation timestamps
@@ -97,6 +128,7 @@ def read_video(
         num_frames: how many frames to return; ``None`` reads to the end.
         stride: step between returned frames.
         size: ``(width, height)`` to resize to while converting (FFmpeg's area filter), or ``None``.
+        channels: 3 for RGB, 1 for grey (FFmpeg's luma), 4 for RGBA (opaque where the file has no alpha).
 
     Raises:
         av.error.FFmpegError: the file cannot be opened or its data cannot be decoded.
@@ -106,10 +138,13 @@ def read_video(
         raise ValueError(
             f"need start >= 0, stride >= 1, num_frames >= 1; got {start}, {stride}, {num_frames}"
         )
+    if channels not in _PIXEL_FORMATS:
+        raise ValueError(f"channels must be 1, 3 or 4, got {channels}")
     wanted_last = None if num_frames is None else start + (num_frames - 1) * stride
-    frames = _decode_range(path, start, wanted_last, stride, size, seek=start > 0)
+    pixel_format = _PIXEL_FORMATS[channels]
+    frames = _decode_range(path, start, wanted_last, stride, size, pixel_format, seek=start > 0)
     if frames is None:  # the seek landed after `start` (inexact index): decode from the beginning instead
-        frames = _decode_range(path, start, wanted_last, stride, size, seek=False)
+        frames = _decode_range(path, start, wanted_last, stride, size, pixel_format, seek=False)
     if not frames:
         raise ValueError(f"{path}: no frames at index {start} or later")
     return np.stack(frames)
@@ -121,6 +156,7 @@ def _decode_range(
     last: int | None,
     stride: int,
     size: tuple[int, int] | None,
+    pixel_format: str,
     *,
     seek: bool,
 ) -> list[np.ndarray] | None:
@@ -153,7 +189,8 @@ def _decode_range(
                 continue
             if last is not None and index > last:
                 break
-            out.append(frame.to_ndarray(format="rgb24", **resize))
+            decoded = frame.to_ndarray(format=pixel_format, **resize)
+            out.append(decoded[..., None] if decoded.ndim == 2 else decoded)
             if last is not None and index == last:
                 break
     return out
@@ -280,3 +317,105 @@ def make_grid_video(
         left = padding + (i % ncol) * (width + padding)
         grid[:, :, top : top + height, left : left + width] = video
     return grid
+
+
+# -- images ----------------------------------------------------------------------------------------------------
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image as a one-frame video: uint8 ``(1, H, W, C)``.
+
+    ``C`` follows the file: 1 for grey (and 1-bit) images, 4 when it has alpha (grey+alpha, RGBA, or a
+    palette with transparency), else 3.
+
+    Raises:
+        PIL.UnidentifiedImageError / OSError: the file is not an image Pillow can decode.
+    """
+    with Image.open(path) as image:
+        has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        if has_alpha:
+            mode = "RGBA"
+        elif image.mode in ("1", "L", "I", "I;16", "F"):
+            mode = "L"
+        else:
+            mode = "RGB"
+        pixels = np.asarray(image.convert(mode))
+    return (pixels[..., None] if pixels.ndim == 2 else pixels)[None]
+
+
+def write_image(
+    path: str | Path, image: torch.Tensor | np.ndarray, *, channels_first: bool | None = None
+) -> Path:
+    """Write one image (PNG or any suffix Pillow knows): ``(C, H, W)`` or ``(H, W, C)``, 1 or 3 channels.
+
+    Values and layout follow `write_video`; a video with one frame is accepted too.
+    """
+    path = Path(path)
+    frames = _to_thwc_uint8(image, channels_first)
+    if len(frames) != 1:
+        raise ValueError(f"expected one image, got {len(frames)} frames for {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(frames[0]).save(path)
+    return path
+
+
+# -- fitting input to a model: each returns what it changed, in words, or None ------------------------------------
+def convert_channels(frames: np.ndarray, channels: int) -> tuple[np.ndarray, str | None]:
+    """Convert uint8 frames ``(T, H, W, C)`` with ``C`` in (1, 3, 4) to ``channels`` (1 or 3).
+
+    Alpha is composited over black (the background of the project's data) or dropped when fully opaque,
+    colour becomes grey by BT.601 luma, and grey is replicated to RGB.
+    """
+    source = frames.shape[-1]
+    if source not in CHANNEL_NAMES or channels not in (1, 3):
+        raise ValueError(f"can convert 1, 3 or 4 channels to 1 or 3, got {source} to {channels}")
+    if source == channels:
+        return frames, None
+    steps = []
+    values = frames.astype(np.float64)
+    if source == 4 and (frames[..., 3] == 255).all():
+        values = values[..., :3]
+        steps.append("opaque alpha dropped")
+    elif source == 4:
+        values = values[..., :3] * (values[..., 3:] / 255.0)
+        steps.append("alpha composited over black")
+    if channels == 1 and values.shape[-1] == 3:
+        values = values @ _LUMA[:, None]
+        steps.append("BT.601 luma")
+    elif channels == 3 and values.shape[-1] == 1:
+        values = values.repeat(3, axis=-1)
+        steps.append("grey replicated")
+    converted = np.clip(np.round(values), 0, 255).astype(np.uint8)
+    return converted, f"{CHANNEL_NAMES[source]} → {CHANNEL_NAMES[channels]} ({', '.join(steps)})"
+
+
+def resize_video(video: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, str | None]:
+    """Resize a float video ``(C, T, H, W)`` to ``height × width`` (bilinear, anti-aliased when shrinking)."""
+    if video.shape[-2:] == (height, width):
+        return video, None
+    resized = torch.nn.functional.interpolate(
+        video.transpose(0, 1), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
+    note = f"resized {video.shape[-1]}×{video.shape[-2]} → {width}×{height}"
+    return resized.transpose(0, 1).contiguous(), note
+
+
+def center_crop(video: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, str | None]:
+    """The centre ``height × width`` of a video ``(..., H, W)`` at least that large."""
+    full_height, full_width = video.shape[-2:]
+    if height > full_height or width > full_width:
+        raise ValueError(f"cannot crop {full_width}×{full_height} to the larger {width}×{height}")
+    if (full_height, full_width) == (height, width):
+        return video, None
+    top, left = (full_height - height) // 2, (full_width - width) // 2
+    cropped = video[..., top : top + height, left : left + width]
+    return cropped, f"centre-cropped {full_width}×{full_height} → {width}×{height}"
+
+
+def pad_frames(video: torch.Tensor, frames: int) -> tuple[torch.Tensor, str | None]:
+    """Lengthen a video ``(C, T, H, W)`` to ``frames`` by repeating its last frame."""
+    missing = frames - video.shape[1]
+    if missing < 0:
+        raise ValueError(f"cannot pad {video.shape[1]} frames to the fewer {frames}")
+    if missing == 0:
+        return video, None
+    padded = torch.cat([video, video[:, -1:].expand(-1, missing, -1, -1)], dim=1)
+    return padded, f"padded {video.shape[1]} → {frames} frames by repeating the last"
