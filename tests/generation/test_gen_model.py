@@ -4,22 +4,10 @@ so the zero-initialised projections are re-drawn at random first."""
 
 import pytest
 import torch
-from timeloom_generation.model import CausalSTDiT, CausalSTDiTConfig, ar_window
+from timeloom_generation.model import CausalSTDiT, ar_window
 from timeloom_kernels import masks
 
-CHANNELS, SIZE, FRAMES, TEXT = 2, 8, 6, 4
-
-
-def random_model(seed: int = 0, **overrides) -> CausalSTDiT:
-    config = CausalSTDiTConfig(
-        in_channels=CHANNELS, patch=2, width=32, depth=2, heads=2, text_tokens=TEXT, **overrides
-    )
-    torch.manual_seed(seed)
-    model = CausalSTDiT(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.2)
-    return model
+CHANNELS, SIZE, TEXT, FRAMES = 2, 8, 4, 6  # the micro model of conftest.py
 
 
 def inputs(batch: int = 2, frames: int = FRAMES, seed: int = 1, per_frame_text: bool = False):
@@ -30,7 +18,7 @@ def inputs(batch: int = 2, frames: int = FRAMES, seed: int = 1, per_frame_text: 
     return x, tau, torch.randn(*text_shape, generator=generator)
 
 
-def test_output_is_a_velocity_per_latent():
+def test_output_is_a_velocity_per_latent(random_model):
     model = random_model()
     x, tau, text = inputs()
     assert model(x, tau, text).shape == x.shape
@@ -40,7 +28,7 @@ def test_output_is_a_velocity_per_latent():
 
 
 @pytest.mark.parametrize("frame", range(FRAMES))
-def test_outputs_up_to_t_ignore_later_values_levels_and_text(frame):
+def test_outputs_up_to_t_ignore_later_values_levels_and_text(frame, random_model):
     model = random_model()
     x, tau, text = inputs(per_frame_text=True)
     x2, tau2, text2 = x.clone(), tau.clone(), text.clone()
@@ -55,7 +43,7 @@ def test_outputs_up_to_t_ignore_later_values_levels_and_text(frame):
         assert (out2[:, :, frame + 1 :] - out[:, :, frame + 1 :]).abs().max() > 1e-3
 
 
-def test_jacobian_has_no_block_above_the_diagonal():
+def test_jacobian_has_no_block_above_the_diagonal(random_model):
     model = random_model()
     x, tau, text = inputs(batch=1, frames=4)
     jacobian = torch.autograd.functional.jacobian(lambda v: model(v, tau, text), x)  # out dims, then in dims
@@ -65,7 +53,7 @@ def test_jacobian_has_no_block_above_the_diagonal():
 
 
 @pytest.mark.parametrize("prefix", [1, 3, 5])
-def test_cached_forward_equals_the_last_rows_of_the_full_forward(prefix):
+def test_cached_forward_equals_the_last_rows_of_the_full_forward(prefix, random_model):
     model = random_model()
     x, tau, text = inputs()
     with torch.no_grad():
@@ -79,7 +67,7 @@ def test_cached_forward_equals_the_last_rows_of_the_full_forward(prefix):
     torch.testing.assert_close(rest, full[:, :, prefix:], atol=1e-5, rtol=0)
 
 
-def test_positions_beyond_the_training_length_shift_consistently():
+def test_positions_beyond_the_training_length_shift_consistently(random_model):
     """RoPE on absolute frame indices: a common offset leaves every temporal score unchanged."""
     model = random_model()
     x, tau, text = inputs()
@@ -97,7 +85,7 @@ def test_ar_window_mask_is_causal_and_windowed():
             assert bool(allowed[i, j]) == (j <= i and j >= int(starts[i]) - 3), (i, j)
 
 
-def test_every_attention_is_named_for_processors():
+def test_every_attention_is_named_for_processors(random_model):
     model = random_model()
     assert model.layer_names == [
         f"blocks.{i}.{kind}.attend" for i in range(2) for kind in ("spatial", "temporal", "cross")
@@ -113,13 +101,13 @@ def test_every_attention_is_named_for_processors():
         ((2, CHANNELS, FRAMES, SIZE, SIZE), (2, FRAMES), (2, TEXT + 1, 32), "text must be"),
     ],
 )
-def test_bad_shapes_are_named(x_shape, tau_shape, text_shape, match):
+def test_bad_shapes_are_named(x_shape, tau_shape, text_shape, match, random_model):
     model = random_model()
     with pytest.raises(ValueError, match=match):
         model(torch.zeros(x_shape), torch.zeros(tau_shape), torch.zeros(text_shape))
 
 
-def test_full_mask_default_is_plain_causal():
+def test_full_mask_default_is_plain_causal(random_model):
     model = random_model()
     x, tau, text = inputs()
     with torch.no_grad():
