@@ -1,0 +1,283 @@
+"""Titans language models (Behrouz, Zhong, Mirrokni, arXiv 2501.00663 §4), nanoGPT style, spec §2.4–2.5.
+
+One residual stack, one block kind per model (pre-norm, RMSNorm, a SwiGLU FFN after each mixer):
+
+- ``lmm``: ``x ← x + Mem(norm x)`` — the memory alone as a sequence layer.
+- ``mac`` (memory as context): per segment of ``segment`` tokens, retrieve ``h = M*(x_s)`` with the memory of
+  the previous segments, attend from ``x_s`` to ``[P ‖ h ‖ x_s]`` (token i sees P and ``h_j``, ``x_j``, j ≤ i),
+  store the attention output ``y`` in the memory, and gate ``y`` with the memory's read-after-write ``m``.
+- ``mag`` (memory as gate): sliding-window attention with the persistent prefix beside the memory on
+  ``[P ‖ x]``, combined by the same gate.
+- ``mal`` (memory as layer): the memory on ``[P ‖ x]``, then sliding-window attention on its output.
+- ``attention`` / ``swa``: the baselines, full causal and sliding-window attention with the prefix.
+
+Every attention goes through `timeloom_kernels.attend` with a kernel mask. Persistent tokens (Eq. 19) are
+``N_p`` learned vectors prepended as a prefix every query sees; a memory branch reads them once, at stream
+start, and their output positions are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timeloom_kernels import attend, masks
+from timeloom_kernels.positions import apply_rope
+from torch import Tensor, nn
+
+from timeloom_memory.neural_memory import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState
+
+__all__ = ["BLOCKS", "TitansConfig", "TitansLM"]
+
+BLOCKS = ("lmm", "mac", "mag", "mal", "attention", "swa")
+BlockKind = Literal["lmm", "mac", "mag", "mal", "attention", "swa"]
+
+
+@dataclass
+class TitansConfig:
+    """Sizes of a `TitansLM`.
+
+    Args:
+        vocab_size: tokens of the embedding and the head.
+        dim: residual width.
+        depth: residual blocks.
+        heads: attention heads.
+        block: the block kind (module docstring).
+        memory_layers: indices of the blocks that carry memory (default: all); the others are ``swa`` for
+            ``mag``/``mal`` and ``attention`` for ``mac``/``lmm``.
+        persistent_tokens: ``N_p``, learned prefix vectors per block.
+        segment: MAC segment length ``C`` (the memory's chunk size must divide it).
+        window: sliding-window length of ``mag``, ``mal`` and ``swa``.
+        ffn_mult: SwiGLU hidden width in multiples of ``dim``; 0 = no FFN (Zoology's MQAR harness).
+        tie_embeddings: the head reuses the embedding matrix.
+        memory: the neural memory's options (its ``dim`` is set to ``dim``).
+    """
+
+    vocab_size: int = 256
+    dim: int = 64
+    depth: int = 2
+    heads: int = 2
+    block: BlockKind = "mac"
+    memory_layers: list[int] | None = None
+    persistent_tokens: int = 4
+    segment: int = 32
+    window: int = 32
+    ffn_mult: float = 4.0
+    tie_embeddings: bool = True
+    memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory, dict):
+            self.memory = NeuralMemoryConfig(**self.memory)
+        if self.block not in BLOCKS:
+            raise ValueError(f"TitansConfig.block must be one of {BLOCKS}; got {self.block!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"TitansConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.block == "mac" and self.segment % self.memory.chunk_size:
+            raise ValueError(
+                f"MAC needs memory.chunk_size ({self.memory.chunk_size}) to divide segment ({self.segment})"
+            )
+        for layer in self.memory_layers or []:
+            if not 0 <= layer < self.depth:
+                raise ValueError(f"TitansConfig.memory_layers holds {layer}, outside 0..{self.depth - 1}")
+        self.memory = replace(self.memory, dim=self.dim)
+
+    def kind_of(self, layer: int) -> str:
+        if self.block in ("attention", "swa") or self.memory_layers is None or layer in self.memory_layers:
+            return self.block
+        return "swa" if self.block in ("mag", "mal") else "attention"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------------------
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE, an optional prefix, and MAC's interleaved memory tokens."""
+
+    def __init__(self, dim: int, heads: int, window: int | None = None):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def _split(self, t: Tensor) -> Tensor:
+        b, n, d = t.shape
+        return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x: Tensor, prefix: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
+        """``x (B, L, d)``; ``prefix (B|1, P, d)`` seen by every query; ``memory (B, L, d)``: token i also
+        sees ``memory_j`` for j ≤ i (MAC's retrieved vectors)."""
+        b, n, _ = x.shape
+        positions = torch.arange(n, device=x.device)
+        q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = apply_rope(q, positions), apply_rope(k, positions)
+        q_pos = kv_pos = positions
+        if memory is not None:
+            _, mk, mv = (self._split(t) for t in self.qkv(memory).chunk(3, dim=-1))
+            mk = apply_rope(mk, positions)
+            # Interleave h_0 x_0 h_1 x_1 …: at positions 2j and 2j+1 a plain causal mask shows query x_i
+            # exactly h_j and x_j for j ≤ i.
+            k = torch.stack([mk, k], 3).flatten(2, 3)
+            v = torch.stack([mv, v], 3).flatten(2, 3)
+            q_pos, kv_pos = 2 * positions + 1, torch.arange(2 * n, device=x.device)
+        num_prefix = 0 if prefix is None else prefix.shape[1]
+        if num_prefix:
+            _, pk, pv = (self._split(t) for t in self.qkv(prefix).chunk(3, dim=-1))
+            k = torch.cat([pk.expand(b, -1, -1, -1), k], 2)
+            v = torch.cat([pv.expand(b, -1, -1, -1), v], 2)
+            q_pos = q_pos + num_prefix
+            kv_pos = torch.cat([torch.arange(num_prefix, device=x.device), kv_pos + num_prefix])
+        local = masks.sliding_window(self.window) if self.window else masks.causal()
+        mask = masks.prefix(num_prefix, masks.causal(), local) if num_prefix else local
+        y = attend(q, k, v, mask, q_pos=q_pos, kv_pos=kv_pos)
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class MemoryGate(nn.Module):
+    """MAC/MAG's output: ``W_O(RMSNorm_a(y) ⊙ σ(RMSNorm_b(m)))`` (σ on the memory branch: our reading)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm_y, self.norm_m = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, y: Tensor, m: Tensor) -> Tensor:
+        return self.out(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The block
+# --------------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """One pre-norm residual block of kind ``kind``; ``forward(x, state) -> (x, state)``."""
+
+    def __init__(self, config: TitansConfig, kind: str):
+        super().__init__()
+        self.kind, self.config = kind, config
+        d = config.dim
+        self.norm = nn.RMSNorm(d)
+        self.persistent = (
+            nn.Parameter(torch.randn(1, config.persistent_tokens, d) * 0.02)
+            if config.persistent_tokens
+            else None
+        )
+        window = config.window if kind in ("swa", "mag", "mal") else None
+        self.attention = Attention(d, config.heads, window) if kind != "lmm" else None
+        self.memory = NeuralMemory(config.memory) if kind in ("lmm", "mac", "mag", "mal") else None
+        self.gate = MemoryGate(d) if kind in ("mac", "mag") else None
+        hidden = int(config.ffn_mult * d)
+        self.ffn_norm = nn.RMSNorm(d) if hidden else None
+        self.ffn = SwiGLU(d, hidden) if hidden else None
+
+    def _remember(self, h: Tensor, state: NeuralMemoryState | None) -> tuple[Tensor, NeuralMemoryState]:
+        """The memory over ``[P ‖ h]`` at stream start (P's outputs dropped), over ``h`` afterwards."""
+        if state is not None or self.persistent is None:
+            return self.memory(h, state)
+        p = self.persistent.expand(h.shape[0], -1, -1).to(h.dtype)
+        m, state = self.memory(torch.cat([p, h], 1), None)
+        return m[:, p.shape[1] :], state
+
+    def _mac(self, h: Tensor, state: NeuralMemoryState | None) -> tuple[Tensor, NeuralMemoryState]:
+        c = self.config.segment
+        if state is None:
+            state = self.memory.init_state(h.shape[0], h.device, _state_dtype(h.dtype))
+        if state.position % c:
+            raise ValueError(
+                f"MAC continues a stream only at segment boundaries ({c}); it is at {state.position}"
+            )
+        outputs = []
+        for start in range(0, h.shape[1], c):
+            segment = h[:, start : start + c]
+            retrieved = self.memory.retrieve(segment, state)  # memory of the previous segments
+            y = self.attention(segment, self.persistent, memory=retrieved)
+            m, state = self.memory(y, state)  # store y; read after write
+            outputs.append(self.gate(y, m))
+        return torch.cat(outputs, 1), state
+
+    def forward(
+        self, x: Tensor, state: NeuralMemoryState | None = None
+    ) -> tuple[Tensor, NeuralMemoryState | None]:
+        h = self.norm(x)
+        if self.kind in ("attention", "swa"):
+            out = self.attention(h, self.persistent)
+        elif self.kind == "lmm":
+            out, state = self._remember(h, state)
+        elif self.kind == "mac":
+            out, state = self._mac(h, state)
+        elif self.kind == "mag":
+            m, state = self._remember(h, state)
+            out = self.gate(self.attention(h, self.persistent), m)
+        else:  # mal: the memory's outputs at P positions are the attention's prefix
+            if state is None and self.persistent is not None:
+                p = self.persistent.expand(h.shape[0], -1, -1).to(h.dtype)
+                y, state = self.memory(torch.cat([p, h], 1), None)
+                out = self.attention(y[:, p.shape[1] :], y[:, : p.shape[1]])
+            else:
+                y, state = self.memory(h, state)
+                out = self.attention(y)
+        x = x + out
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x, state
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------
+class TitansLM(nn.Module):
+    """Token LM: embedding, ``depth`` blocks, RMSNorm, head. ``forward(ids, states) -> (logits, states)``.
+
+    ``states`` holds one `NeuralMemoryState` per block (None for attention blocks). Passing them back
+    continues the streams for ``lmm`` and, at segment boundaries, ``mac``; ``mag``/``mal``/attention blocks
+    have no key/value cache yet, so each call starts their attention afresh.
+    """
+
+    def __init__(self, config: TitansConfig | None = None):
+        super().__init__()
+        self.config = c = config or TitansConfig()
+        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(c, c.kind_of(i)) for i in range(c.depth))
+        self.norm = nn.RMSNorm(c.dim)
+        self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def features(
+        self, input_ids: Tensor, states: list[NeuralMemoryState | None] | None = None
+    ) -> tuple[Tensor, list[NeuralMemoryState | None]]:
+        """Final normed hidden states ``(B, L, dim)`` and the new memory states."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"TitansLM expects input_ids of shape (B, L); got {tuple(input_ids.shape)}")
+        states = states if states is not None else [None] * len(self.blocks)
+        x, new_states = self.embed(input_ids), []
+        for block, state in zip(self.blocks, states):
+            x, state = block(x, state)
+            new_states.append(state)
+        return self.norm(x), new_states
+
+    def forward(
+        self, input_ids: Tensor, states: list[NeuralMemoryState | None] | None = None
+    ) -> tuple[Tensor, list[NeuralMemoryState | None]]:
+        x, states = self.features(input_ids, states)
+        return self.head(x), states
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
