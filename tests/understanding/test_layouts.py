@@ -19,6 +19,9 @@ from timeloom_understanding.layouts import (
     TCLLaVA,
     TokenLayout,
     VisualTokens,
+    ccam_blocks,
+    ccam_cross_mask,
+    ccam_query_mask,
     make_structure,
 )
 
@@ -256,3 +259,19 @@ def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match="more than length"):
         TokenLayout.stack([worked_example()], length=4)
     assert make_structure("tc_llava", gamma=2.0).decode_step() == 3.0
+
+
+def test_ccam_blocks_and_masks_equal_their_definitions():
+    assert ccam_blocks(8, 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    for queries, frames, tokens in [(8, 4, 3), (7, 3, 2), (5, 1, 4), (6, 6, 1)]:
+        blocks = [i * frames // queries for i in range(queries)]
+        self_mask = ccam_query_mask(queries, frames).dense(1, 1, queries, queries)[0, 0]
+        expected = torch.tensor([[blocks[j] <= blocks[i] for j in range(queries)] for i in range(queries)])
+        assert self_mask.equal(expected)
+        cross = ccam_cross_mask(queries, frames, tokens).dense(1, 1, queries, frames * tokens)[0, 0]
+        expected = torch.tensor(
+            [[p // tokens <= blocks[i] for p in range(frames * tokens)] for i in range(queries)]
+        )
+        assert cross.equal(expected)
+    with pytest.raises(ValueError, match="5 frames > 4 queries"):
+        ccam_blocks(4, 5)

@@ -13,6 +13,9 @@ position schemes and handed to Hugging Face as a 4-D additive mask:
 - `ModalityMutual`: AKI, causal plus visual tokens see the question after them (never the answer).
 - `Concentric`: CCA, ring positions and the concentric mask on each frame.
 
+Video-CCAM's masks live inside its projector (queries to frames), so they are plain functions here:
+`ccam_blocks`, `ccam_query_mask`, `ccam_cross_mask`.
+
 Padding never moves a position: each sample's positions are computed on its real tokens only. Pad keys are
 masked; a pad query keeps its own diagonal so no row is empty.
 """
@@ -46,6 +49,9 @@ __all__ = [
     "TadRope",
     "TokenLayout",
     "VisualTokens",
+    "ccam_blocks",
+    "ccam_cross_mask",
+    "ccam_query_mask",
     "make_structure",
     "mutual_visual_question",
 ]
@@ -387,6 +393,42 @@ def _media_spans(layout: TokenLayout) -> Tensor:
             spans[b].append([int(where[0]), int(where[-1]) + 1])
     most = max(1, max(len(s) for s in spans))
     return torch.tensor([s + [[0, 0]] * (most - len(s)) for s in spans], dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Video-CCAM: queries in blocks, block-causal among themselves and causal across to the frames
+# --------------------------------------------------------------------------------------------------------
+def ccam_blocks(num_queries: int, num_frames: int) -> Tensor:
+    """Block ``b(i) = ⌊i·T/Q⌋`` of each of the ``Q`` queries: the last frame query ``i`` may read."""
+    if num_frames > num_queries:
+        raise ValueError(
+            f"Video-CCAM needs at least one query per frame: {num_frames} frames > {num_queries} queries"
+        )
+    return torch.arange(num_queries) * num_frames // num_queries
+
+
+def ccam_query_mask(num_queries: int, num_frames: int) -> Mask:
+    """Query self-attention: ``i`` sees ``j`` iff ``b(j) ≤ b(i)``, or block t would read frame t+1 through
+    the queries of block t+1. Reads query slots."""
+    blocks = ccam_blocks(num_queries, num_frames).unsqueeze(0)
+
+    def predicate(b: Tensor, h: Tensor, i: Tensor, j: Tensor, blocks: Tensor) -> Tensor:
+        return _at(blocks, b, j) <= _at(blocks, b, i)
+
+    return Mask(
+        "ccam_query_blocks",
+        (num_queries, num_frames),
+        predicate,
+        tables=(("blocks", blocks),),
+        coords=("slot", "slot"),
+        table_extent="kv_slot",
+    )
+
+
+def ccam_cross_mask(num_queries: int, num_frames: int, tokens_per_frame: int) -> Mask:
+    """Causal cross-attention: query ``i`` sees every token of frames ``f ≤ b(i)``."""
+    ccam_blocks(num_queries, num_frames)  # validates T ≤ Q
+    return masks.ccam(num_queries, num_frames, tokens_per_frame, query_frame="start")
 
 
 STRUCTURES: dict[str, type[Structure]] = {

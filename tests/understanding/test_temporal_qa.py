@@ -1,0 +1,175 @@
+"""Built-in temporal QA (spec §5.2) and LLaVA-style JSON: answers re-derived from pixels, conflicts by construction."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from timeloom_understanding.data import (
+    ASPECTS,
+    ConversationCollator,
+    ConversationDataset,
+    TemporalQA,
+    write_llava_json,
+)
+from timeloom_understanding.text import TextTokenizer
+
+from timeloom.data.moving_digits import digit_glyphs, render_digits, split_glyph_indices
+
+GROUPS_PER_ASPECT = 500  # 1,000 items per aspect
+
+
+# ---- an independent reading of the pixels -----------------------------------------------------------------
+def digit_tracks(item: dict, glyph_size: int, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per digit, rendered alone: visibility per frame and the ink centroid (x, y) per frame."""
+    glyphs = digit_glyphs(glyph_size)[0]
+    meta, tracks = item["meta"], []
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for k in range(len(meta["labels"])):
+        ink = render_digits(
+            glyphs[[int(meta["glyph_index"][k])]],
+            torch.as_tensor(meta["trajectory"][:, k : k + 1], dtype=torch.float32),
+            torch.as_tensor(meta["visible"][:, k : k + 1]),
+            size,
+        )
+        mass = ink.sum((1, 2))
+        visible = (mass > 0.5).numpy()
+        centroid = (
+            torch.stack(((ink * xs).sum((1, 2)), (ink * ys).sum((1, 2))), -1) / mass.clamp_min(1e-6)[:, None]
+        )
+        tracks.append((visible, centroid.numpy()))
+    return tracks
+
+
+def answer_from_pixels(item: dict, glyph_size: int, size: int) -> str:
+    tracks, labels = digit_tracks(item, glyph_size, size), [int(x) for x in item["meta"]["labels"]]
+    visible, centroid = tracks[0]
+    frames = np.flatnonzero(visible)
+    aspect = item["aspect"]
+    if aspect == "direction":
+        dx, dy = centroid[frames[-1]] - centroid[frames[0]]
+        return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+    if aspect == "speed":
+        steps = [np.linalg.norm(np.diff(c, axis=0), axis=-1).mean() for _, c in tracks]
+        return str(labels[int(np.argmax(steps))])
+    if aspect == "order":
+        return str(labels[int(np.argmin([np.flatnonzero(v)[0] for v, _ in tracks]))])
+    if aspect == "count":
+        blinks = int(visible[0]) + int(np.sum(visible[1:] & ~visible[:-1]))
+        return {1: "once", 2: "twice", 3: "three times"}[blinks]
+    third = frames.mean() / (len(visible) - 1)
+    return "at the start" if third < 1 / 3 else ("at the end" if third > 2 / 3 else "in the middle")
+
+
+def frame_multiset(video: torch.Tensor) -> list[bytes]:
+    return sorted(frame.numpy().tobytes() for frame in video.unbind(1))
+
+
+@pytest.fixture(scope="module")
+def groups_by_aspect():
+    return {
+        aspect: [
+            TemporalQA(length=GROUPS_PER_ASPECT, aspects=[aspect], seed=3)[i]
+            for i in range(GROUPS_PER_ASPECT)
+        ]
+        for aspect in ASPECTS
+    }
+
+
+@pytest.mark.parametrize("aspect", ASPECTS)
+def test_answers_agree_with_the_pixels_and_conflict_by_construction(groups_by_aspect, aspect):
+    formats = Counter()
+    for group in groups_by_aspect[aspect]:
+        assert len(group) == 2 and group[0]["conversations"][0] == group[1]["conversations"][0]
+        assert group[0]["answer"] != group[1]["answer"]  # same question and static content, other answer
+        for item in group:
+            assert item["answer"] == answer_from_pixels(item, 10, 32), item["id"]
+            reply = item["conversations"][1]["value"]
+            formats[item["format"]] += 1
+            if item["format"] == "yes_no":
+                assert reply in ("yes", "no")
+            else:
+                assert item["answer"] in reply.lower() and reply.startswith("(")
+        if group[0]["format"] == "yes_no":  # balanced: one yes, one no per group
+            assert {item["conversations"][1]["value"] for item in group} == {"yes", "no"}
+        videos = [item["video"] for item in group]
+        if group[1]["reversed"]:
+            assert torch.equal(videos[1], videos[0].flip(1))
+        if aspect in ("direction", "order", "count", "when"):  # a frame-order-blind model sees no difference
+            assert frame_multiset(videos[0]) == frame_multiset(videos[1])
+    assert set(formats) == {"multi_choice", "yes_no", "caption_matching"}
+    if aspect in ("direction", "order"):
+        assert all(group[1]["reversed"] for group in groups_by_aspect[aspect])
+
+
+def test_answers_are_balanced_and_options_shuffled(groups_by_aspect):
+    answers = Counter(item["answer"] for group in groups_by_aspect["direction"] for item in group)
+    assert set(answers) == {"left", "right", "up", "down"} and min(answers.values()) > 50
+    letters = Counter(
+        item["conversations"][1]["value"][1]
+        for aspect in ASPECTS
+        for group in groups_by_aspect[aspect]
+        for item in group
+        if item["format"] != "yes_no"
+    )
+    assert min(letters["A"], letters["B"]) > 0.3 * sum(letters.values())
+
+
+def test_items_are_deterministic_and_splits_disjoint():
+    first, again = TemporalQA(length=5, seed=1)[3], TemporalQA(length=5, seed=1)[3]
+    assert first[0]["conversations"] == again[0]["conversations"] and torch.equal(
+        first[1]["video"], again[1]["video"]
+    )
+    other = TemporalQA(length=5, seed=2)[3]
+    assert not torch.equal(first[0]["video"], other[0]["video"])
+    used = {
+        split: {
+            int(g)
+            for i in range(30)
+            for item in TemporalQA(split, length=30)[i]
+            for g in item["meta"]["glyph_index"]
+        }
+        for split in ("train", "val", "test")
+    }
+    for split, glyphs in used.items():
+        assert glyphs <= set(split_glyph_indices(split).tolist())
+    assert not used["train"] & used["test"] and not used["val"] & used["test"]
+
+
+def test_bad_arguments_name_them():
+    with pytest.raises(ValueError, match="tempo"):
+        TemporalQA(aspects=["tempo"])
+    with pytest.raises(ValueError, match="split must be one of"):
+        TemporalQA(split="dev")
+    with pytest.raises(IndexError, match="group 5 out of range"):
+        TemporalQA(length=5)[5]
+
+
+def test_llava_json_round_trip(tmp_path):
+    items = [item for i in range(3) for item in TemporalQA(length=3, seed=4)[i]]
+    path = write_llava_json(items, tmp_path)
+    records = json.loads(path.read_text())
+    assert records[0]["video"].endswith(".mp4") and records[0]["conversations"] == items[0]["conversations"]
+    dataset = ConversationDataset(path, frames=8)
+    assert len(dataset) == len(items)
+    for item, loaded in zip(items, dataset):
+        assert loaded["answer"] == item["answer"] and loaded["video"].shape == item["video"].shape
+        assert (loaded["video"] - item["video"]).abs().max() <= 2 / 255 * 2  # lossless luma, 8-bit rounding
+    batch = ConversationCollator(TextTokenizer(), visual_tokens_per_media=4, max_length=128)(
+        [dataset[0], dataset[1]]
+    )
+    assert batch["video"].shape == (2, 1, 8, 32, 32) and batch["input_ids"].shape[0] == 2
+
+
+def test_missing_media_are_listed_before_training(tmp_path):
+    items = TemporalQA(length=1)[0]
+    path = write_llava_json(items, tmp_path)
+    records = json.loads(path.read_text())
+    (tmp_path / records[1]["video"]).unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"1 media file\(s\) missing:\n  item 'temporal_qa/train/000000/1'"
+    ):
+        ConversationDataset(path)
+    dataset = ConversationDataset(path, allow_missing=True)
+    assert len(dataset) == 1 and dataset.missing == 1
