@@ -15,7 +15,7 @@ def model(block: str, **overrides) -> TitansLM:
         heads=2, head_dim=8, chunk_size=4, theta_max=0.5, eta_bias=0.0, alpha_bias=-2.0
     )
     options = dict(vocab_size=32, dim=16, depth=2, heads=2, block=block, persistent_tokens=2, segment=8)
-    options.update(window=6, ffn_mult=2.0, memory=memory)
+    options.update(window=6, ffn_mult=2.0, memory=memory, hcam_chunk_size=4, hcam_top_k=2)
     options.update(overrides)
     return TitansLM(TitansConfig(**options)).double()
 

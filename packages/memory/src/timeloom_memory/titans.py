@@ -9,6 +9,7 @@ One residual stack, one block kind per model (pre-norm, RMSNorm, a SwiGLU FFN af
 - ``mag`` (memory as gate): sliding-window attention with the persistent prefix beside the memory on
   ``[P ‖ x]``, combined by the same gate.
 - ``mal`` (memory as layer): the memory on ``[P ‖ x]``, then sliding-window attention on its output.
+- ``hcam``: sliding-window attention plus an HCAM read of the completed chunks (`timeloom_memory.hcam`).
 - ``attention`` / ``swa``: the baselines, full causal and sliding-window attention with the prefix.
 
 Every attention goes through `timeloom_kernels.attend` with a kernel mask. Persistent tokens (Eq. 19) are
@@ -27,12 +28,14 @@ from timeloom_kernels import attend, masks
 from timeloom_kernels.positions import apply_rope
 from torch import Tensor, nn
 
+from timeloom_memory.hcam import HCAMAttention, HCAMState
 from timeloom_memory.neural_memory import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState
 
 __all__ = ["BLOCKS", "TitansConfig", "TitansLM"]
 
-BLOCKS = ("lmm", "mac", "mag", "mal", "attention", "swa")
-BlockKind = Literal["lmm", "mac", "mag", "mal", "attention", "swa"]
+BLOCKS = ("lmm", "mac", "mag", "mal", "hcam", "attention", "swa")
+BlockKind = Literal["lmm", "mac", "mag", "mal", "hcam", "attention", "swa"]
+MemoryState = NeuralMemoryState | HCAMState
 
 
 @dataclass
@@ -49,7 +52,8 @@ class TitansConfig:
             ``mag``/``mal`` and ``attention`` for ``mac``/``lmm``.
         persistent_tokens: ``N_p``, learned prefix vectors per block.
         segment: MAC segment length ``C`` (the memory's chunk size must divide it).
-        window: sliding-window length of ``mag``, ``mal`` and ``swa``.
+        window: sliding-window length of ``mag``, ``mal``, ``hcam`` and ``swa``.
+        hcam_chunk_size, hcam_top_k: HCAM's chunk length ``C`` and chunks read per query ``k``.
         ffn_mult: SwiGLU hidden width in multiples of ``dim``; 0 = no FFN (Zoology's MQAR harness).
         tie_embeddings: the head reuses the embedding matrix.
         memory: the neural memory's options (its ``dim`` is set to ``dim``).
@@ -64,6 +68,8 @@ class TitansConfig:
     persistent_tokens: int = 4
     segment: int = 32
     window: int = 32
+    hcam_chunk_size: int = 16
+    hcam_top_k: int = 4
     ffn_mult: float = 4.0
     tie_embeddings: bool = True
     memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
@@ -87,7 +93,7 @@ class TitansConfig:
     def kind_of(self, layer: int) -> str:
         if self.block in ("attention", "swa") or self.memory_layers is None or layer in self.memory_layers:
             return self.block
-        return "swa" if self.block in ("mag", "mal") else "attention"
+        return "swa" if self.block in ("mag", "mal", "hcam") else "attention"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -174,10 +180,15 @@ class Block(nn.Module):
             if config.persistent_tokens
             else None
         )
-        window = config.window if kind in ("swa", "mag", "mal") else None
+        window = config.window if kind in ("swa", "mag", "mal", "hcam") else None
         self.attention = Attention(d, config.heads, window) if kind != "lmm" else None
         self.memory = NeuralMemory(config.memory) if kind in ("lmm", "mac", "mag", "mal") else None
         self.gate = MemoryGate(d) if kind in ("mac", "mag") else None
+        self.hcam = (
+            HCAMAttention(d, config.heads, config.hcam_chunk_size, config.hcam_top_k)
+            if kind == "hcam"
+            else None
+        )
         hidden = int(config.ffn_mult * d)
         self.ffn_norm = nn.RMSNorm(d) if hidden else None
         self.ffn = SwiGLU(d, hidden) if hidden else None
@@ -207,9 +218,7 @@ class Block(nn.Module):
             outputs.append(self.gate(y, m))
         return torch.cat(outputs, 1), state
 
-    def forward(
-        self, x: Tensor, state: NeuralMemoryState | None = None
-    ) -> tuple[Tensor, NeuralMemoryState | None]:
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState | None]:
         h = self.norm(x)
         if self.kind in ("attention", "swa"):
             out = self.attention(h, self.persistent)
@@ -217,6 +226,9 @@ class Block(nn.Module):
             out, state = self._remember(h, state)
         elif self.kind == "mac":
             out, state = self._mac(h, state)
+        elif self.kind == "hcam":
+            read, state = self.hcam(h, state)
+            out = self.attention(h, self.persistent) + read
         elif self.kind == "mag":
             m, state = self._remember(h, state)
             out = self.gate(self.attention(h, self.persistent), m)
@@ -244,7 +256,7 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 class TitansLM(nn.Module):
     """Token LM: embedding, ``depth`` blocks, RMSNorm, head. ``forward(ids, states) -> (logits, states)``.
 
-    ``states`` holds one `NeuralMemoryState` per block (None for attention blocks). Passing them back
+    ``states`` holds one memory state per block (None for attention blocks). Passing them back
     continues the streams for ``lmm`` and, at segment boundaries, ``mac``; ``mag``/``mal``/attention blocks
     have no key/value cache yet, so each call starts their attention afresh.
     """
@@ -261,8 +273,8 @@ class TitansLM(nn.Module):
             self.head.weight = self.embed.weight
 
     def features(
-        self, input_ids: Tensor, states: list[NeuralMemoryState | None] | None = None
-    ) -> tuple[Tensor, list[NeuralMemoryState | None]]:
+        self, input_ids: Tensor, states: list[MemoryState | None] | None = None
+    ) -> tuple[Tensor, list[MemoryState | None]]:
         """Final normed hidden states ``(B, L, dim)`` and the new memory states."""
         if input_ids.dim() != 2:
             raise ValueError(f"TitansLM expects input_ids of shape (B, L); got {tuple(input_ids.shape)}")
@@ -274,8 +286,8 @@ class TitansLM(nn.Module):
         return self.norm(x), new_states
 
     def forward(
-        self, input_ids: Tensor, states: list[NeuralMemoryState | None] | None = None
-    ) -> tuple[Tensor, list[NeuralMemoryState | None]]:
+        self, input_ids: Tensor, states: list[MemoryState | None] | None = None
+    ) -> tuple[Tensor, list[MemoryState | None]]:
         x, states = self.features(input_ids, states)
         return self.head(x), states
 
