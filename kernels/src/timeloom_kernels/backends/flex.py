@@ -33,10 +33,20 @@ def why_not(problem: Problem) -> str | None:
     return None
 
 
+# Each mask or score_mod closure, and each grad mode, compiles its own graph. Past dynamo's default limit of 8,
+# torch silently falls back to the unfused kernel that materialises every score (seen on an H200: 10-30x slower).
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled_flex():
+    import torch._dynamo.config as dynamo_config
     from torch.nn.attention.flex_attention import flex_attention
 
+    limit = (
+        "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    )  # torch < 2.6
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), FLEX_RECOMPILE_LIMIT))
     # Automatic dynamic shapes: with dynamic=False every new length recompiles, and past dynamo's recompile
     # limit (8) torch silently falls back to the unfused kernel that materialises all scores (seen on an H200).
     return torch.compile(flex_attention, dynamic=None)
