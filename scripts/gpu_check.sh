@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one go (about 8 minutes on an H100): the kernels' tests, whose CUDA cells
+# The checks that need a GPU, in one go (about 5 minutes on an H200): the kernels' tests, whose CUDA cells
 # skip on a CPU machine, and the kernels benchmark on CUDA. Works on a bare machine whose python3 has torch:
 # the kernels package needs nothing else, so it runs from source without installing.
 #   scripts/gpu_check.sh [OUT_DIR]

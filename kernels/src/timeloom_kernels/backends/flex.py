@@ -47,8 +47,7 @@ def _compiled_flex():
         "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     )  # torch < 2.6
     setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), FLEX_RECOMPILE_LIMIT))
-    # Automatic dynamic shapes: with dynamic=False every new length recompiles, and past dynamo's recompile
-    # limit (8) torch silently falls back to the unfused kernel that materialises all scores (seen on an H200).
+    # Automatic dynamic shapes: one graph serves every length after the second, rather than one per length.
     return torch.compile(flex_attention, dynamic=None)
 
 
