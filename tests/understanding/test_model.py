@@ -1,0 +1,186 @@
+"""The video-LLM (spec §2, §3.1): projectors, the HF backbone under our masks and positions, the loss."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timeloom_kernels.positions import apply_rope
+from timeloom_understanding.data import ConversationCollator, TemporalQA
+from timeloom_understanding.encoders import TimmEncoder
+from timeloom_understanding.hf_backbone import LLMConfig
+from timeloom_understanding.layouts import QUERY, VISUAL, make_structure
+from timeloom_understanding.model import VideoLLM, VideoLLMConfig
+from timeloom_understanding.projectors import CCAMProjector, MLPProjector
+
+ENCODER = {
+    "model_name": "vit_tiny_patch16_224",
+    "img_size": 32,
+    "patch_size": 8,
+    "embed_dim": 32,
+    "depth": 1,
+    "num_heads": 2,
+    "in_chans": 1,
+    "class_token": False,
+}
+
+
+@functools.cache
+def shared_model(projector: str, attn: str) -> VideoLLM:
+    """One model per projector and attention implementation; tests set its structure (a pure function)."""
+    return tiny_model(projector=projector, attn=attn)
+
+
+def with_structure(model: VideoLLM, name: str) -> VideoLLM:
+    model.structure = make_structure(name)
+    return model
+
+
+def tiny_model(structure="causal", projector="mlp", attn="sdpa", **projector_options) -> VideoLLM:
+    torch.manual_seed(0)
+    config = VideoLLMConfig(
+        encoder=ENCODER,
+        projector=projector,
+        projector_options=projector_options
+        or ({"num_queries": 8, "width": 32} if projector == "ccam" else {}),
+        llm=LLMConfig(hidden_size=32, layers=2, heads=4, attn_implementation=attn),
+        structure=structure,
+        max_length=256,
+    )
+    return VideoLLM(config).eval()
+
+
+def qa_batch(model: VideoLLM, groups: int = 2, frames: int = 8) -> dict:
+    dataset = TemporalQA(length=groups, frames=frames, seed=5)
+    tokens = model.visual_tokens_per_media(frames, 32, 32)
+    return ConversationCollator(model.tokenizer, tokens, model.config.max_length)(
+        [dataset[i] for i in range(groups)]
+    )
+
+
+# ---- projectors -------------------------------------------------------------------------------------------
+def test_ccam_gives_q_tokens_for_any_frame_count():
+    torch.manual_seed(0)
+    projector = CCAMProjector(in_dim=16, out_dim=24, num_queries=32, width=32, heads=4)
+    for frames in (1, 4, 8, 16, 32):
+        tokens, visual = projector(torch.randn(2, frames, 9, 16), (3, 3))
+        assert tokens.shape == (2, 32, 24) and projector.num_tokens(frames, (3, 3)) == 32
+        assert (visual.kind == QUERY).all() and visual.frame.tolist() == [i * frames // 32 for i in range(32)]
+    with pytest.raises(ValueError, match="33 frames > 32 queries"):
+        projector(torch.randn(1, 33, 9, 16), (3, 3))
+
+
+def test_ccam_queries_never_read_later_frames():
+    torch.manual_seed(0)
+    projector = CCAMProjector(in_dim=16, out_dim=24, num_queries=8, width=32, heads=4)
+    features = torch.randn(1, 4, 9, 16)
+    tokens, visual = projector(features, (3, 3))
+    for frame in range(4):
+        changed = features.clone()
+        changed[:, frame] += torch.randn(9, 16)
+        perturbed, _ = projector(changed, (3, 3))
+        before = visual.frame < frame  # blocks before the changed frame: bit-for-bit the same
+        torch.testing.assert_close(perturbed[:, before], tokens[:, before], rtol=0, atol=0)
+        assert (perturbed[:, ~before] - tokens[:, ~before]).abs().amax() > 1e-4
+
+
+def test_mlp_projector_pools_each_frame():
+    projector = MLPProjector(in_dim=16, out_dim=24, pool=2)
+    tokens, visual = projector(torch.randn(3, 5, 16, 16), (4, 4))
+    assert tokens.shape == (3, 5 * 4, 24) == (3, projector.num_tokens(5, (4, 4)), 24)
+    assert (visual.kind == VISUAL).all() and visual.frame.tolist() == [f for f in range(5) for _ in range(4)]
+    assert visual.row.tolist()[:4] == [0, 0, 1, 1] and visual.col.tolist()[:4] == [0, 1, 0, 1]
+
+
+def test_timm_encoder_returns_the_frame_grid():
+    torch.manual_seed(0)
+    encoder = TimmEncoder(**ENCODER)
+    video = torch.randn(2, 1, 3, 32, 32)
+    tokens, grid = encoder(video)
+    assert grid == (4, 4) and tokens.shape == (2, 3, 16, 32)
+    frames = video.transpose(1, 2).reshape(6, 1, 32, 32)
+    torch.testing.assert_close(tokens.reshape(6, 16, 32), encoder.vit.forward_features(frames))
+    with pytest.raises(ValueError, match="1-channel frames; got 3"):
+        encoder(torch.randn(1, 3, 2, 32, 32))
+
+
+# ---- the HF backbone under our masks ----------------------------------------------------------------------
+def reference_logits(model: VideoLLM, batch: dict, side: str) -> torch.Tensor:
+    """A hand-written Llama forward: explicit softmax over our bool mask, RoPE at our positions."""
+    embeds, layout, _ = model.build_inputs(batch, side)
+    positions = model.structure.position_ids(layout).double()
+    allowed = model.structure.allowed(layout)
+    llm, config = model.llm, model.llm.config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    x = embeds
+    for layer in llm.model.layers:
+        attention = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = (
+            proj(h).unflatten(-1, (heads, head_dim)).transpose(1, 2)
+            for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+        )
+        q, k = (
+            apply_rope(q, positions, base=config.rope_parameters["rope_theta"]),
+            apply_rope(k, positions, base=config.rope_parameters["rope_theta"]),
+        )
+        scores = (q @ k.transpose(-1, -2)) / head_dim**0.5
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        x = x + attention.o_proj((probs @ v).transpose(1, 2).flatten(-2))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return llm.lm_head(llm.model.norm(x))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("structure", ["causal", "tc_llava", "modality_mutual", "concentric"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_hf_logits_under_our_mask_equal_a_reference_loop(attn, structure, side):
+    model = with_structure(shared_model("mlp", attn), structure)
+    batch = qa_batch(model, groups=1)
+    with torch.no_grad():
+        logits = model.logits(batch, side)
+        expected = reference_logits(model, batch, side)
+    _, layout, _ = model.build_inputs(batch, side)
+    real = ~layout.pad  # pad rows see only themselves: compare the tokens that matter
+    torch.testing.assert_close(logits[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
+def test_causal_structure_equals_hf_own_causal_path():
+    model = with_structure(shared_model("mlp", "sdpa"), "causal")
+    batch = qa_batch(model, groups=1)
+    with torch.no_grad():
+        embeds, layout, _ = model.build_inputs(batch)
+        ours = model.logits(batch)
+        for b in range(embeds.shape[0]):
+            real = ~layout.pad[b]
+            own = model.llm(inputs_embeds=embeds[b : b + 1, real]).logits[0]  # no mask, no positions given
+            torch.testing.assert_close(ours[b, real], own, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_side_does_not_change_the_answer():
+    model = with_structure(shared_model("ccam", "sdpa"), "tc_llava")
+    batch = qa_batch(model)
+    with torch.no_grad():
+        right, layout_right = model.logits(batch, "right"), model.build_inputs(batch, "right")[1]
+        left, layout_left = model.logits(batch, "left"), model.build_inputs(batch, "left")[1]
+    torch.testing.assert_close(right[~layout_right.pad], left[~layout_left.pad], rtol=1e-5, atol=1e-5)
+
+
+def test_loss_on_supervised_positions_equals_full_logit_cross_entropy():
+    model = tiny_model("tc_llava")
+    batch = qa_batch(model)
+    loss, count = model.loss(batch)
+    logits = model.logits(batch)
+    _, _, labels = model.build_inputs(batch)
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert count == (batch["labels"] != -100).sum()  # every answer token and its <|end|>, nothing else
+    loss.backward()
+    assert all(p.grad is not None for p in model.projector.parameters())
+
+
+def test_bad_structure_and_attention_names():
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        tiny_model(attn="flash_attention_2")
+    with pytest.raises(ValueError, match="unknown projector 'qformer'"):
+        tiny_model(projector="qformer")
