@@ -128,7 +128,11 @@ def test_grouped_conv_backward_counts_grouped_work():
 def test_markdown_reports_the_same_numbers(tiny_run):
     result, markdown = tiny_run
     assert "## Training step" in markdown and "## Encode / decode latency" in markdown
-    assert "Machine load" in markdown
+    assert "Machine load" in markdown and "## Summary" in markdown
+    steps = {(c["input"], c["discriminator"]): c["step_ms"] for c in result["train"]}
+    summary = result["summary"]["tiny"]
+    assert summary["discriminator_cost_clip"] == pytest.approx(steps["clip", "3d"] / steps["clip", "none"])
+    assert f"{summary['discriminator_cost_image']:.3g}x" in markdown
     for cell in result["train"]:
         assert f"{cell['step_ms']:.1f}" in markdown
     for cell in result["latency"]:
