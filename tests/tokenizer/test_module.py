@@ -14,7 +14,7 @@ from timeloom.cli import main
 from timeloom.data import MovingDigitsDataModule
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE1 = ROOT / "configs/tokenizer/omnitokenizer-tiny-stage1.yaml"
+VIDEO_VQ = ROOT / "configs/tokenizer/omnitokenizer-tiny-vq.yaml"
 MICRO = OmniTokenizerConfig(
     channels=1,
     patch=4,
@@ -122,7 +122,7 @@ checkpoint:
   dirpath: {tmp_path}/checkpoints
 """
     )
-    main(["fit", "-c", str(STAGE1), "-c", str(overlay)])
+    main(["fit", "-c", str(VIDEO_VQ), "-c", str(overlay)])
 
     with next(tmp_path.rglob("metrics.csv")).open() as f:
         rows = list(csv.DictReader(f))

@@ -4,11 +4,20 @@ Optimisation is always manual, one code path with or without a discriminator: ea
 step, then (once the discriminator is active) a discriminator step, each with its own optimiser, scheduler
 and gradient clipping. Step-keyed schedules read our own ``train_step`` counter (batches trained), because
 Lightning's ``global_step`` counts every optimiser step and the discriminator's are irregular.
+
+Progressive training (spec section 4) is configuration: ``init_from`` names the previous stage's checkpoint,
+loaded when a fit starts (not when it resumes), with the tubelet weights inflated (``inflate``) and fresh
+weights kept where ``reinitialize`` says (e.g. ``pre_quant`` for the stage-3 KL fine-tune); see
+`timeloom_tokenizer.inflate`. Batches may be images (one-frame videos) or videos, at any resolution the
+model accepts; validation reports each kind under its own names (``val/…`` for videos, ``val_image/…``).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -17,10 +26,13 @@ from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from timeloom.module import TimeloomModule
+from timeloom_tokenizer.inflate import DiscriminatorSlot, InflationStrategy, transfer_state
 from timeloom_tokenizer.losses import TokenizerLoss
 from timeloom_tokenizer.model import OmniTokenizer, OmniTokenizerConfig
 
 __all__ = ["OmniTokenizerModule", "TokenizerLossConfig"]
+
+log = logging.getLogger(__name__)
 
 # A discriminator this close to zero loss already separates real from fake; stepping it further only
 # sharpens it past what the generator can follow (spec section 3).
@@ -61,6 +73,13 @@ class OmniTokenizerModule(TimeloomModule):
         gradient_clip_val: max gradient norm for each optimiser (Trainer-level clipping does not apply to
             manual optimisation); None turns clipping off.
         log_video_every_n_epochs: how often the first validation batch is logged as input | reconstruction.
+        init_from: a Lightning checkpoint of an `OmniTokenizerModule` (the previous stage) to start from,
+            loaded when a fit starts; a resumed fit takes its weights from its own checkpoint instead.
+        inflate: ``"static"``, ``"upstream"`` or ``"first"`` to initialise the tubelet embedding and head
+            from the checkpoint's first-frame weights (stage 1 → 2); None copies them as they are.
+        discriminator_inflate: the time tap (``"center"``, ``"first"``, ``"last"``) or ``"average"`` at
+            which a video discriminator is initialised from the checkpoint's image discriminator.
+        reinitialize: state-dict prefixes (e.g. ``"model.pre_quant"``) that keep their fresh initialisation.
         **kwargs: ``optimizer`` / ``scheduler`` callables of `TimeloomModule`, used for both optimisers.
     """
 
@@ -71,6 +90,10 @@ class OmniTokenizerModule(TimeloomModule):
         discriminator_lr: float | None = None,
         gradient_clip_val: float | None = 1.0,
         log_video_every_n_epochs: int = 1,
+        init_from: str | None = None,
+        inflate: InflationStrategy | None = None,
+        discriminator_inflate: DiscriminatorSlot = "center",
+        reinitialize: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -82,10 +105,50 @@ class OmniTokenizerModule(TimeloomModule):
         self.discriminator_lr = discriminator_lr
         self.gradient_clip_val = gradient_clip_val
         self.log_video_every_n_epochs = log_video_every_n_epochs
+        self.init_from = init_from
+        self.inflate = inflate
+        self.discriminator_inflate = discriminator_inflate
+        self.reinitialize = tuple(reinitialize)
         self.train_step = 0
-        # Reconstructions are compared in [-1, 1], a peak-to-peak range of 2.
-        self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
-        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        # Reconstructions are compared in [-1, 1], a peak-to-peak range of 2; images and videos apart.
+        self.val_psnr = nn.ModuleDict({kind: PeakSignalNoiseRatio(data_range=2.0) for kind in _KINDS})
+        self.val_ssim = nn.ModuleDict(
+            {kind: StructuralSimilarityIndexMeasure(data_range=2.0) for kind in _KINDS}
+        )
+
+    # -- progressive initialisation -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from is not None and self.trainer.ckpt_path is None:
+            self.load_initial_weights(self.init_from)
+
+    def load_initial_weights(self, path: str | Path) -> list[str]:
+        """Load the previous stage's checkpoint at ``path`` (inflating and re-initialising as configured).
+
+        Returns the checkpoint's keys that this module does not use; raises `KeyError` naming every weight
+        the checkpoint cannot fill.
+        """
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_from: no checkpoint at {path} (train the previous stage first)")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" not in checkpoint:
+            raise ValueError(f"init_from: {path} is not a Lightning checkpoint (it has no state_dict)")
+        try:
+            state, unused = transfer_state(
+                checkpoint["state_dict"],
+                self.state_dict(),
+                channels=self.config.channels,
+                patch=self.config.patch,
+                temporal_patch=self.config.temporal_patch,
+                inflate=self.inflate,
+                discriminator_slot=self.discriminator_inflate,
+                reinitialize=self.reinitialize,
+            )
+        except KeyError as error:
+            raise KeyError(f"init_from {path}: {error.args[0]}") from None
+        self.load_state_dict(state)
+        if unused:
+            log.info("init_from %s: unused checkpoint weights %s", path, ", ".join(unused))
+        return unused
 
     @property
     def has_discriminator(self) -> bool:
@@ -171,24 +234,30 @@ class OmniTokenizerModule(TimeloomModule):
         return head.weight
 
     # -- evaluation ---------------------------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         video = batch["video"]
+        kind = "image" if video.shape[2] == 1 else "video"
+        prefix = _KINDS[kind]
         recon, quantized = self.model(video)
         _, metrics = self.loss.generator_step(video, recon, step=self.train_step, quant_loss=quantized.loss)
         logged = {
-            f"val/{k}": v.float() for k, v in {**self._applicable(metrics), **quantized.metrics}.items()
+            f"{prefix}/{k}": v.float() for k, v in {**self._applicable(metrics), **quantized.metrics}.items()
         }
-        self.log_dict(logged, sync_dist=True, batch_size=len(video))
+        # Several loaders (videos, images) log under their own prefixes, so Lightning need not suffix them.
+        self.log_dict(logged, sync_dist=True, batch_size=len(video), add_dataloader_idx=False)
         # Metrics per frame: SSIM is an image measure, and the decoder's output is not bounded.
         frames, recon_frames = _frames(video), _frames(recon.clamp(-1, 1))
-        self.val_psnr(recon_frames, frames)
-        self.val_ssim(recon_frames, frames)
+        self.val_psnr[kind](recon_frames, frames)
+        self.val_ssim[kind](recon_frames, frames)
         self.log_dict(
-            {"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True, batch_size=len(video)
+            {f"{prefix}/psnr": self.val_psnr[kind], f"{prefix}/ssim": self.val_ssim[kind]},
+            prog_bar=True,
+            batch_size=len(video),
+            add_dataloader_idx=False,
         )
         if batch_idx == 0 and self.current_epoch % self.log_video_every_n_epochs == 0:
             pairs = torch.cat([video[:4], recon[:4].clamp(-1, 1)], dim=-1)  # input | reconstruction
-            self.log_video("val/reconstruction", pairs)
+            self.log_video(f"{prefix}/reconstruction", pairs)
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self.model(batch["video"])[0]
@@ -206,6 +275,10 @@ class OmniTokenizerModule(TimeloomModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.train_step = checkpoint.get("train_step", 0)
+
+
+# Validation metric prefix of each kind of batch.
+_KINDS = {"video": "val", "image": "val_image"}
 
 
 def _as_list(value: Any) -> list:
