@@ -7,7 +7,7 @@ import torch
 
 from timeloom.logging import WandbLogger, wandb_has_api_key
 from timeloom.models import VideoAutoencoder, VideoAutoencoderConfig
-from timeloom.module import TimeloomModule, WarmupCosine
+from timeloom.module import StateDictMismatchError, TimeloomModule, WarmupCosine, load_state_dict_checked
 from timeloom.throughput import measure_matmul_peak
 
 
@@ -85,3 +85,60 @@ def test_wandb_goes_offline_without_an_api_key(tmp_path, monkeypatch, capsys):
 
         wandb.finish()
     assert (tmp_path / "runs" / "wandb").exists()
+
+
+def test_from_pretrained_with_another_config_names_the_shape_mismatches(tmp_path):
+    tiny_module().save_pretrained(tmp_path / "export")
+    other = {"width": 8, "latent_channels": 2, "levels": 1}  # saved with 4 latent channels
+    with pytest.raises(StateDictMismatchError) as error:
+        TimeloomModule.from_pretrained(tmp_path / "export", config=other)
+    message = str(error.value)
+    assert message.startswith(
+        f"{tmp_path / 'export' / 'model.safetensors'} does not fit the CausalVideoAutoencoder"
+    )
+    assert message.endswith(
+        "3 shape mismatches: encoder.6.weight (saved (4, 8, 1, 3, 3), model (2, 8, 1, 3, 3)), "
+        "encoder.6.bias (saved (4,), model (2,)), decoder.0.weight (saved (8, 4, 3, 3, 3), model (8, 2, 3, 3, 3))"
+    )
+
+
+def test_from_checkpoint_names_missing_and_unexpected_keys_and_loads_nothing(tmp_path):
+    module = tiny_module()
+    state = dict(module.state_dict())
+    state.pop("model.decoder.7.bias")
+    state["model.extra.weight"] = torch.zeros(2)
+    path = tmp_path / "other.ckpt"
+    hparams = dict(module.hparams)
+    torch.save({"class_path": module.class_path(), "hyper_parameters": hparams, "state_dict": state}, path)
+    with pytest.raises(StateDictMismatchError) as error:
+        TimeloomModule.from_checkpoint(path)
+    assert str(error.value).endswith(
+        "1 missing keys: model.decoder.7.bias; 1 unexpected keys: model.extra.weight"
+    )
+
+    target = tiny_module()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(StateDictMismatchError):
+        load_state_dict_checked(target, {k: v + 1 for k, v in state.items()}, source=path)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_key_lists_are_cut_short_with_a_count():
+    module = tiny_module()
+    with pytest.raises(
+        StateDictMismatchError, match=r"20 missing keys: model\.encoder\.0\.weight, .*, … and 10 more$"
+    ):
+        load_state_dict_checked(module, {}, source="empty.ckpt")
+
+
+def test_from_checkpoint_with_overrides_rebuilds_and_loads(tmp_path):
+    module = tiny_module()
+    path = tmp_path / "model.ckpt"
+    hparams = dict(module.hparams)
+    torch.save(
+        {"class_path": module.class_path(), "hyper_parameters": hparams, "state_dict": module.state_dict()},
+        path,
+    )
+    loaded = TimeloomModule.from_checkpoint(path, log_video_every_n_epochs=5)
+    assert loaded.log_video_every_n_epochs == 5
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ def train(config: str, out: Path) -> Path:
     ]
     print("training:", " ".join(command[2:]), flush=True)
     (checkpoints / "last.ckpt").unlink(missing_ok=True)  # never reconstruct with a stale model
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"training failed: {' '.join(command[2:])}")
     return checkpoints / "last.ckpt"
 
 
@@ -86,7 +88,9 @@ def bikes_clip() -> Path:
 
 def log_to_wandb(out: Path, metrics: dict[str, Any], config: str) -> Path | None:
     """The side-by-sides and PSNR/SSIM as one W&B run under ``out``; returns the run's folder."""
-    logger = WandbLogger(project="timeloom", save_dir=str(out), name="tokenizer-demo", job_type="demo")
+    # The logger's offline default would override WANDB_MODE=disabled (the test suite's setting).
+    offline = False if os.environ.get("WANDB_MODE") == "disabled" else None
+    logger = WandbLogger(project="timeloom", save_dir=str(out), name="tokenizer-demo", offline=offline)
     logger.log_hyperparams({"config": config, "checkpoint": metrics["checkpoint"]})
     for item in metrics["items"]:
         name = item["name"]
