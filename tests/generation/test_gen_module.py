@@ -209,3 +209,47 @@ def test_base_config_is_paper_size_on_the_meta_device():
         model = CausalSTDiT(CausalSTDiTConfig(**config))
     parameters = sum(p.numel() for p in model.parameters())
     assert 0.7e9 < parameters < 0.8e9, parameters  # STDiT-XL/2-like (spec §10: ≈0.7 B)
+
+
+def test_generate_command_writes_videos_from_text_and_from_a_first_frame(tmp_path, capsys):
+    from timeloom_generation.commands import generate_main
+
+    from timeloom.video_io import read_video, write_image
+
+    export = micro_module().save_pretrained(tmp_path / "export")
+    first = digits_batch(count=1)["video"][0, :, 0]  # (C, H, W)
+    write_image(tmp_path / "first.png", first)
+    common = ["--checkpoint", str(export), "--frames", "6", "--size", "16", "--steps", "2"]
+    generate_main(
+        [
+            *common,
+            "--prompt",
+            "the digit 1 moves up",
+            "--prompt",
+            "the digit 2 moves left",
+            "--out",
+            str(tmp_path / "text"),
+        ]
+    )
+    generate_main(
+        [
+            *common,
+            "--prompt",
+            "the digit 1 moves up",
+            "--first-frame",
+            str(tmp_path / "first.png"),
+            "--out",
+            str(tmp_path / "image"),
+        ]
+    )
+    assert {p.name for p in (tmp_path / "text").iterdir()} == {
+        "sample_0.mp4",
+        "sample_0.gif",
+        "sample_1.mp4",
+        "sample_1.gif",
+        "samples.mp4",
+    }
+    frames = read_video(tmp_path / "image" / "sample_0.mp4")
+    assert frames.shape[0] == 6
+    with pytest.raises(ValueError, match="caption 0 is empty"):
+        generate_main([*common, "--prompt", " ", "--out", str(tmp_path / "none")])

@@ -1,0 +1,105 @@
+"""`timeloom generate`: videos from a trained `CausalVDM`, text-only or continuing a first frame.
+
+    timeloom generate --checkpoint CKPT_OR_EXPORT --prompt "the digit 3 moves left" [--prompt ...]
+                      [--frames 36] [--size 32] [--first-frame IMAGE] [--steps 20] [--guidance 3]
+                      [--cache-frames K] [--seed 0] --out DIR
+
+``--frames`` counts latent frames (pixel frames with the pixel codec). Each prompt gives
+``DIR/sample_{i}.mp4`` and ``.gif``; ``DIR/samples.mp4`` tiles them all. Prompts are checked before the
+model is loaded, and the first frame is fitted to the model's channels and size.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from timeloom.module import TimeloomModule
+from timeloom.video_io import (
+    center_crop,
+    convert_channels,
+    frames_to_tensor,
+    read_image,
+    resize_video,
+    write_video,
+)
+from timeloom_generation.module import CausalVDM
+from timeloom_generation.text import check_captions
+
+__all__ = ["generate_main", "load_vdm"]
+
+
+def load_vdm(path: str | Path) -> CausalVDM:
+    """A `CausalVDM` from a Lightning checkpoint or a `save_pretrained` / `timeloom export` folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint or exported model at {path}")
+    module = TimeloomModule.from_pretrained(path) if path.is_dir() else TimeloomModule.from_checkpoint(path)
+    if not isinstance(module, CausalVDM):
+        raise ValueError(f"{path} holds a {type(module).__name__}, not a CausalVDM")
+    return module.eval()
+
+
+def _first_frame(path: Path, channels: int, size: int) -> torch.Tensor:
+    """An image as a one-frame video ``(1, C, 1, size, size)`` in [-1, 1]."""
+    frames, _ = convert_channels(read_image(path), channels)
+    video = frames_to_tensor(frames)  # (C, T, H, W)
+    side = min(video.shape[-2:])
+    video, _ = center_crop(video, side, side)
+    video, _ = resize_video(video, size, size)
+    return video[None]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="timeloom generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a .ckpt or an exported folder")
+    parser.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
+    parser.add_argument("--frames", type=int, default=36, help="latent frames to generate")
+    parser.add_argument("--size", type=int, default=32, help="pixel height = width")
+    parser.add_argument("--first-frame", type=Path, help="an image to continue (one given frame)")
+    parser.add_argument("--steps", type=int, help="Euler steps per chunk (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
+    parser.add_argument("--cache-frames", type=int, help="frames of context kept (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--out", required=True, type=Path)
+    return parser
+
+
+def generate_main(argv: list[str]) -> None:
+    """`timeloom generate`: see the module docstring."""
+    args = _parser().parse_args(argv)
+    captions = check_captions(args.prompt)
+    module = load_vdm(args.checkpoint)
+    overrides = {
+        name: value
+        for name, value in (
+            ("steps", args.steps),
+            ("guidance", args.guidance),
+            ("cache_frames", args.cache_frames),
+        )
+        if value is not None
+    }
+    given = None
+    if args.first_frame is not None:
+        image = _first_frame(args.first_frame, module.config.in_channels, args.size)
+        given = module.codec.encode(image.expand(len(captions), -1, -1, -1, -1))
+    _, height, width = module.codec.latent_shape(1, args.size, args.size)
+    latents = module.generate(
+        captions,
+        frames=args.frames,
+        given=given,
+        grid=(height, width),
+        seed=args.seed,
+        progress=True,
+        **overrides,
+    )
+    videos = module.codec.decode(latents)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for index, video in enumerate(videos):
+        for suffix in ("mp4", "gif"):
+            write_video(args.out / f"sample_{index}.{suffix}", video, fps=args.fps)
+    write_video(args.out / "samples.mp4", torch.cat(list(videos), dim=-1), fps=args.fps)
+    print(f"wrote {len(videos)} videos of {videos.shape[2]} frames under {args.out}")
