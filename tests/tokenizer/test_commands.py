@@ -256,24 +256,28 @@ def test_undecodable_and_missing_files_are_named_and_the_rest_still_processed(tm
     (inputs / "broken.mp4").write_bytes(b"not a video at all")
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     write_video(inputs / "good.mp4", moving_pattern(3, 16, 16), fps=8)
+    (tmp_path / "empty").mkdir()
     for command in (reconstruct_main, encode_main):
         out = tmp_path / command.__name__
+        arguments = [str(inputs), str(tmp_path / "absent.mp4"), str(tmp_path / "empty")]
         with pytest.raises(SystemExit) as exit_info:
-            command(
-                ["--checkpoint", str(exported), str(inputs), str(tmp_path / "absent.mp4"), "--out", str(out)]
-            )
+            command(["--checkpoint", str(exported), *arguments, "--out", str(out)])
         message = str(exit_info.value.code)
-        assert message.startswith("3 of 4 inputs failed")
-        for name in ("broken.mp4", "broken.png", "absent.mp4"):
+        assert message.startswith("4 of 5 inputs failed")
+        for name in ("broken.mp4", "broken.png", "absent.mp4", "empty"):
             assert name in message
         printed = capsys.readouterr().out
         assert f"cannot decode video file {inputs / 'broken.mp4'}" in printed
         assert f"cannot decode image file {inputs / 'broken.png'}" in printed
+        assert (
+            f"cannot decode video file {tmp_path / 'absent.mp4'}: FileNotFoundError: no such file" in printed
+        )
+        assert f"{tmp_path / 'empty'} is a folder without video or image files" in printed
         written = json.loads(
             (out / ("metrics.json" if command is reconstruct_main else "index.json")).read_text()
         )
         assert [Path(item["source"]).name for item in written["items"]] == ["good.mp4"]
-        assert len(written["failed"]) == 3
+        assert len(written["failed"]) == 4
 
 
 def test_a_checkpoint_from_another_config_names_the_keys_that_disagree(tmp_path):

@@ -67,6 +67,7 @@ __all__ = [
 
 PSNR_CAP = 100.0  # dB, for identical frames (spec §7)
 DEFAULT_FPS = 8.0  # for outputs of inputs without a frame rate (images, some GIFs)
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS  # what a folder input is searched for
 
 
 # -- the model --------------------------------------------------------------------------------------------------
@@ -123,17 +124,18 @@ def find_inputs(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
     """``(file, output name)`` for every input: files as given, folders searched for videos and images.
 
     Names are relative paths without suffix (just the stem for a file argument), made unique by a counter.
-    A path that does not exist is kept, so that loading it fails with its name among the other results.
+    A path that does not exist, or a folder without media, is kept, so that loading it fails with its name
+    among the other results.
     """
     found: list[tuple[Path, str]] = []
     for path in map(Path, paths):
         if path.is_dir():
             media = [
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+                p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS
             ]
             found.extend((p, p.relative_to(path).with_suffix("").as_posix()) for p in media)
+            if not media:  # kept, so that it is reported among the failures
+                found.append((path, path.name))
         else:
             found.append((path, path.stem))
     taken: dict[str, int] = {}
@@ -160,6 +162,8 @@ def load_input(
         ValueError: the file cannot be decoded; the message names it and the decoder's reason.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder without video or image files ({', '.join(MEDIA_EXTENSIONS)})")
     is_image = path.suffix.lower() in IMAGE_EXTENSIONS
     try:
         if not path.is_file():
