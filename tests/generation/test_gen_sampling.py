@@ -154,3 +154,15 @@ def test_bad_input_is_named_before_any_compute(random_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ARSampler(model, cache_frames=5, guidance=3.0).sample(context, null, frames=frames, **kwargs)
     assert counter.calls == []
+
+
+def test_windowed_recompute_equals_the_cache_only_until_the_first_eviction(random_model):
+    model = random_model()
+    context, _ = texts()
+    settings = dict(chunk_frames=2, cache_frames=5, steps=2)
+    cached = ARSampler(model, mode="cached", **settings).sample(context, frames=11, grid=(SIZE, SIZE))
+    window = ARSampler(model, mode="window", **settings).sample(context, frames=11, grid=(SIZE, SIZE))
+    # chunks [0,3) [3,5) [5,7) [7,9) [9,11): writing [5,7) evicts frames 0-1, so from chunk [7,9) on the
+    # cached keys of frames 2-4 still carry frames 0-1 while the window recomputes them without
+    assert (cached[:, :, :7] - window[:, :, :7]).abs().max() <= 1e-4
+    assert (cached[:, :, 7:] - window[:, :, 7:]).abs().max() > 1e-3

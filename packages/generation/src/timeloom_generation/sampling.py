@@ -10,6 +10,9 @@ is not written: nothing would read it.
 ``mode="history"`` is the slow, obvious reference: no cache; every step re-runs all earlier (re-noised) frames
 at ``tau = 0`` together with the chunk under the mask `ar_window` (each frame sees its chunk's last ``K``
 frames before it). By the model's causality both modes compute the same thing (spec §7.4).
+``mode="window"`` is the speed baseline (OS-Fix): every step re-runs only the last ``K`` frames, causally. It
+equals the cached sampler until the first eviction; afterwards the cache still carries older context through
+earlier layers.
 
 All noise comes from a `NoiseSource` keyed by (seed, kind, absolute frame index), so the two modes, any
 call order and any rollout length draw identical noise for the same frame.
@@ -17,6 +20,7 @@ call order and any rollout length draw identical noise for the same frame.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -29,7 +33,7 @@ from timeloom_generation.model import CausalSTDiT, ar_window
 
 __all__ = ["ARSampler", "NoiseSource", "chunk_plan"]
 
-Mode = Literal["cached", "history"]
+Mode = Literal["cached", "history", "window"]
 NOISE_KINDS = ("init", "prefix")
 
 
@@ -78,7 +82,8 @@ class ARSampler:
         guidance: CFG scale ``w``; at 1 the unconditional branch is not run.
         prefix_noise: ``tau_pp``, the light noise clean frames get before they are written (as in training).
         shift: timestep shift of the Euler grid.
-        mode: ``"cached"`` (KV cache) or ``"history"`` (recompute every earlier frame: the reference).
+        mode: ``"cached"`` (KV cache), ``"history"`` (recompute every earlier frame under `ar_window`: the
+            reference) or ``"window"`` (recompute only the last ``K`` frames: the speed baseline).
         progress: show a progress bar over chunks.
     """
 
@@ -95,8 +100,8 @@ class ARSampler:
         mode: Mode = "cached",
         progress: bool = False,
     ) -> None:
-        if mode not in ("cached", "history"):
-            raise ValueError(f"mode must be 'cached' or 'history'; got {mode!r}")
+        if mode not in ("cached", "history", "window"):
+            raise ValueError(f"mode must be 'cached', 'history' or 'window'; got {mode!r}")
         if chunk_frames < 1 or cache_frames < chunk_frames + 1:
             raise ValueError(
                 f"need chunk_frames >= 1 and cache_frames >= chunk_frames + 1 (the first chunk has 1 + C "
@@ -172,7 +177,6 @@ class ARSampler:
         noise = NoiseSource(
             seed, (batch, config.in_channels, height, width), parameter.device, parameter.dtype
         )
-        branches = ("cond",) if self.guidance == 1 else ("uncond", "cond")
         text = context if self.guidance == 1 else torch.cat((null_context, context))
         state = _Rollout(
             cache=(
@@ -183,7 +187,7 @@ class ARSampler:
                 else None
             )
         )
-        levels = euler_levels(self.steps, self.shift, parameter.device)
+        self.levels = euler_levels(self.steps, self.shift, parameter.device)
         written = []
         chunks = chunk_plan(frames, 0 if given is None else given.shape[2], self.chunk_frames)
         for index, chunk in enumerate(tqdm(chunks, desc="chunks", disable=not self.progress)):
@@ -192,49 +196,62 @@ class ARSampler:
             else:
                 x = noise("init", chunk)
                 for step in range(self.steps):
-                    with attention_context(
-                        step=step, num_steps=self.steps, cfg=branches, extra={"write": False}
-                    ):
-                        v = self._velocity(x, levels[step], chunk, text, state)
-                    x = x + (levels[step + 1] - levels[step]) * v
+                    v = self._velocity(x, step, chunk, text, state)
+                    x = x + (self.levels[step + 1] - self.levels[step]) * v
             written.append(x)
             if index == len(chunks) - 1:
                 break  # nothing reads the last chunk's keys and values
-            clean = noise_to(x, noise("prefix", chunk), self.prefix_noise)
-            with attention_context(step=None, num_steps=self.steps, cfg=branches, extra={"write": True}):
-                self._write(clean, chunk, text, state)
+            self._write(noise_to(x, noise("prefix", chunk), self.prefix_noise), chunk, text, state)
         video = torch.cat(written, dim=2)
         if given is not None:
             video[:, :, : given.shape[2]] = given
         return video
 
-    def _velocity(self, x: Tensor, level: Tensor, chunk: range, text: Tensor, state: _Rollout) -> Tensor:
+    def _velocity(self, x: Tensor, step: int, chunk: range, text: Tensor, state: _Rollout) -> Tensor:
+        """The guided velocity of chunk ``x`` at Euler step ``step``."""
         branches = len(text) // len(x)
         x_in = x.repeat(branches, 1, 1, 1, 1)
-        tau = level.expand(len(x_in), len(chunk))
-        if self.mode == "cached":
-            with state.cache.frozen():
-                v = self.model(x_in, tau, text, positions=_frames(chunk, x), cache=state.cache)
-        else:
+        levels = self.levels[step].expand(len(x_in), len(chunk))
+        positions, mask, past = _frames(chunk, x), None, x_in[:, :, :0]
+        if self.mode == "history":
             past = state.history(branches, x_in)
-            sequence = torch.cat((past, x_in), dim=2)
-            levels = torch.cat((torch.zeros(len(x_in), past.shape[2], device=x.device), tau), dim=1)
             mask = ar_window(torch.tensor(state.chunk_starts + [chunk.start] * len(chunk)), self.cache_frames)
-            v = self.model(sequence, levels, text, mask=mask)[:, :, past.shape[2] :]
+        elif self.mode == "window":
+            past = state.history(branches, x_in)[:, :, -self.cache_frames :]
+        if past.shape[2]:
+            positions = torch.arange(chunk.start - past.shape[2], chunk.stop, device=x.device)
+            levels = torch.cat((torch.zeros(len(x_in), past.shape[2], device=x.device), levels), dim=1)
+        context = _context(branches, step=step, num_steps=self.steps, write=False, clean_rows=past.shape[2])
+        with context, contextlib.ExitStack() as frozen:
+            if state.cache is not None:
+                frozen.enter_context(state.cache.frozen())
+            sequence = torch.cat((past, x_in), dim=2)
+            v = self.model(sequence, levels, text, positions=positions, mask=mask, cache=state.cache)
+        v = v[:, :, past.shape[2] :]
         if branches == 1:
             return v
         unconditional, conditional = v.chunk(2)
         return guide(unconditional, conditional, self.guidance)
 
     def _write(self, clean: Tensor, chunk: range, text: Tensor, state: _Rollout) -> None:
-        branches = len(text) // len(clean)
-        if self.mode == "cached":
-            x_in = clean.repeat(branches, 1, 1, 1, 1)
-            tau = torch.zeros(len(x_in), len(chunk), device=clean.device)
-            self.model(x_in, tau, text, positions=_frames(chunk, clean), cache=state.cache, write=True)
-        else:
+        """Make ``clean`` (already re-noised to ``tau_pp``) the context of later chunks."""
+        if state.cache is None:
             state.clean.append(clean)
             state.chunk_starts += [chunk.start] * len(chunk)
+            return
+        branches = len(text) // len(clean)
+        x_in = clean.repeat(branches, 1, 1, 1, 1)
+        tau = torch.zeros(len(x_in), len(chunk), device=clean.device)
+        with _context(branches, step=None, num_steps=self.steps, write=True, clean_rows=len(chunk)):
+            self.model(x_in, tau, text, positions=_frames(chunk, clean), cache=state.cache, write=True)
+
+
+def _context(branches: int, *, step: int | None, num_steps: int, write: bool, clean_rows: int):
+    """What attention processors learn about a call (spec §8.1): the step, the CFG layout, whether this is a
+    cache write, and how many leading query frames are clean (never to be edited)."""
+    cfg = ("cond",) if branches == 1 else ("uncond", "cond")
+    extra = {"write": write, "clean_rows": clean_rows}
+    return attention_context(step=step, num_steps=num_steps, cfg=cfg, extra=extra)
 
 
 class _Rollout:
