@@ -221,7 +221,9 @@ class ARSampler:
         if past.shape[2]:
             positions = torch.arange(chunk.start - past.shape[2], chunk.stop, device=x.device)
             levels = torch.cat((torch.zeros(len(x_in), past.shape[2], device=x.device), levels), dim=1)
-        context = _context(branches, step=step, num_steps=self.steps, write=False, clean_rows=past.shape[2])
+        context = _context(
+            branches, len(x), step=step, num_steps=self.steps, write=False, clean_rows=past.shape[2]
+        )
         with context, contextlib.ExitStack() as frozen:
             if state.cache is not None:
                 frozen.enter_context(state.cache.frozen())
@@ -242,15 +244,17 @@ class ARSampler:
         branches = len(text) // len(clean)
         x_in = clean.repeat(branches, 1, 1, 1, 1)
         tau = torch.zeros(len(x_in), len(chunk), device=clean.device)
-        with _context(branches, step=None, num_steps=self.steps, write=True, clean_rows=len(chunk)):
+        with _context(
+            branches, len(clean), step=None, num_steps=self.steps, write=True, clean_rows=len(chunk)
+        ):
             self.model(x_in, tau, text, positions=_frames(chunk, clean), cache=state.cache, write=True)
 
 
-def _context(branches: int, *, step: int | None, num_steps: int, write: bool, clean_rows: int):
-    """What attention processors learn about a call (spec §8.1): the step, the CFG layout, whether this is a
-    cache write, and how many leading query frames are clean (never to be edited)."""
+def _context(branches: int, videos: int, *, step: int | None, num_steps: int, write: bool, clean_rows: int):
+    """What attention processors learn about a call (spec §8.1): the step, the CFG layout, the videos per
+    branch, whether this is a cache write, and how many leading query frames are clean (never to be edited)."""
     cfg = ("cond",) if branches == 1 else ("uncond", "cond")
-    extra = {"write": write, "clean_rows": clean_rows}
+    extra = {"write": write, "clean_rows": clean_rows, "videos": videos}
     return attention_context(step=step, num_steps=num_steps, cfg=cfg, extra=extra)
 
 

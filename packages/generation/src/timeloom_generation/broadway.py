@@ -1,0 +1,145 @@
+"""ByTheWay / BroadWay (arXiv 2410.06241; spec §8.2, §8.4) on a DiT's temporal layers, training-free.
+
+After the softmax of the temporal attention, during the first ``active_fraction`` of each chunk's steps:
+
+- **Temporal Self-Guidance** (target layers): ``A_m ← (1 − α)·A_m + α·A_anchor``, the anchor's vanilla map
+  from the same forward (same branch, step and grid). A convex mix of causal row-stochastic maps stays both.
+- **Fourier Motion Enhancement** (anchors and targets): every noisy row with ``n ≥ 2`` visible keys becomes
+  ``a' = 1/n + β·(a − 1/n)`` on its visible keys: the high band is every non-DC bin (upstream's F = 16, τ = 7),
+  where scaling the non-DC spectrum by β is exactly this closed form. Row sums stay 1, masked keys stay 0.
+- **Adaptive β** per sample, from the conditional branch, applied to both: with energies ``E = Σ_j a_j²``
+  averaged over noisy rows (n ≥ 2), heads and positions, ``E₁`` before TSG, ``E₂`` after it, its DC part
+  ``E₂_L = mean 1/n`` and the rest ``E₂_H = E₂ − E₂_L``: ``β = max(β₀, √((E₁ − E₂_L)/E₂_H))``, so ``E₃ ≥ E₁``.
+
+A DiT has no decoder: its back half ``[⌊D/2⌋, D)`` plays it; the anchors are the first ``r = ⌈D/8⌉`` blocks of
+it and target ``b`` pairs with anchor ``⌊D/2⌋ + ((b − ⌊D/2⌋) mod r)``. Clean rows, masked keys and cache writes
+are never touched, so cached sampling stays exact with the plug-in on.
+
+    BroadWay(depth=4).attach(model)   # anchors blocks.2, targets blocks.3
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timeloom_kernels import set_processor
+from timeloom_kernels.processors import AttentionContext, AttentionProcessor
+from torch import Tensor, nn
+
+from timeloom_generation.vstar import noisy_rows
+
+__all__ = ["BroadWay", "motion_enhance", "row_energy", "temporal_layer"]
+
+
+def temporal_layer(block: int) -> str:
+    return f"blocks.{block}.temporal.attend"
+
+
+def row_energy(probs: Tensor) -> Tensor:
+    """``Σ_j a_j²`` per row: ``(..., Lq, Lk) -> (..., Lq)``."""
+    return probs.pow(2).sum(-1)
+
+
+def motion_enhance(probs: Tensor, visible: Tensor, beta: Tensor | float) -> Tensor:
+    """``1/n + β·(a − 1/n)`` on visible keys, 0 elsewhere; rows with ``n < 2`` visible keys are kept.
+
+    ``probs``/``visible`` ``(..., Lq, Lk)``; ``beta`` broadcasts to ``(..., 1, 1)``.
+    """
+    count = visible.sum(-1, keepdim=True).clamp(min=1)
+    uniform = visible / count
+    enhanced = torch.where(visible, uniform + beta * (probs - uniform), torch.zeros_like(probs))
+    return torch.where(count >= 2, enhanced, probs)
+
+
+class BroadWay(AttentionProcessor):
+    """ByTheWay's TSG + FME as one processor over a model's anchor and target temporal layers.
+
+    Args:
+        depth: number of blocks ``D`` of the model.
+        alpha: TSG weight α (0 turns TSG off).
+        beta0: the floor β₀ of the adaptive FME scale (with α = 0 and β₀ = 1 the plug-in is the identity).
+        active_fraction: steps ``k < ceil(fraction · S)`` of each chunk are edited.
+        anchors, targets: block indices overriding the default mapping; each target pairs with
+            ``anchors[(b − anchors[0]) mod len(anchors)]``.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        alpha: float = 0.6,
+        beta0: float = 1.5,
+        active_fraction: float = 0.2,
+        anchors: list[int] | None = None,
+        targets: list[int] | None = None,
+    ) -> None:
+        half = depth // 2
+        anchors = list(range(half, half + math.ceil(depth / 8))) if anchors is None else list(anchors)
+        targets = list(range(anchors[-1] + 1, depth)) if targets is None else list(targets)
+        if not anchors or any(not 0 <= b < depth for b in anchors + targets) or set(anchors) & set(targets):
+            raise ValueError(
+                f"anchors {anchors} and targets {targets} must be disjoint blocks of a {depth}-block model"
+            )
+        if any(t <= max(anchors) for t in targets):
+            raise ValueError(f"every target {targets} must come after the anchors {anchors} (same forward)")
+        self.alpha, self.beta0, self.active_fraction = alpha, beta0, active_fraction
+        self.anchor_of = {
+            temporal_layer(b): temporal_layer(anchors[(b - anchors[0]) % len(anchors)]) for b in targets
+        }
+        self.anchors = [temporal_layer(b) for b in anchors]
+        self._maps: dict[str, Tensor] = {}  # the anchors' vanilla maps of the current forward
+        self._visible: Tensor | None = None
+
+    def attach(self, model: nn.Module) -> list[str]:
+        """Hook the anchor and target layers of ``model``; returns their names."""
+        return [
+            name
+            for layer in self.anchors + list(self.anchor_of)
+            for name in set_processor(model, layer, self)
+        ]
+
+    def active(self, ctx: AttentionContext) -> bool:
+        if ctx.step is None or ctx.extra.get("write", False):
+            return False
+        return ctx.step < math.ceil(self.active_fraction * ctx.num_steps)
+
+    def logits(self, ctx: AttentionContext, scores: Tensor) -> Tensor:
+        self._visible = torch.isfinite(scores)  # exact visibility, for this call's `probs`
+        return scores
+
+    def probs(self, ctx: AttentionContext, probs: Tensor) -> Tensor:
+        noisy = noisy_rows(ctx, probs.shape[-2], probs.device)
+        visible = self._visible & noisy
+        if ctx.name in self.anchors:
+            self._maps[ctx.name] = probs
+            mixed = probs
+        else:
+            mixed = (1 - self.alpha) * probs + self.alpha * self._maps[self.anchor_of[ctx.name]]
+        beta = self.adaptive_beta(ctx, probs, mixed, visible)
+        return torch.where(noisy, motion_enhance(mixed, visible, beta), probs)
+
+    def adaptive_beta(self, ctx: AttentionContext, before: Tensor, after: Tensor, visible: Tensor) -> Tensor:
+        """β per sample from the conditional branch, as ``(B', 1, 1, 1)`` for the call's batch ``B'``."""
+        counted = visible.sum(-1) >= 2  # (B', H, Lq): rows whose energies count
+        inverse_n = 1 / visible.sum(-1).clamp(min=1)
+        cond = ctx.cfg_slice("cond") if ctx.cfg is not None else slice(None)
+        branches = len(ctx.cfg) if ctx.cfg is not None else 1
+        # The temporal layout is (videos · positions): the sampler says how many videos (else: one pool).
+        videos = int(ctx.extra.get("videos", 1))
+
+        def per_sample(values: Tensor) -> Tensor:  # mean over counted rows, per video: (B,)
+            weights = counted[cond].float().reshape(videos, -1)
+            values = values[cond].reshape(videos, -1)
+            return (values * weights).sum(-1) / weights.sum(-1).clamp(min=1)
+
+        e1 = per_sample(row_energy(before))
+        e2 = per_sample(row_energy(after))
+        e2_low = per_sample(inverse_n)
+        e2_high = e2 - e2_low
+        ratio = ((e1 - e2_low).clamp(min=0) / e2_high.clamp(min=1e-8)).sqrt()
+        beta = torch.where(e2_high < 1e-8, torch.full_like(e1, self.beta0), ratio.clamp(min=self.beta0))
+        return (
+            beta.repeat_interleave(before.shape[0] // len(beta) // branches)
+            .repeat(branches)
+            .view(-1, 1, 1, 1)
+        )

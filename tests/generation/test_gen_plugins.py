@@ -1,0 +1,180 @@
+"""Sampling-time plug-ins (spec §8, §11.5): each formula on hand-made maps, identities at their neutral settings,
+edits confined to named layers, active steps and noisy rows, per-sample statistics, and the KV cache staying
+exact with every plug-in on."""
+
+import math
+
+import pytest
+import torch
+from timeloom_generation.broadway import BroadWay, motion_enhance, row_energy
+from timeloom_generation.sampling import ARSampler
+from timeloom_generation.vstar import TemporalAttentionRegularization, gaussian_band
+from timeloom_kernels import attention_context, clear_processors, set_processor
+from timeloom_kernels.processors import AttentionContext
+
+BATCH, CHANNELS, SIZE, TEXT, WIDTH = 2, 2, 8, 4, 32  # the micro model of conftest.py
+TEMPORAL = "blocks.*.temporal.attend"
+
+
+def texts(batch: int = BATCH, seed: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, TEXT, WIDTH, generator=generator), torch.randn(
+        batch, TEXT, WIDTH, generator=generator
+    )
+
+
+def causal_map(rows: int, keys: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random row-stochastic maps ``(2, 3, rows, keys)`` under a bottom-right causal mask, and the mask."""
+    generator = torch.Generator().manual_seed(seed)
+    visible = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows)
+    scores = torch.randn(2, 3, rows, keys, generator=generator) * 2
+    return scores.masked_fill(~visible, -math.inf).softmax(-1), visible.expand(2, 3, rows, keys)
+
+
+def test_gaussian_band_is_toeplitz_with_a_unit_diagonal():
+    band = gaussian_band(3, 5, sigma=2.0)
+    assert band.shape == (3, 5)
+    torch.testing.assert_close(band[:, 2:].diagonal(), torch.ones(3))
+    for offset in range(-2, 2):
+        values = band.diagonal(offset + 2)
+        assert torch.allclose(values, values[0].expand_as(values))
+    assert math.isclose(band[2, 0].item(), math.exp(-16 / 8), rel_tol=1e-6)
+
+
+def test_tar_adds_the_signed_row_max_band_to_noisy_visible_logits_only():
+    tar = TemporalAttentionRegularization(sigma=1.0, strength=0.5)
+    ctx = AttentionContext(step=0, num_steps=4, extra={"clean_rows": 1})
+    scores = torch.tensor([[[[1.0, -math.inf, -math.inf], [2.0, -1.0, -math.inf], [-3.0, -2.0, -4.0]]]])
+    edited = tar.logits(ctx, scores)
+    assert torch.equal(edited[..., 0, :], scores[..., 0, :])  # a clean row
+    band = gaussian_band(3, 3, 1.0)
+    expected_row1 = torch.tensor([2.0 + 0.5 * 2.0 * band[1, 0], -1.0 + 0.5 * 2.0 * band[1, 1], -math.inf])
+    torch.testing.assert_close(edited[0, 0, 1], expected_row1)
+    # a negative row max weakens the diagonal, as upstream; max_mode="abs" strengthens it
+    assert edited[0, 0, 2, 2] < scores[0, 0, 2, 2]
+    absolute = TemporalAttentionRegularization(sigma=1.0, strength=0.5, max_mode="abs").logits(ctx, scores)
+    assert absolute[0, 0, 2, 2] > scores[0, 0, 2, 2]
+    assert torch.equal(TemporalAttentionRegularization(strength=0.0).logits(ctx, scores), scores)
+
+
+def test_fme_keeps_row_sums_and_masked_zeros_and_is_the_identity_at_beta_one():
+    probs, visible = causal_map(4, 6)
+    enhanced = motion_enhance(probs, visible, 2.5)
+    torch.testing.assert_close(enhanced.sum(-1), torch.ones(2, 3, 4))
+    assert (enhanced[~visible] == 0).all()
+    torch.testing.assert_close(motion_enhance(probs, visible, 1.0), probs)
+    # the closed form is the non-DC spectrum scaled by beta (full high band), checked with an FFT on one row
+    row = probs[0, 0, 3]  # 6 visible keys
+    spectrum = torch.fft.fft(row.double())
+    spectrum[1:] *= 2.5
+    torch.testing.assert_close(enhanced[0, 0, 3].double(), torch.fft.ifft(spectrum).real)
+
+
+def test_adaptive_beta_restores_the_energy_and_alpha_zero_beta_one_is_the_identity():
+    probs, visible = causal_map(4, 6)
+    ctx = AttentionContext(
+        step=0, num_steps=5, cfg=("uncond", "cond"), q_shape=(2, 3, 4, 6), extra={"videos": 1}
+    )
+    broadway = BroadWay(depth=4, alpha=0.5, beta0=1.0)
+    # TSG towards a flat anchor lowers the energy; FME must bring it back
+    mixed = 0.5 * probs + 0.5 * torch.where(visible, 1.0 / visible.sum(-1, keepdim=True), 0.0)
+    beta = broadway.adaptive_beta(ctx, probs, mixed, visible)
+    final = motion_enhance(mixed, visible, beta)
+    counted = visible.sum(-1) >= 2
+    e1, e3 = row_energy(probs[1])[counted[1]].mean(), row_energy(final[1])[counted[1]].mean()
+    assert beta.flatten()[0] > 1 and e3 >= e1 - 1e-6
+    identity = BroadWay(depth=4, alpha=0.0, beta0=1.0)
+    torch.testing.assert_close(identity.adaptive_beta(ctx, probs, probs, visible).flatten(), torch.ones(2))
+
+
+def test_default_mapping_of_anchor_and_target_blocks(random_model):
+    assert BroadWay(depth=4).anchor_of == {"blocks.3.temporal.attend": "blocks.2.temporal.attend"}
+    base = BroadWay(depth=28)
+    assert base.anchors == [f"blocks.{b}.temporal.attend" for b in (14, 15, 16, 17)]
+    assert base.anchor_of["blocks.22.temporal.attend"] == "blocks.14.temporal.attend"
+    with pytest.raises(ValueError, match="after the anchors"):
+        BroadWay(depth=4, anchors=[3], targets=[1])
+    assert sorted(BroadWay(depth=4).attach(random_model(depth=4))) == [
+        "blocks.2.temporal.attend",
+        "blocks.3.temporal.attend",
+    ]
+
+
+def plugins(depth: int = 4):
+    return {
+        "broadway": lambda model: BroadWay(depth=depth, alpha=0.6, beta0=1.5, active_fraction=0.5).attach(
+            model
+        ),
+        "vstar": lambda model: set_processor(model, TEMPORAL, TemporalAttentionRegularization(sigma=1.0)),
+    }
+
+
+@pytest.mark.parametrize("plugin", ["broadway", "vstar"])
+def test_plugins_edit_only_active_steps_and_blocks_from_the_first_named_layer(random_model, plugin):
+    model = random_model(depth=4)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, CHANNELS, 4, SIZE, SIZE, generator=generator)
+    tau = torch.full((BATCH, 4), 0.7)
+    context, _ = texts()
+    outputs: dict[str, list] = {}
+
+    def record(key):
+        return lambda module, args, output: outputs.setdefault(key, []).append(output)
+
+    hooks = [block.register_forward_hook(record(f"block{i}")) for i, block in enumerate(model.blocks)]
+
+    def run(step: int) -> torch.Tensor:
+        with (
+            torch.no_grad(),
+            attention_context(
+                step=step, num_steps=4, cfg=("cond",), extra={"clean_rows": 1, "videos": BATCH}
+            ),
+        ):
+            return model(x, tau, context)
+
+    bare_active, bare_inactive = run(0), run(3)
+    plugins()[plugin](model)
+    edited_active, edited_inactive = run(0), run(3)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(edited_inactive, bare_inactive)  # step 3 is outside the active steps
+    assert (edited_active - bare_active).abs().max() > 1e-4
+    first_named = 2 if plugin == "broadway" else 0
+    for block in range(first_named):  # blocks before the first hooked layer: bitwise the bare model
+        assert torch.equal(outputs[f"block{block}"][2], outputs[f"block{block}"][0])
+    changed = outputs[f"block{first_named}"][2] - outputs[f"block{first_named}"][0]
+    assert changed[:, 0].abs().max() < 1e-5  # the clean row (frame 0) is untouched
+    assert changed[:, 1:].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("plugin", ["broadway", "vstar"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_cache_stays_exact_with_plugins_on(random_model, plugin, guidance):
+    model = random_model(depth=4)
+    plugins()[plugin](model)
+    context, null = texts()
+    settings = dict(chunk_frames=2, cache_frames=3, steps=4, guidance=guidance)
+    cached = ARSampler(model, mode="cached", **settings).sample(
+        context, null, frames=9, grid=(SIZE, SIZE), seed=2
+    )
+    history = ARSampler(model, mode="history", **settings).sample(
+        context, null, frames=9, grid=(SIZE, SIZE), seed=2
+    )
+    assert (cached - history).abs().max() <= 1e-4
+    clear_processors(model)
+    bare = ARSampler(model, mode="cached", **settings).sample(
+        context, null, frames=9, grid=(SIZE, SIZE), seed=2
+    )
+    assert (cached - bare).abs().max() > 1e-3  # the plug-in did act
+
+
+@pytest.mark.parametrize("plugin", ["broadway", "vstar"])
+def test_plugins_are_batch_invariant(random_model, plugin):
+    model = random_model(depth=4)
+    plugins()[plugin](model)
+    context, null = texts()
+    sampler = ARSampler(model, chunk_frames=2, cache_frames=3, steps=4, guidance=3.0)
+    pair = sampler.sample(context, null, frames=5, grid=(SIZE, SIZE), seed=1)
+    alone = sampler.sample(context[:1], null[:1], frames=5, grid=(SIZE, SIZE), seed=1)
+    # the noise of video 0 is the first row of the batch noise in both runs
+    assert (pair[:1] - alone).abs().max() <= 1e-4
