@@ -1,4 +1,5 @@
-"""Data modules: batch layout, disjoint splits for every module, determinism per seed, YAML configurability."""
+"""Data modules: batch layout, disjoint splits for every module, determinism per seed, YAML configurability,
+and joint image + video batches (alternation, per-step sizes, exact mid-epoch resume)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from PIL import Image
 
 from timeloom.data import (
     ImageFolderDataModule,
+    JointDataModule,
     MovingDigitsDataModule,
+    Photos,
+    PhotosDataModule,
     TimeloomDataModule,
     VideoFolderDataModule,
     collate_batch,
 )
+from timeloom.data.joint import PHOTO_SPLITS
 
 SPLIT_LOADERS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
 
@@ -164,3 +169,86 @@ data:
     assert next(iter(datamodule.train_dataloader()))["video"].shape == (2, 1, 2, 16, 16)
     with pytest.raises(ValueError, match="direction"):
         MovingDigitsDataModule(directions=["sideways"])
+
+
+# -- joint image + video data --------------------------------------------------------------------------------
+def _joint(images: bool = True, videos: bool = True, seed: int = 0) -> JointDataModule:
+    return JointDataModule(
+        videos=_digits(frames=3, channels=3, size=32) if videos else None,
+        images=[
+            _digits(frames=1, channels=3, size=32, train_length=16),
+            PhotosDataModule(size=32, train_length=16, val_length=4, test_length=4),
+        ]
+        if images
+        else None,
+        sizes=[16, 32],
+        video_batch_size=4,
+        image_batch_size=8,
+        seed=seed,
+    )
+
+
+def _epoch(loader, epoch: int = 0) -> list[dict]:
+    loader.sampler.set_epoch(epoch)  # what Lightning does at each epoch start
+    return list(loader)
+
+
+def test_joint_batches_alternate_video_and_image_at_sizes_drawn_per_step():
+    datamodule = _joint()
+    datamodule.setup("fit")
+    batches = _epoch(datamodule.train_dataloader())
+    # 24 clips / 4 = 6 video batches, 32 images / 8 = 4 image batches: 2·4 alternating steps.
+    assert [b["video"].shape[:3] for b in batches] == [(4, 3, 3), (8, 3, 1)] * 4
+    sizes = [b["video"].shape[-1] for b in batches]
+    assert set(sizes) == {16, 32} and all(b["video"].shape[-2] == b["video"].shape[-1] for b in batches)
+    assert sizes == [datamodule.train_dataloader().size_at(i) for i in range(8)]
+    # Images mix MovingDigits frames and photo crops.
+    captions = [c for b in batches[1::2] for c in b["caption"]]
+    assert any(c.startswith("a photo") for c in captions) and any(c.startswith("the digit") for c in captions)
+    val_videos, val_images = datamodule.val_dataloader()
+    assert next(iter(val_videos))["video"].shape[2:] == (3, 16, 16)
+    assert next(iter(val_images))["video"].shape[2:] == (1, 16, 16)
+
+
+def test_joint_data_with_one_kind_serves_only_that_kind():
+    videos_only, images_only = _joint(images=False), _joint(videos=False)
+    for datamodule in (videos_only, images_only):
+        datamodule.setup("fit")
+    assert {b["video"].shape[2] for b in _epoch(videos_only.train_dataloader())} == {3}
+    assert {b["video"].shape[2] for b in _epoch(images_only.train_dataloader())} == {1}
+    assert len(videos_only.val_dataloader()) == len(images_only.val_dataloader()) == 1
+    with pytest.raises(ValueError, match="needs videos, images or both"):
+        JointDataModule()
+
+
+def test_joint_loader_resumes_mid_epoch_exactly():
+    datamodule = _joint()
+    datamodule.setup("fit")
+    reference = _epoch(datamodule.train_dataloader(), epoch=1)
+    interrupted = datamodule.train_dataloader()
+    interrupted.sampler.set_epoch(1)
+    for _ in zip(range(5), interrupted):  # 5 batches, then the job dies
+        pass
+    state = interrupted.state_dict()
+    assert state == {"epoch": 1, "batches_yielded": 5}
+    resumed = datamodule.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = _epoch(resumed, epoch=1)
+    assert len(rest) == 3
+    for a, b in zip(reference[5:], rest):
+        assert torch.equal(a["video"], b["video"]) and a["caption"] == b["caption"]
+    # The next epoch starts from its beginning.
+    assert len(_epoch(resumed, epoch=2)) == 8
+
+
+def test_photo_splits_use_disjoint_photos_and_items_are_deterministic():
+    assert not set(PHOTO_SPLITS["train"]) & (set(PHOTO_SPLITS["val"]) | set(PHOTO_SPLITS["test"]))
+    assert not set(PHOTO_SPLITS["val"]) & set(PHOTO_SPLITS["test"])
+    val = Photos(size=16, length=8, split="val")
+    assert {val[i]["meta"]["photo"] for i in range(8)} <= set(PHOTO_SPLITS["val"])
+    item = val[3]["video"]
+    assert item.shape == (3, 1, 16, 16) and item.min() >= -1 and item.max() <= 1
+    assert torch.equal(item, Photos(size=16, length=8, split="val")[3]["video"])
+    assert Photos(size=16, length=2, channels=1)[0]["video"].shape == (1, 1, 16, 16)
+    with pytest.raises(ValueError, match="split"):
+        Photos(split="holdout")

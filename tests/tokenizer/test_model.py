@@ -1,9 +1,12 @@
 """OmniTokenizer model: shapes, image = one-frame video, exact temporal causality, attention plumbing, size
 and a few training steps (spec §1, §10.1–4, §10.7). A micro model keeps every test on CPU in a second or two."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from timeloom_kernels import Attend, name_attention_layers
 from timeloom_kernels.attention import ENV_BACKEND
 from timeloom_tokenizer import OmniTokenizer, OmniTokenizerConfig
@@ -128,12 +131,39 @@ def test_biases_apply_on_reference_and_sdpa(monkeypatch: pytest.MonkeyPatch) -> 
     assert not torch.allclose(model.encode_latent(x), latents["sdpa"])
 
 
+# OmniTokenizer's size as VidTok's Table 1 lists it (spec §8); the paper gives no exact count.
+PAPER_PARAMETERS = 51e6
+BASE_CONFIGS = sorted(
+    (Path(__file__).resolve().parents[2] / "configs/tokenizer").glob("omnitokenizer-base-*.yaml")
+)
+
+
 def test_paper_size_parameter_count() -> None:
     with torch.device("meta"):
         model = OmniTokenizer(OmniTokenizerConfig())
     count = sum(p.numel() for p in model.parameters())
     print(f"OmniTokenizer base: {count:,} parameters")
-    assert abs(count - 51e6) / 51e6 < 0.1
+    assert abs(count - PAPER_PARAMETERS) / PAPER_PARAMETERS < 0.1
+
+
+def test_there_is_a_base_config_per_stage() -> None:
+    assert [p.stem for p in BASE_CONFIGS] == [
+        "omnitokenizer-base-stage1",
+        "omnitokenizer-base-stage2",
+        "omnitokenizer-base-stage3-kl",
+    ]
+
+
+@pytest.mark.parametrize("path", BASE_CONFIGS, ids=lambda p: p.stem)
+def test_every_base_config_builds_paper_size_on_the_meta_device(path: Path) -> None:
+    config = yaml.safe_load(path.read_text())["model"]["init_args"]["config"]
+    with torch.device("meta"):
+        model = OmniTokenizer(OmniTokenizerConfig(**config))
+    count = sum(p.numel() for p in model.parameters())
+    assert all(p.is_meta for p in model.parameters())
+    print(f"{path.stem}: {count:,} parameters (paper: {PAPER_PARAMETERS:,.0f})")
+    # 51.55 M (VQ) / 51.55 M (KL: pre_quant d → 16): within 2 % of the published 51 M.
+    assert abs(count - PAPER_PARAMETERS) / PAPER_PARAMETERS < 0.02
 
 
 @pytest.mark.parametrize(
