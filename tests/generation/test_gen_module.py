@@ -219,7 +219,18 @@ def test_generate_command_writes_videos_from_text_and_from_a_first_frame(tmp_pat
     export = micro_module().save_pretrained(tmp_path / "export")
     first = digits_batch(count=1)["video"][0, :, 0]  # (C, H, W)
     write_image(tmp_path / "first.png", first)
-    common = ["--checkpoint", str(export), "--frames", "6", "--size", "16", "--steps", "2"]
+    common = [
+        "--checkpoint",
+        str(export),
+        "--frames",
+        "6",
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--broadway",
+        "--tar",
+    ]
     generate_main(
         [
             *common,

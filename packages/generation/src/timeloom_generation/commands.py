@@ -2,9 +2,11 @@
 
     timeloom generate --checkpoint CKPT_OR_EXPORT --prompt "the digit 3 moves left" [--prompt ...]
                       [--frames 36] [--size 32] [--first-frame IMAGE] [--steps 20] [--guidance 3]
-                      [--cache-frames K] [--seed 0] --out DIR
+                      [--cache-frames K] [--broadway] [--tar] [--seed 0] --out DIR
 
-``--frames`` counts latent frames (pixel frames with the pixel codec). Each prompt gives
+``--frames`` counts latent frames (pixel frames with the pixel codec). ``--broadway`` turns on ByTheWay
+(default anchors, α 0.6, β₀ 1.5, first 20% of steps) and ``--tar`` VSTAR's temporal attention regularisation
+(σ = 1 frame, first 56% of steps) on every temporal layer. Each prompt gives
 ``DIR/sample_{i}.mp4`` and ``.gif``; ``DIR/samples.mp4`` tiles them all. Prompts are checked before the
 model is loaded, and the first frame is fitted to the model's channels and size.
 """
@@ -15,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from timeloom_kernels import set_processor
 
 from timeloom.module import TimeloomModule
 from timeloom.video_io import (
@@ -25,8 +28,10 @@ from timeloom.video_io import (
     resize_video,
     write_video,
 )
+from timeloom_generation.broadway import BroadWay
 from timeloom_generation.module import CausalVDM
 from timeloom_generation.text import check_captions
+from timeloom_generation.vstar import TemporalAttentionRegularization
 
 __all__ = ["generate_main", "load_vdm"]
 
@@ -62,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="Euler steps per chunk (default: the model's)")
     parser.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
     parser.add_argument("--cache-frames", type=int, help="frames of context kept (default: the model's)")
+    parser.add_argument("--broadway", action="store_true", help="ByTheWay motion guidance")
+    parser.add_argument("--tar", action="store_true", help="VSTAR temporal attention regularisation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--out", required=True, type=Path)
@@ -73,6 +80,11 @@ def generate_main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     captions = check_captions(args.prompt)
     module = load_vdm(args.checkpoint)
+    denoiser = module.model["denoiser"]
+    if args.broadway:
+        BroadWay(depth=module.config.depth).attach(denoiser)
+    if args.tar:
+        set_processor(denoiser, "blocks.*.temporal.attend", TemporalAttentionRegularization())
     overrides = {
         name: value
         for name, value in (
