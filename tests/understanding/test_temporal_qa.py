@@ -90,7 +90,8 @@ def test_answers_agree_with_the_pixels_and_conflict_by_construction(groups_by_as
             if item["format"] == "yes_no":
                 assert reply in ("yes", "no")
             else:
-                assert item["answer"] in reply.lower() and reply.startswith("(")
+                letter = "ABCD"[item["options"].index(item["answer"])]
+                assert item["answer"] in reply and reply.startswith(f"{letter}. ")
         if group[0]["format"] == "yes_no":  # balanced: one yes, one no per group
             assert {item["conversations"][1]["value"] for item in group} == {"yes", "no"}
         videos = [item["video"] for item in group]
@@ -107,7 +108,7 @@ def test_answers_are_balanced_and_options_shuffled(groups_by_aspect):
     answers = Counter(item["answer"] for group in groups_by_aspect["direction"] for item in group)
     assert set(answers) == {"left", "right", "up", "down"} and min(answers.values()) > 50
     letters = Counter(
-        item["conversations"][1]["value"][1]
+        item["conversations"][1]["value"][0]
         for aspect in ASPECTS
         for group in groups_by_aspect[aspect]
         for item in group
@@ -135,6 +136,13 @@ def test_items_are_deterministic_and_splits_disjoint():
     for split, glyphs in used.items():
         assert glyphs <= set(split_glyph_indices(split).tolist())
     assert not used["train"] & used["test"] and not used["val"] & used["test"]
+
+
+def test_caption_task_describes_the_temporal_fact():
+    for item in TemporalQA(length=4, task="caption", seed=2)[1]:
+        human, gpt = item["conversations"]
+        assert human["value"] == "<video>\nDescribe the video." and gpt["value"] == item["caption"]
+        assert item["answer"] in item["caption"]
 
 
 def test_bad_arguments_name_them():

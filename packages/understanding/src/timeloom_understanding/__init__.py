@@ -1,7 +1,29 @@
-"""Video-LLMs with temporal attention structure: Video-CCAM, TC-LLaVA, AKI, CCA, LITA, PINE.
+"""Video-LLMs with temporal attention structure: Video-CCAM, TC-LLaVA, AKI, CCA (LITA, PINE to come).
 
-Importing this package registers its LightningModules with the `timeloom` CLI (entry point group
-`timeloom.packages`). The models land with the understanding issue.
+Importing this package registers its LightningModule and data module with the `timeloom` CLI (entry point
+group `timeloom.packages`), so configs name them by their short names.
 """
+
+from timeloom_understanding.data import ConversationDataset, TemporalQA, TemporalQADataModule
+from timeloom_understanding.hf_backbone import LLMConfig
+from timeloom_understanding.layouts import STRUCTURES, TokenLayout, make_structure
+from timeloom_understanding.model import VideoLLM, VideoLLMConfig
+from timeloom_understanding.module import VideoLLMModule
+from timeloom_understanding.projectors import CCAMProjector, MLPProjector
+
+__all__ = [
+    "STRUCTURES",
+    "CCAMProjector",
+    "ConversationDataset",
+    "LLMConfig",
+    "MLPProjector",
+    "TemporalQA",
+    "TemporalQADataModule",
+    "TokenLayout",
+    "VideoLLM",
+    "VideoLLMConfig",
+    "VideoLLMModule",
+    "make_structure",
+]
 
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from timeloom.data.datamodule import TimeloomDataModule
 from timeloom.data.moving_digits import SPLITS, digit_glyphs, render_digits, split_glyph_indices
 from timeloom.video_io import frames_to_tensor, read_video, video_info, write_video
 from timeloom_understanding.text import (
@@ -39,6 +40,7 @@ __all__ = [
     "ConversationCollator",
     "ConversationDataset",
     "TemporalQA",
+    "TemporalQADataModule",
     "derive_answer",
     "flatten_groups",
     "write_llava_json",
@@ -123,6 +125,7 @@ class TemporalQA(Dataset):
         aspects: which aspects to ask about.
         formats: which question formats to use (drawn per group).
         max_options: at most this many multiple-choice options (2–4).
+        task: ``qa`` (questions) or ``caption`` (describe the video: the stage-1 alignment task).
         seed: base seed.
         channels: 1 (grey) or 3.
     """
@@ -137,9 +140,12 @@ class TemporalQA(Dataset):
         aspects: Sequence[str] = ASPECTS,
         formats: Sequence[str] = FORMATS,
         max_options: int = 4,
+        task: str = "qa",
         seed: int = 0,
         channels: int = 1,
     ) -> None:
+        if task not in ("qa", "caption"):
+            raise ValueError(f"task must be 'qa' or 'caption'; got {task!r}")
         unknown = [a for a in aspects if a not in ASPECTS] + [f for f in formats if f not in FORMATS]
         if unknown or not aspects or not formats:
             raise ValueError(f"unknown or missing aspects/formats {unknown}: use {ASPECTS} and {FORMATS}")
@@ -150,7 +156,7 @@ class TemporalQA(Dataset):
             )
         self.split, self.length, self.size, self.frames = split, length, size, frames
         self.glyph_size, self.aspects, self.formats = glyph_size, tuple(aspects), tuple(formats)
-        self.max_options, self.seed, self.channels = max_options, seed, channels
+        self.max_options, self.task, self.seed, self.channels = max_options, task, seed, channels
         pool = split_glyph_indices(split)  # validates the split
         labels = digit_glyphs(glyph_size)[1].numpy()
         self._pool_by_label = [pool[labels[pool] == label] for label in range(10)]
@@ -170,6 +176,11 @@ class TemporalQA(Dataset):
         metas, reversed_twin = getattr(self, f"_scene_{aspect}")(rng)
         answers = [derive_answer(aspect, meta) for meta in metas]
         prompt, options, replies = self._question(aspect, fmt, metas[0]["labels"], answers, rng)
+        if self.task == "caption":
+            prompt, replies = (
+                "Describe the video.",
+                [_caption(aspect, meta["labels"], a) for meta, a in zip(metas, answers)],
+            )
         items = []
         for variant, (meta, answer, reply) in enumerate(zip(metas, answers, replies)):
             items.append(
@@ -293,7 +304,10 @@ class TemporalQA(Dataset):
 
     # ---- question formats ---------------------------------------------------------------------------
     def _question(self, aspect, fmt, labels, answers, rng):
-        """``(prompt, options, replies)``: one prompt for the group, one reply per variant."""
+        """``(prompt, options, replies)``: one prompt for the group, one reply per variant.
+
+        A reply's first token decides it: the option letter (``"B. up"``) or ``yes``/``no``.
+        """
         subject, other = int(labels[0]), int(labels[1]) if len(labels) > 1 else None
         choices = {
             "direction": list(DIRECTIONS),
@@ -313,7 +327,7 @@ class TemporalQA(Dataset):
             shown = [_option_text(aspect, o) for o in options]
             listing = "\n".join(f"({LETTERS[k]}) {text}" for k, text in enumerate(shown))
             prompt = f"{_ask(aspect, subject)}\n{listing}\nAnswer with the option's letter."
-            replies = [f"({LETTERS[options.index(a)]}) {_option_text(aspect, a)}" for a in answers]
+            replies = [f"{LETTERS[options.index(a)]}. {_option_text(aspect, a)}" for a in answers]
             return prompt, options, replies
         if fmt == "yes_no":
             asked = answers[int(rng.integers(2))]
@@ -323,7 +337,7 @@ class TemporalQA(Dataset):
         options = [captions[k] for k in rng.permutation(len(captions))]
         listing = "\n".join(f"({LETTERS[k]}) {_caption(aspect, labels, o)}" for k, o in enumerate(options))
         prompt = f"Which caption matches the video?\n{listing}\nAnswer with the option's letter."
-        replies = [f"({LETTERS[options.index(a)]}) {_caption(aspect, labels, a)}" for a in answers]
+        replies = [f"{LETTERS[options.index(a)]}. {_caption(aspect, labels, a)}" for a in answers]
         return prompt, options, replies
 
     def __repr__(self) -> str:
@@ -514,3 +528,47 @@ class ConversationDataset(Dataset):
         indices = np.linspace(0, max(total - 1, 0), wanted).round().astype(int)
         decoded = read_video(path, channels=3 if self.channels == 3 else 1)
         return frames_to_tensor(decoded[np.minimum(indices, len(decoded) - 1)])
+
+
+class TemporalQADataModule(TimeloomDataModule):
+    """`TemporalQA` splits; a batch is ``batch_size`` conflict groups (twice as many conversations).
+
+    Batches stay lists of items: the model's module tokenises them (`VideoLLMModule`). See `TemporalQA` for
+    the data arguments; ``train_length`` etc. count conflict groups.
+    """
+
+    def __init__(
+        self,
+        size: int = 32,
+        frames: int = 8,
+        glyph_size: int = 10,
+        aspects: tuple[str, ...] = ASPECTS,
+        formats: tuple[str, ...] = FORMATS,
+        max_options: int = 4,
+        task: str = "qa",
+        channels: int = 1,
+        train_length: int = 10_000,
+        val_length: int = 128,
+        test_length: int = 256,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+        self.save_hyperparameters()
+        self.lengths = {"train": train_length, "val": val_length, "test": test_length}
+        self.dataset_args = dict(
+            size=size,
+            frames=frames,
+            glyph_size=glyph_size,
+            aspects=aspects,
+            formats=formats,
+            max_options=max_options,
+            task=task,
+            channels=channels,
+        )
+        TemporalQA(length=0, **self.dataset_args)  # reject a bad configuration now, not at the first batch
+
+    def build_dataset(self, split: str) -> TemporalQA:
+        return TemporalQA(split, length=self.lengths[split], seed=self.seed, **self.dataset_args)

@@ -137,17 +137,22 @@ class VideoLLM(nn.Module):
         """Logits at every position ``(B, L, V)`` (evaluation and tests; training uses `loss`)."""
         return self.llm.lm_head(self.hidden_states(batch, side)[0])
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
-        """Next-token cross-entropy over the supervised tokens, and their count.
+    def supervised_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits ``(S, V)`` that predict the ``S`` supervised tokens, those tokens ``(S,)`` and their sample.
 
-        The LM head runs only where the next label is supervised: a full ``(B, L, V)`` logit tensor would be
-        costly with a 30k vocabulary.
+        The LM head runs only there: a full ``(B, L, V)`` logit tensor would be costly with a 30k vocabulary.
+        Rows come in sequence order, sample by sample.
         """
         hidden, _, labels = self.hidden_states(batch)
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
-        logits = self.llm.lm_head(hidden[:, :-1][supervised])
-        return F.cross_entropy(logits.float(), targets[supervised]), int(supervised.sum())
+        samples = torch.nonzero(supervised)[:, 0]
+        return self.llm.lm_head(hidden[:, :-1][supervised]), targets[supervised], samples
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
+        """Next-token cross-entropy over the supervised tokens, and their count."""
+        logits, targets, _ = self.supervised_logits(batch)
+        return F.cross_entropy(logits.float(), targets), len(targets)
 
 
 def _name(batch: dict[str, Any], index: int) -> str:
