@@ -25,6 +25,9 @@ from timeloom_generation.text import TextConditioner, check_captions
 
 __all__ = ["CausalVDM"]
 
+# Validation continues this many clips from their first frame: sampling costs S forwards per chunk.
+LOGGED_VIDEOS = 4
+
 
 class CausalVDM(TimeloomModule):
     """Text- and frame-conditioned causal video diffusion on batches ``{"video", "caption"}``.
@@ -143,7 +146,8 @@ class CausalVDM(TimeloomModule):
         loss, _, _ = self.frame_prompt_loss(latents, batch["caption"], generator)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(latents))
         if batch_idx == 0 and self.current_epoch % self.log_video_every_n_epochs == 0:
-            generated = self.generate(batch["caption"], frames=latents.shape[2], given=latents[:, :, :1])
+            latents, captions = latents[:LOGGED_VIDEOS], batch["caption"][:LOGGED_VIDEOS]
+            generated = self.generate(captions, frames=latents.shape[2], given=latents[:, :, :1])
             real = self.codec.decode(latents)
             self.log_video("val/real_vs_generated", torch.cat((real, self.codec.decode(generated)), dim=-1))
 
