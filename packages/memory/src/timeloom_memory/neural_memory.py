@@ -510,9 +510,10 @@ class NeuralMemory(nn.Module):
                 )  # fmt: skip
                 outputs.append(y)
                 if end - start == c.chunk_size:
-                    check_finite(end_w + end_s, f"memory state after tokens {start}..{end - 1} of this call")
                     weights, momentum = end_w, end_s
             committed = total - total % c.chunk_size
+            # Once per call: a non-finite value never turns finite again in the recurrences.
+            check_finite(weights + momentum, f"memory state after tokens 0..{committed - 1} of this call")
             rest = slice(committed, total)
             new_state = replace(
                 state,

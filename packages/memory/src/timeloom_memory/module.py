@@ -1,0 +1,80 @@
+"""`MemoryLMModule`: trains a `TitansLM` on the recall tasks (spec §6 "Training").
+
+Logits are computed only at labelled positions (6 % of MQAR's), the loss is their cross-entropy, and the
+metrics are the per-position accuracy there (``acc``) and the share of sequences with every labelled
+position right (``exact_match``), under ``train/``, ``val/`` and ``test/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from timeloom.module import TimeloomModule
+from timeloom_memory.tasks import IGNORE
+from timeloom_memory.titans import TitansConfig, TitansLM
+
+__all__ = ["MemoryLMModule"]
+
+
+class MemoryLMModule(TimeloomModule):
+    """A `TitansLM` (any block kind, the attention baselines included) on token recall batches.
+
+    Args:
+        config: the model's sizes; its ``vocab_size`` must cover the task's tokens.
+        **kwargs: ``optimizer`` / ``scheduler`` callables of `TimeloomModule`.
+    """
+
+    def __init__(self, config: TitansConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config = config or TitansConfig()
+        self.model = TitansLM(self.config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)[0]
+
+    def count_samples(self, batch: dict) -> int:
+        return len(batch["input_ids"])
+
+    def count_tokens(self, batch: dict) -> int:
+        return batch["input_ids"].numel()
+
+    def scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, acc, exact_match)`` of a batch, with logits only where a label is."""
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        if int(input_ids.max()) >= self.config.vocab_size:
+            raise ValueError(
+                f"token {int(input_ids.max())} is outside the model's vocab_size {self.config.vocab_size}"
+            )
+        labelled = labels != IGNORE
+        if not labelled.any():
+            raise ValueError("a batch without any labelled position (labels all -100)")
+        hidden, _ = self.model.features(input_ids)
+        logits = self.model.head(hidden[labelled])
+        targets = labels[labelled]
+        loss = F.cross_entropy(logits.float(), targets)
+        correct = logits.argmax(-1) == targets
+        wrong = torch.zeros_like(labelled)
+        wrong[labelled] = ~correct
+        exact = (~wrong.any(1)).float().mean()
+        return loss, correct.float().mean(), exact
+
+    def _log_scores(self, batch: dict, split: str) -> torch.Tensor:
+        loss, acc, exact = self.scores(batch)
+        on_step = split == "train"
+        size = len(batch["input_ids"])
+        self.log(f"{split}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=size)
+        self.log(f"{split}/acc", acc, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=size)
+        self.log(f"{split}/exact_match", exact, on_step=on_step, on_epoch=not on_step, batch_size=size)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._log_scores(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._log_scores(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._log_scores(batch, "test")

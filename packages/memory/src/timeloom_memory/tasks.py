@@ -1,0 +1,305 @@
+"""Synthetic recall tasks as DataModules (spec §7): MQAR, selective copying, S-NIAH.
+
+Every item is ``{"input_ids": (N,), "labels": (N,), "meta": {...}}`` with labels ``-100`` everywhere except
+the positions the model is scored at, where the label is the next token the model must produce there.
+Items are deterministic per ``(seed, split, index)``; each split draws from its own random stream.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from timeloom.data import TimeloomDataModule
+
+__all__ = [
+    "MQAR",
+    "SNIAH",
+    "IGNORE",
+    "MQARDataModule",
+    "SNIAHDataModule",
+    "SelectiveCopying",
+    "SelectiveCopyingDataModule",
+]
+
+IGNORE = -100
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+class _RecallDataset(Dataset):
+    """Shared bookkeeping: length, split, and a generator per item."""
+
+    def __init__(self, length: int, seed: int, split: str):
+        if split not in _SPLIT_IDS:
+            raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}; got {split!r}")
+        self.length, self.seed, self.split = length, seed, split
+
+    def __len__(self) -> int:
+        return self.length
+
+    def rng(self, index: int) -> np.random.Generator:
+        if not 0 <= index < self.length:
+            raise IndexError(f"{type(self).__name__} index {index} out of range 0..{self.length - 1}")
+        return np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
+
+
+class MQAR(_RecallDataset):
+    """Multi-query associative recall, Zoology's recipe (Arora et al., ICLR 2024).
+
+    ``D`` distinct keys from ``[1, V/2)`` and values from ``[V/2, V)`` form the context ``k1 v1 … kD vD``;
+    key j is queried again at offset ``2·gap_j`` of the query region, with the gaps drawn without
+    replacement with ``p(i) ∝ a·i^{a−1}``; the value is the label **at the query key**. Remaining zeros become
+    uniform random tokens when ``random_non_queries`` (Zoology's current default).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        seq_len: int = 64,
+        num_pairs: int = 4,
+        power_a: float = 0.01,
+        random_non_queries: bool = True,
+        length: int = 1000,
+        seed: int = 0,
+        split: str = "train",
+    ):
+        super().__init__(length, seed, split)
+        if vocab_size <= seq_len:
+            raise ValueError(f"MQAR needs vocab_size > seq_len; got {vocab_size} ≤ {seq_len}")
+        if 4 * num_pairs > seq_len:
+            raise ValueError(
+                f"MQAR needs 4·num_pairs ≤ seq_len; got num_pairs={num_pairs}, seq_len={seq_len}"
+            )
+        self.vocab_size, self.seq_len, self.num_pairs = vocab_size, seq_len, num_pairs
+        self.power_a, self.random_non_queries = power_a, random_non_queries
+
+    def __getitem__(self, index: int) -> dict:
+        rng, v, n, d = self.rng(index), self.vocab_size, self.seq_len, self.num_pairs
+        keys = rng.choice(np.arange(1, v // 2), size=d, replace=False)
+        values = rng.choice(np.arange(v // 2, v), size=d, replace=False)
+        context = np.stack([keys, values], 1).reshape(-1)
+        space = (n - 2 * d) // 2
+        p = self.power_a * np.arange(1, space, dtype=np.float64) ** (self.power_a - 1)
+        gaps = rng.choice(np.arange(1, space), size=d, replace=False, p=p / p.sum())
+        queries = np.zeros(n - 2 * d + 1, dtype=np.int64)
+        queries[gaps * 2] = keys
+        sequence = np.concatenate([context, queries])
+        labels = np.full(n + 1, IGNORE, dtype=np.int64)
+        labels[gaps * 2 + 2 * d + 1] = values
+        inputs, labels = sequence[:-1].copy(), labels[1:]
+        if self.random_non_queries:
+            zeros = inputs == 0
+            inputs[zeros] = rng.integers(0, v, size=int(zeros.sum()))
+        return {
+            "input_ids": torch.from_numpy(inputs),
+            "labels": torch.from_numpy(labels),
+            "meta": {"num_pairs": d},
+        }
+
+
+class SelectiveCopying(_RecallDataset):
+    """Selective copying (Mamba; the s4 generator): ``M`` tokens from ``[1, A−1)`` at sorted random positions
+    among the first ``L + M`` slots (0 = noise elsewhere), then ``M`` markers ``A−1``; at marker i the label
+    is the i-th token. Vocabulary ``A``; length ``L + 2M``."""
+
+    def __init__(
+        self,
+        noise_len: int = 64,
+        num_tokens: int = 8,
+        alphabet: int = 16,
+        length: int = 1000,
+        seed: int = 0,
+        split: str = "train",
+    ):
+        super().__init__(length, seed, split)
+        if alphabet < 3:
+            raise ValueError(f"SelectiveCopying needs alphabet ≥ 3 (noise, data, marker); got {alphabet}")
+        self.noise_len, self.num_tokens, self.alphabet = noise_len, num_tokens, alphabet
+
+    @property
+    def seq_len(self) -> int:
+        return self.noise_len + 2 * self.num_tokens
+
+    def __getitem__(self, index: int) -> dict:
+        rng, m, a = self.rng(index), self.num_tokens, self.alphabet
+        data = rng.integers(1, a - 1, size=m)
+        slots = np.sort(rng.choice(self.noise_len + m, size=m, replace=False))
+        inputs = np.zeros(self.seq_len, dtype=np.int64)
+        inputs[slots] = data
+        inputs[self.noise_len + m :] = a - 1
+        labels = np.full(self.seq_len, IGNORE, dtype=np.int64)
+        labels[self.noise_len + m :] = data
+        return {
+            "input_ids": torch.from_numpy(inputs),
+            "labels": torch.from_numpy(labels),
+            "meta": {"num_tokens": m},
+        }
+
+
+class SNIAH(_RecallDataset):
+    """Single needle in a haystack at token level (after RULER): ``[MARK] key value [SEP]`` at a depth of the
+    haystack, then ``[Q] key`` and the value, scored on every value token (exact match = all of them).
+
+    ``kind``: ``passkey`` (periodic filler, 7 digits), ``number`` (random filler, 7 digits), ``uuid``
+    (random filler, a 36-character UUID). Depth cycles through ``depths`` (percent) with the index.
+    """
+
+    PAD, MARK, SEP, QUERY = 0, 1, 2, 3
+    CHARS = "0123456789abcdef-"
+    FIRST_CHAR = 4
+    NUM_KEYS = 32
+    FIRST_KEY = FIRST_CHAR + len(CHARS)
+    FIRST_FILLER = FIRST_KEY + NUM_KEYS
+    FILLER_PERIOD = 11
+
+    def __init__(
+        self,
+        kind: Literal["passkey", "number", "uuid"] = "passkey",
+        seq_len: int = 256,
+        depths: tuple[float, ...] = (0, 25, 50, 75, 100),
+        vocab_size: int = 128,
+        length: int = 1000,
+        seed: int = 0,
+        split: str = "train",
+    ):
+        super().__init__(length, seed, split)
+        if kind not in ("passkey", "number", "uuid"):
+            raise ValueError(f"SNIAH kind must be passkey, number or uuid; got {kind!r}")
+        if vocab_size <= self.FIRST_FILLER + self.FILLER_PERIOD:
+            raise ValueError(
+                f"SNIAH needs vocab_size > {self.FIRST_FILLER + self.FILLER_PERIOD}; got {vocab_size}"
+            )
+        if not depths or any(not 0 <= d <= 100 for d in depths):
+            raise ValueError(f"SNIAH depths must be percentages in [0, 100]; got {depths}")
+        self.kind, self.seq_len, self.depths, self.vocab_size = kind, seq_len, tuple(depths), vocab_size
+        self.value_len = 36 if kind == "uuid" else 7
+        # inputs = full[:-1], full = haystack + [MARK key value SEP] + [Q key] + value
+        self.haystack_len = seq_len + 1 - (3 + self.value_len) - 2 - self.value_len
+        if self.haystack_len < 1:
+            raise ValueError(f"SNIAH seq_len {seq_len} is too short for a {kind} needle")
+
+    def encode(self, text: str) -> list[int]:
+        return [self.FIRST_CHAR + self.CHARS.index(ch) for ch in text]
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self.rng(index)
+        depth = self.depths[index % len(self.depths)]
+        filler = np.arange(self.FIRST_FILLER, self.vocab_size)
+        if self.kind == "passkey":
+            haystack = filler[np.arange(self.haystack_len) % self.FILLER_PERIOD]
+        else:
+            haystack = rng.choice(filler, size=self.haystack_len)
+        if self.kind == "uuid":
+            text = str(uuid.UUID(bytes=rng.bytes(16), version=4))
+        else:
+            text = "".join(str(d) for d in rng.integers(0, 10, size=self.value_len))
+        value = self.encode(text)
+        key = self.FIRST_KEY + int(rng.integers(0, self.NUM_KEYS))
+        at = round(depth / 100 * self.haystack_len)
+        needle = [self.MARK, key, *value, self.SEP]
+        full = np.concatenate([haystack[:at], needle, haystack[at:], [self.QUERY, key], value]).astype(
+            np.int64
+        )
+        labels = np.full(len(full), IGNORE, dtype=np.int64)
+        labels[-self.value_len :] = value
+        return {
+            "input_ids": torch.from_numpy(full[:-1].copy()),
+            "labels": torch.from_numpy(labels[1:].copy()),
+            "meta": {"depth": float(depth), "needle_at": at, "value": text},
+        }
+
+
+class _RecallDataModule(TimeloomDataModule):
+    def __init__(self, train_length: int, val_length: int, test_length: int, **loader):
+        super().__init__(**loader)
+        self.lengths = {"train": train_length, "val": val_length, "test": test_length}
+
+
+class MQARDataModule(_RecallDataModule):
+    """`MQAR` splits; see that class for the task arguments."""
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        seq_len: int = 64,
+        num_pairs: int = 4,
+        power_a: float = 0.01,
+        random_non_queries: bool = True,
+        train_length: int = 20_000,
+        val_length: int = 1000,
+        test_length: int = 1000,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__(train_length, val_length, test_length, batch_size=batch_size, num_workers=num_workers,
+                         seed=seed, pin_memory=pin_memory)  # fmt: skip
+        self.save_hyperparameters()
+        self.task = dict(vocab_size=vocab_size, seq_len=seq_len, num_pairs=num_pairs, power_a=power_a,
+                         random_non_queries=random_non_queries)  # fmt: skip
+        MQAR(length=0, **self.task)  # reject a bad configuration now
+
+    def build_dataset(self, split: str) -> MQAR:
+        return MQAR(length=self.lengths[split], seed=self.seed, split=split, **self.task)
+
+
+class SelectiveCopyingDataModule(_RecallDataModule):
+    """`SelectiveCopying` splits; see that class for the task arguments."""
+
+    def __init__(
+        self,
+        noise_len: int = 64,
+        num_tokens: int = 8,
+        alphabet: int = 16,
+        train_length: int = 20_000,
+        val_length: int = 1000,
+        test_length: int = 1000,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__(train_length, val_length, test_length, batch_size=batch_size, num_workers=num_workers,
+                         seed=seed, pin_memory=pin_memory)  # fmt: skip
+        self.save_hyperparameters()
+        self.task = dict(noise_len=noise_len, num_tokens=num_tokens, alphabet=alphabet)
+        SelectiveCopying(length=0, **self.task)
+
+    def build_dataset(self, split: str) -> SelectiveCopying:
+        return SelectiveCopying(length=self.lengths[split], seed=self.seed, split=split, **self.task)
+
+
+class SNIAHDataModule(_RecallDataModule):
+    """`SNIAH` splits; ``test_seq_len`` (default ``seq_len``) sets the length of the test split."""
+
+    def __init__(
+        self,
+        kind: Literal["passkey", "number", "uuid"] = "passkey",
+        seq_len: int = 256,
+        test_seq_len: int | None = None,
+        depths: tuple[float, ...] = (0, 25, 50, 75, 100),
+        vocab_size: int = 128,
+        train_length: int = 20_000,
+        val_length: int = 500,
+        test_length: int = 500,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__(train_length, val_length, test_length, batch_size=batch_size, num_workers=num_workers,
+                         seed=seed, pin_memory=pin_memory)  # fmt: skip
+        self.save_hyperparameters()
+        self.task = dict(kind=kind, depths=tuple(depths), vocab_size=vocab_size)
+        self.seq_lens = {"train": seq_len, "val": seq_len, "test": test_seq_len or seq_len}
+        SNIAH(length=0, seq_len=self.seq_lens["test"], **self.task)
+        SNIAH(length=0, seq_len=seq_len, **self.task)
+
+    def build_dataset(self, split: str) -> SNIAH:
+        return SNIAH(length=self.lengths[split], seq_len=self.seq_lens[split], seed=self.seed, split=split,
+                     **self.task)  # fmt: skip

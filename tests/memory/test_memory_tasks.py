@@ -1,0 +1,108 @@
+"""Recall tasks (spec §7): labels only at the query positions, answers verified against the construction."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from timeloom_memory.tasks import IGNORE, MQAR, SNIAH, MQARDataModule, SelectiveCopying, SNIAHDataModule
+
+
+@pytest.mark.parametrize("random_non_queries", [True, False])
+def test_mqar_labels_are_the_values_of_the_queried_keys(random_non_queries):
+    v, n, d = 256, 64, 4
+    data = MQAR(vocab_size=v, seq_len=n, num_pairs=d, random_non_queries=random_non_queries, length=50)
+    for i in range(len(data)):
+        item = data[i]
+        inputs, labels = item["input_ids"].numpy(), item["labels"].numpy()
+        assert inputs.shape == labels.shape == (n,)
+        keys, values = inputs[0 : 2 * d : 2], inputs[1 : 2 * d : 2]
+        assert len(set(keys)) == d and len(set(values)) == d
+        assert ((keys >= 1) & (keys < v // 2)).all() and ((values >= v // 2) & (values < v)).all()
+        where = np.flatnonzero(labels != IGNORE)
+        assert len(where) == d and (where >= 2 * d).all()
+        pairs = dict(zip(keys.tolist(), values.tolist()))
+        assert sorted(inputs[where].tolist()) == sorted(keys.tolist())  # every key queried once
+        for t in where:
+            assert labels[t] == pairs[inputs[t]]  # the value is predicted at the query key
+        if not random_non_queries:
+            assert (inputs[2 * d :][labels[2 * d :] == IGNORE] == 0).all()
+
+
+def test_mqar_is_deterministic_per_index_and_split():
+    train, again = MQAR(length=4, seed=3), MQAR(length=4, seed=3)
+    val = MQAR(length=4, seed=3, split="val")
+    assert torch.equal(train[2]["input_ids"], again[2]["input_ids"])
+    assert not torch.equal(train[2]["input_ids"], val[2]["input_ids"])
+    assert not torch.equal(train[2]["input_ids"], train[3]["input_ids"])
+
+
+def test_bad_task_configurations_name_the_problem():
+    with pytest.raises(ValueError, match="vocab_size > seq_len"):
+        MQAR(vocab_size=64, seq_len=64)
+    with pytest.raises(ValueError, match="4·num_pairs"):
+        MQARDataModule(seq_len=64, num_pairs=17)
+    with pytest.raises(ValueError, match="too short"):
+        SNIAH(kind="uuid", seq_len=60)
+    with pytest.raises(ValueError, match="depths"):
+        SNIAH(depths=(120,))
+    with pytest.raises(IndexError):
+        MQAR(length=2)[2]
+
+
+def test_selective_copying_labels_are_the_tokens_in_order_at_the_markers():
+    data = SelectiveCopying(noise_len=32, num_tokens=6, alphabet=10, length=20)
+    for i in range(len(data)):
+        inputs, labels = data[i]["input_ids"].numpy(), data[i]["labels"].numpy()
+        assert len(inputs) == 32 + 12
+        head, markers = inputs[: 32 + 6], inputs[32 + 6 :]
+        assert (markers == 9).all() and ((head >= 0) & (head < 9)).all()
+        tokens = head[head != 0]
+        assert len(tokens) == 6
+        assert (labels[:38] == IGNORE).all() and (labels[38:] == tokens).all()
+
+
+@pytest.mark.parametrize("kind", ["passkey", "number", "uuid"])
+def test_sniah_answer_is_the_needle_value_at_its_depth(kind):
+    data = SNIAH(kind=kind, seq_len=128, length=10)
+    for i in range(len(data)):
+        item = data[i]
+        inputs, labels, meta = item["input_ids"].numpy(), item["labels"].numpy(), item["meta"]
+        assert len(inputs) == 128
+        value = data.encode(meta["value"])
+        where = np.flatnonzero(labels != IGNORE)
+        assert list(where) == list(range(128 - len(value), 128))  # the last positions: the answer
+        assert labels[where].tolist() == value
+        needle = int(np.flatnonzero(inputs == SNIAH.MARK)[0])
+        assert needle == meta["needle_at"] == round(meta["depth"] / 100 * data.haystack_len)
+        key = inputs[needle + 1]
+        assert inputs[needle + 2 : needle + 2 + len(value)].tolist() == value
+        assert inputs[needle + 2 + len(value)] == SNIAH.SEP
+        query = 128 - len(value)  # [Q] key, then the answer fed back shifted by one
+        assert inputs[query - 1] == SNIAH.QUERY and inputs[query] == key
+        assert meta["depth"] == data.depths[i % 5]
+        if kind == "uuid":
+            assert re.fullmatch(
+                r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", meta["value"]
+            )
+        else:
+            assert re.fullmatch(r"[0-9]{7}", meta["value"])
+    if kind == "passkey":
+        first = data[0]  # depth 0: the haystack follows the needle
+        start = first["meta"]["needle_at"] + len(data.encode(first["meta"]["value"])) + 3
+        hay = first["input_ids"].numpy()[start : start + 40]
+        assert (hay[SNIAH.FILLER_PERIOD :] == hay[: -SNIAH.FILLER_PERIOD]).all()
+
+
+def test_sniah_test_split_can_be_longer():
+    module = SNIAHDataModule(seq_len=64, test_seq_len=256, train_length=8, val_length=4, test_length=4)
+    assert len(module.dataset("train")[0]["input_ids"]) == 64
+    assert len(module.dataset("test")[0]["input_ids"]) == 256
+
+
+def test_datamodule_batches():
+    module = MQARDataModule(train_length=16, val_length=8, test_length=8, batch_size=4)
+    module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, 64)
+    assert ((batch["labels"] != IGNORE).sum(1) == 4).all()
