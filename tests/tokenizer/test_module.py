@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from timeloom_tokenizer import OmniTokenizerConfig, OmniTokenizerModule, TokenizerLossConfig
+from torch.utils.data import DataLoader
 
 from timeloom.cli import main
 from timeloom.data import MovingDigitsDataModule
@@ -131,3 +132,56 @@ checkpoint:
     assert sum(rec[-3:]) / 3 < 0.8 * sum(rec[:3]) / 3, rec
     assert any(row.get("val/psnr") for row in rows) and any(row.get("train/perplexity") for row in rows)
     assert list((tmp_path / "media").glob("val_reconstruction_*.mp4"))
+
+
+class RecordWeightsAtTrainStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def micro_trainer(tmp_path: Path, max_steps: int, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+    )
+
+
+def test_init_from_loads_at_fit_start_and_a_resumed_fit_ignores_it(tmp_path):
+    data = MovingDigitsDataModule(size=16, frames=5, batch_size=2, train_length=8, val_length=2)
+    no_gan = TokenizerLossConfig(image_gan_weight=0.0)
+    torch.manual_seed(0)
+    source = OmniTokenizerModule(MICRO, no_gan)
+    trainer = micro_trainer(tmp_path / "source", max_steps=2)
+    trainer.fit(source, data)
+    checkpoint = tmp_path / "source.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    torch.manual_seed(1)
+    recorder = RecordWeightsAtTrainStart()
+    started = OmniTokenizerModule(MICRO, no_gan, init_from=str(checkpoint))
+    trainer = micro_trainer(tmp_path / "started", max_steps=1, callbacks=[recorder])
+    trainer.fit(started, data)
+    for key, value in source.state_dict().items():
+        assert torch.equal(recorder.weights[key], value), key
+
+    # Resuming takes the run's own checkpoint; the (now missing) init checkpoint is not read.
+    checkpoint.rename(tmp_path / "moved.ckpt")
+    resumed = OmniTokenizerModule(MICRO, no_gan, init_from=str(checkpoint))
+    micro_trainer(tmp_path / "resumed", max_steps=3).fit(resumed, data, ckpt_path=tmp_path / "moved.ckpt")
+    assert resumed.train_step == 3
+
+
+def test_image_and_video_batches_validate_under_their_own_names():
+    module = OmniTokenizerModule(MICRO, TokenizerLossConfig(image_gan_weight=0.0))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    images = DataLoader([{"video": torch.rand(1, 1, 16, 16) * 2 - 1} for _ in range(2)], batch_size=2)
+    videos = DataLoader([{"video": torch.rand(1, 5, 16, 16) * 2 - 1} for _ in range(2)], batch_size=2)
+    metrics = trainer.validate(module, [videos, images], verbose=False)
+    logged = {k for m in metrics for k in m}
+    assert {"val/psnr", "val/ssim", "val_image/psnr", "val_image/ssim"} <= logged
+    assert not any("dataloader_idx" in k for k in logged)

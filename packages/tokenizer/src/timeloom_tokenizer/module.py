@@ -117,8 +117,10 @@ class OmniTokenizerModule(TimeloomModule):
         )
 
     # -- progressive initialisation -----------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.init_from is not None and self.trainer.ckpt_path is None:
+    def on_fit_start(self) -> None:
+        # Here, not in `setup`: only now does the trainer know whether it resumed from a checkpoint.
+        # Loading copies into the existing parameters, so the optimisers built before still hold them.
+        if self.init_from is not None and self.trainer.ckpt_path is None:
             self.load_initial_weights(self.init_from)
 
     def load_initial_weights(self, path: str | Path) -> list[str]:
