@@ -184,3 +184,27 @@ def test_bad_structure_and_attention_names():
         tiny_model(attn="flash_attention_2")
     with pytest.raises(ValueError, match="unknown projector 'qformer'"):
         tiny_model(projector="qformer")
+
+
+def prompts(model: VideoLLM, groups: int) -> dict:
+    dataset = TemporalQA(length=groups, seed=6)
+    items = [
+        dict(item, conversations=item["conversations"][:1]) for i in range(groups) for item in dataset[i]
+    ]
+    tokens = model.visual_tokens_per_media(8, 32, 32)
+    collate = ConversationCollator(model.tokenizer, tokens, model.config.max_length, for_generation=True)
+    return collate(items)
+
+
+@pytest.mark.parametrize("structure", ["causal", "tc_llava"])
+def test_greedy_generation_is_batch_invariant(structure):
+    model = with_structure(shared_model("ccam", "sdpa"), structure)
+    batch = prompts(model, groups=2)
+    together = model.generate(batch, max_new_tokens=4)
+    for b in range(len(together)):
+        length = int(batch["lengths"][b])
+        alone = {key: batch[key][b : b + 1, :length] for key in ("input_ids", "labels", "role", "turn")}
+        alone |= {"video": batch["video"][b : b + 1], "lengths": batch["lengths"][b : b + 1]}
+        assert model.generate(alone, max_new_tokens=4) == [together[b]]
+    first = model.logits(batch, "left")[:, -1].argmax(-1)  # the first greedy token, teacher-forced
+    assert [reply[0] for reply in together] == first.tolist()

@@ -308,7 +308,7 @@ class TemporalQA(Dataset):
 
         A reply's first token decides it: the option letter (``"B. up"``) or ``yes``/``no``.
         """
-        subject, other = int(labels[0]), int(labels[1]) if len(labels) > 1 else None
+        subject = int(labels[0])
         choices = {
             "direction": list(DIRECTIONS),
             "speed": [str(x) for x in range(10)],
@@ -331,7 +331,7 @@ class TemporalQA(Dataset):
             return prompt, options, replies
         if fmt == "yes_no":
             asked = answers[int(rng.integers(2))]
-            prompt = f"{_yes_no(aspect, subject, other, asked, labels)}\nPlease answer yes or no."
+            prompt = f"{_yes_no(aspect, asked, labels)}\nPlease answer yes or no."
             return prompt, ["yes", "no"], ["yes" if a == asked else "no" for a in answers]
         captions = list(dict.fromkeys(answers))
         options = [captions[k] for k in rng.permutation(len(captions))]
@@ -362,10 +362,12 @@ def _option_text(aspect: str, option: str) -> str:
 
 
 def _other(labels, answer: str) -> int:
+    """The digit of a two-digit scene that is not ``answer``."""
     return next(int(x) for x in labels if str(int(x)) != answer)
 
 
-def _yes_no(aspect: str, subject: int, other: int | None, asked: str, labels) -> str:
+def _yes_no(aspect: str, asked: str, labels) -> str:
+    subject = int(labels[0])
     if aspect == "direction":
         return f"Does the {subject} move {asked}?"
     if aspect == "speed":

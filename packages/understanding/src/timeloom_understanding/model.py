@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from timeloom_understanding.encoders import TimmEncoder
 from timeloom_understanding.hf_backbone import LLMConfig, build_causal_lm, decoder_hidden_states
-from timeloom_understanding.layouts import LayoutBuilder, TokenLayout, make_structure
+from timeloom_understanding.layouts import ASSISTANT, LayoutBuilder, TokenLayout, make_structure
 from timeloom_understanding.projectors import make_projector
 from timeloom_understanding.text import IGNORE_INDEX, MEDIA_PLACEHOLDERS, TextTokenizer
 
@@ -92,7 +92,12 @@ class VideoLLM(nn.Module):
         """Splice visual tokens into the text: ``inputs_embeds (B, L, D)``, the layout, ``labels (B, L)``."""
         input_ids, lengths = batch["input_ids"], batch["lengths"].tolist()
         text = self.llm.get_input_embeddings()(input_ids)
-        media, visual = self.encode_media(batch["video"]) if batch.get("video") is not None else (None, None)
+        if "media_tokens" in batch:  # encoded once by `generate`
+            media, visual = batch["media_tokens"]
+        elif batch.get("video") is not None:
+            media, visual = self.encode_media(batch["video"])
+        else:
+            media, visual = None, None
         is_media = torch.isin(input_ids, self.media_ids.to(input_ids.device))
         embeds, layouts, labels = [], [], []
         next_media = 0
@@ -137,6 +142,32 @@ class VideoLLM(nn.Module):
         """Logits at every position ``(B, L, V)`` (evaluation and tests; training uses `loss`)."""
         return self.llm.lm_head(self.hidden_states(batch, side)[0])
 
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], max_new_tokens: int = 16) -> list[list[int]]:
+        """Greedy replies (token ids, ending with ``<|end|>`` unless cut at ``max_new_tokens``).
+
+        ``batch`` comes from `ConversationCollator` with ``for_generation=True``. Every step recomputes the
+        whole sequence: the slow, obvious reference for a cached decoder. Samples are left-padded, so each
+        one's next token is read at the last position; positions come from the layout, so a generated token
+        advances the position by the structure's decode step (1 + γ under TAD-RoPE).
+        """
+        batch = dict(batch)
+        if batch.get("video") is not None:
+            batch["media_tokens"] = self.encode_media(batch["video"])
+        size = len(batch["lengths"])
+        replies: list[list[int]] = [[] for _ in range(size)]
+        finished = torch.zeros(size, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            hidden, _, _ = self.hidden_states(batch, side="left")
+            next_ids = self.llm.lm_head(hidden[:, -1]).argmax(-1).cpu()
+            for b in torch.nonzero(~finished).flatten().tolist():
+                replies[b].append(int(next_ids[b]))
+            finished |= next_ids == self.tokenizer.eos_id
+            if finished.all():
+                break
+            batch = _append_token(batch, next_ids)
+        return replies
+
     def supervised_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """Logits ``(S, V)`` that predict the ``S`` supervised tokens, those tokens ``(S,)`` and their sample.
 
@@ -157,6 +188,25 @@ class VideoLLM(nn.Module):
 
 def _name(batch: dict[str, Any], index: int) -> str:
     return repr(batch["id"][index]) if "id" in batch else str(index)
+
+
+def _append_token(batch: dict[str, Any], token_ids: Tensor) -> dict[str, Any]:
+    """The batch with one more assistant token at the end of every sample's text."""
+    lengths = batch["lengths"].cpu()
+    rows = torch.arange(len(lengths))
+    grown = dict(batch, lengths=batch["lengths"] + 1)
+    last_turn = batch["turn"][rows, lengths - 1]
+    for key, value in (
+        ("input_ids", token_ids),
+        ("labels", IGNORE_INDEX),
+        ("role", ASSISTANT),
+        ("turn", last_turn),
+    ):
+        table = batch[key]
+        table = torch.cat((table, table.new_full((len(lengths), 1), IGNORE_INDEX)), dim=1)
+        table[rows, lengths] = torch.as_tensor(value, dtype=table.dtype, device=table.device)
+        grown[key] = table
+    return grown
 
 
 def _pad(rows: list[Tensor], layout: TokenLayout, side: str, value: float) -> Tensor:
