@@ -145,9 +145,22 @@ def test_caption_task_describes_the_temporal_fact():
         assert item["answer"] in item["caption"]
 
 
+def test_controls_show_less_time_but_ask_the_same():
+    full = TemporalQA(length=3, seed=8)
+    middle, shuffled = (TemporalQA(length=3, seed=8, control=c) for c in ("middle_frame", "shuffled"))
+    for i in range(3):
+        for a, m, s in zip(full[i], middle[i], shuffled[i]):
+            assert a["conversations"] == m["conversations"] == s["conversations"]
+            assert torch.equal(m["video"], a["video"][:, 4:5])
+            assert frame_multiset(s["video"]) == frame_multiset(a["video"])
+    assert any(not torch.equal(s["video"], a["video"]) for a, s in zip(full[0], shuffled[0]))
+
+
 def test_bad_arguments_name_them():
     with pytest.raises(ValueError, match="tempo"):
         TemporalQA(aspects=["tempo"])
+    with pytest.raises(ValueError, match="control must be one of"):
+        TemporalQA(control="first_frame")
     with pytest.raises(ValueError, match="split must be one of"):
         TemporalQA(split="dev")
     with pytest.raises(IndexError, match="group 5 out of range"):

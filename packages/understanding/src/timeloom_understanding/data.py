@@ -52,6 +52,7 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 COUNTS = ("once", "twice", "three times")
 MOMENTS = ("at the start", "in the middle", "at the end")
 LETTERS = "ABCD"
+CONTROLS = ("none", "middle_frame", "shuffled")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -126,6 +127,9 @@ class TemporalQA(Dataset):
         formats: which question formats to use (drawn per group).
         max_options: at most this many multiple-choice options (2–4).
         task: ``qa`` (questions) or ``caption`` (describe the video: the stage-1 alignment task).
+        control: what the model sees, for the controls that show a question needs time: ``none`` (the
+            video), ``middle_frame`` (only the middle frame, ``T = 1``) or ``shuffled`` (frames in an order
+            drawn from the item's seed).
         seed: base seed.
         channels: 1 (grey) or 3.
     """
@@ -141,11 +145,15 @@ class TemporalQA(Dataset):
         formats: Sequence[str] = FORMATS,
         max_options: int = 4,
         task: str = "qa",
+        control: str = "none",
         seed: int = 0,
         channels: int = 1,
     ) -> None:
         if task not in ("qa", "caption"):
             raise ValueError(f"task must be 'qa' or 'caption'; got {task!r}")
+        if control not in CONTROLS:
+            raise ValueError(f"control must be one of {CONTROLS}; got {control!r}")
+        self.control = control
         unknown = [a for a in aspects if a not in ASPECTS] + [f for f in formats if f not in FORMATS]
         if unknown or not aspects or not formats:
             raise ValueError(f"unknown or missing aspects/formats {unknown}: use {ASPECTS} and {FORMATS}")
@@ -186,7 +194,7 @@ class TemporalQA(Dataset):
             items.append(
                 {
                     "id": f"temporal_qa/{self.split}/{index:06d}/{variant}",
-                    "video": self.render(meta),
+                    "video": self._shown(self.render(meta), rng),
                     "conversations": [
                         {"from": "human", "value": f"<video>\n{prompt}"},
                         {"from": "gpt", "value": reply},
@@ -213,6 +221,15 @@ class TemporalQA(Dataset):
             self.size,
         )
         return (ink * 2 - 1).unsqueeze(0).expand(self.channels, -1, -1, -1).contiguous()
+
+    def _shown(self, video: Tensor, rng: np.random.Generator) -> Tensor:
+        """The video as the control shows it (the answer still comes from the whole scene)."""
+        if self.control == "middle_frame":
+            middle = self.frames // 2
+            return video[:, middle : middle + 1]
+        if self.control == "shuffled":
+            return video[:, torch.from_numpy(rng.permutation(self.frames))]
+        return video
 
     # ---- scenes: two conflicting metadata dicts and whether the second is the first played backwards ----
     def _digits(self, rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
@@ -548,6 +565,7 @@ class TemporalQADataModule(TimeloomDataModule):
         formats: tuple[str, ...] = FORMATS,
         max_options: int = 4,
         task: str = "qa",
+        control: str = "none",
         channels: int = 1,
         train_length: int = 10_000,
         val_length: int = 128,
@@ -568,6 +586,7 @@ class TemporalQADataModule(TimeloomDataModule):
             formats=formats,
             max_options=max_options,
             task=task,
+            control=control,
             channels=channels,
         )
         TemporalQA(length=0, **self.dataset_args)  # reject a bad configuration now, not at the first batch
