@@ -395,7 +395,8 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
         "--size", type=int, help="resize the shorter side to N and keep the centre N×N (default: native size)"
     )
     parser.add_argument("--frames", type=int, help="read at most N frames of each video (default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help=f"torch device (default: {default_device})")
     return parser
 
 
