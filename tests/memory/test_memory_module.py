@@ -1,5 +1,7 @@
 """`MemoryLMModule` on MQAR, the shipped configs, and paper-size parameter counts on the meta device."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,8 +105,18 @@ def test_timeloom_fit_runs_a_tiny_config(tmp_path):
          f"--trainer.default_root_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path}/ckpt",
          "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1", "--data.init_args.train_length=16",
          "--data.init_args.val_length=8", "--data.init_args.batch_size=8", "--trainer.enable_progress_bar=false"],
-        capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = next(tmp_path.rglob("metrics.csv")).read_text()
     assert "train/loss" in metrics and "val/acc" in metrics
+
+
+def test_bench_memory_tiny_preset_writes_its_tables(tmp_path):
+    from timeloom_memory.bench import main
+
+    assert main(["--preset", "tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "memory.json").read_text())
+    assert {c["update"] for c in result["cells"]} == {"sequential", "scan", "dual"}
+    assert {u["update"] for u in result["speedups"]} == {"scan", "dual"}
+    assert "| dual |" in (tmp_path / "memory.md").read_text()
