@@ -245,8 +245,8 @@ def test_generate_command_writes_videos_from_text_and_from_a_first_frame(tmp_pat
     generate_main(
         [
             *common,
-            "--prompt",
-            "the digit 1 moves up",
+            "--vstar",
+            "the digit 1 moves up; the digit 1 moves left",
             "--first-frame",
             str(tmp_path / "first.png"),
             "--out",

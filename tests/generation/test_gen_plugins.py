@@ -178,3 +178,55 @@ def test_plugins_are_batch_invariant(random_model, plugin):
     alone = sampler.sample(context[:1], null[:1], frames=5, grid=(SIZE, SIZE), seed=1)
     # the noise of video 0 is the first row of the batch noise in both runs
     assert (pair[:1] - alone).abs().max() <= 1e-4
+
+
+def test_synopsis_rows_are_exact_at_anchors_and_interpolate_between():
+    from timeloom_generation.text import synopsis_weights
+
+    weights = synopsis_weights(3, 9)  # anchors 0, 4, 8
+    torch.testing.assert_close(weights.sum(1), torch.ones(9))
+    for k, anchor in enumerate((0, 4, 8)):
+        assert torch.equal(weights[anchor], torch.eye(3)[k])
+    torch.testing.assert_close(weights[1], torch.tensor([0.75, 0.25, 0.0]))
+    same = synopsis_weights(3, 9, mode="same")
+    assert torch.equal(same[3], torch.tensor([1.0, 0.0, 0.0])) and torch.equal(
+        same[4], torch.tensor([0.0, 1.0, 0.0])
+    )
+    long = synopsis_weights(4, 300)  # anchors past 127 frames stay exact (int64)
+    assert torch.equal(long[299], torch.eye(4)[3]) and torch.equal(long[199], torch.eye(4)[2])
+
+
+def test_synopsis_context_per_frame_and_named_errors():
+    from timeloom_generation.text import TextConditioner
+
+    text = TextConditioner(width=WIDTH, max_tokens=TEXT, encoder="vocab")
+    context = text.synopsis(["the digit 1 moves left", "the digit 1 moves up"], frames=5)
+    assert context.shape == (5, TEXT, WIDTH)
+    torch.testing.assert_close(context[0], text(["the digit 1 moves left"])[0])
+    torch.testing.assert_close(context[4], text(["the digit 1 moves up"])[0])
+    with pytest.raises(ValueError, match="3 sub-prompts cannot each anchor one of 2 frames"):
+        text.synopsis(["a", "b", "c"], frames=2)
+    with pytest.raises(ValueError, match="caption 1 is empty"):
+        text.synopsis(["a", ""], frames=4)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_cache_stays_exact_with_per_frame_text(random_model, guidance):
+    model = random_model()
+    generator = torch.Generator().manual_seed(9)
+    context = torch.randn(BATCH, 9, TEXT, WIDTH, generator=generator)  # one text row per frame
+    null = torch.randn(BATCH, TEXT, WIDTH, generator=generator)
+    settings = dict(chunk_frames=2, cache_frames=3, steps=3, guidance=guidance)
+    cached = ARSampler(model, mode="cached", **settings).sample(context, null, frames=9, grid=(SIZE, SIZE))
+    history = ARSampler(model, mode="history", **settings).sample(context, null, frames=9, grid=(SIZE, SIZE))
+    assert (cached - history).abs().max() <= 1e-4
+    shared = ARSampler(model, mode="cached", **settings).sample(
+        context[:, 0], null, frames=9, grid=(SIZE, SIZE)
+    )
+    first_chunk = ARSampler(model, mode="cached", **settings).sample(
+        context[:, :3], null, frames=3, grid=(SIZE, SIZE)
+    )
+    assert torch.equal(cached[:, :, :3], first_chunk)  # a frame's text reaches no earlier frame
+    assert (cached - shared).abs().max() > 1e-3  # later frames follow their own rows
+    with pytest.raises(ValueError, match="per frame"):
+        ARSampler(model, **settings).sample(context, null, frames=8, grid=(SIZE, SIZE))

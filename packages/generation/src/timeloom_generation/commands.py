@@ -1,12 +1,13 @@
 """`timeloom generate`: videos from a trained `CausalVDM`, text-only or continuing a first frame.
 
-    timeloom generate --checkpoint CKPT_OR_EXPORT --prompt "the digit 3 moves left" [--prompt ...]
+    timeloom generate --checkpoint CKPT_OR_EXPORT --prompt "the digit 3 moves left" [--prompt ...] [--vstar "p1; p2"]
                       [--frames 36] [--size 32] [--first-frame IMAGE] [--steps 20] [--guidance 3]
                       [--cache-frames K] [--broadway] [--tar] [--seed 0] --out DIR
 
 ``--frames`` counts latent frames (pixel frames with the pixel codec). ``--broadway`` turns on ByTheWay
 (default anchors, α 0.6, β₀ 1.5, first 20% of steps) and ``--tar`` VSTAR's temporal attention regularisation
-(σ = 1 frame, first 56% of steps) on every temporal layer. Each prompt gives
+(σ = 1 frame, first 56% of steps) on every temporal layer. ``--vstar "p1; p2; p3"`` adds one video prompted by
+VSTAR's synopsis: the sub-prompts anchored evenly over the frames and interpolated between. Each prompt gives
 ``DIR/sample_{i}.mp4`` and ``.gif``; ``DIR/samples.mp4`` tiles them all. Prompts are checked before the
 model is loaded, and the first frame is fitted to the model's channels and size.
 """
@@ -60,7 +61,10 @@ def _first_frame(path: Path, channels: int, size: int) -> torch.Tensor:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timeloom generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="a .ckpt or an exported folder")
-    parser.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
+    parser.add_argument("--prompt", action="append", default=[], help="a caption; repeat for several")
+    parser.add_argument(
+        "--vstar", action="append", default=[], help="sub-prompts separated by ';' (one video)"
+    )
     parser.add_argument("--frames", type=int, default=36, help="latent frames to generate")
     parser.add_argument("--size", type=int, default=32, help="pixel height = width")
     parser.add_argument("--first-frame", type=Path, help="an image to continue (one given frame)")
@@ -78,7 +82,13 @@ def _parser() -> argparse.ArgumentParser:
 def generate_main(argv: list[str]) -> None:
     """`timeloom generate`: see the module docstring."""
     args = _parser().parse_args(argv)
-    captions = check_captions(args.prompt)
+    synopses = [[part.strip() for part in text.split(";")] for text in args.vstar]
+    prompts = check_captions(args.prompt) if args.prompt else []
+    for synopsis in synopses:
+        check_captions(synopsis)
+    prompts += synopses
+    if not prompts:
+        raise ValueError("give at least one --prompt or --vstar")
     module = load_vdm(args.checkpoint)
     denoiser = module.model["denoiser"]
     if args.broadway:
@@ -97,10 +107,10 @@ def generate_main(argv: list[str]) -> None:
     given = None
     if args.first_frame is not None:
         image = _first_frame(args.first_frame, module.config.in_channels, args.size)
-        given = module.codec.encode(image.expand(len(captions), -1, -1, -1, -1))
+        given = module.codec.encode(image.expand(len(prompts), -1, -1, -1, -1))
     _, height, width = module.codec.latent_shape(1, args.size, args.size)
     latents = module.generate(
-        captions,
+        prompts,
         frames=args.frames,
         given=given,
         grid=(height, width),

@@ -166,17 +166,32 @@ class CausalVDM(TimeloomModule):
     @torch.no_grad()
     def generate(
         self,
-        captions: list[str],
+        prompts: list[str | list[str]],
         frames: int,
         given: Tensor | None = None,
         grid: tuple[int, int] | None = None,
         seed: int = 0,
         **sampler_overrides: Any,
     ) -> Tensor:
-        """Latents ``(B, C, frames, H, W)`` for ``captions``, continuing ``given`` latent frames if any."""
-        captions = check_captions(captions)
-        context = self.model["text"](captions)
-        null = self.model["text"].null_context(len(captions))
+        """Latents ``(B, C, frames, H, W)``, one video per prompt, continuing ``given`` latent frames if any.
+
+        A prompt is a caption, or a list of sub-prompts: VSTAR's video synopsis, interpolated over the frames.
+        """
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError(
+                f"prompts must be a non-empty list of captions or sub-prompt lists; got {prompts!r:.80}"
+            )
+        text = self.model["text"]
+        if all(isinstance(p, str) for p in prompts):
+            context = text(check_captions(prompts))
+        else:  # per-frame context for every video; a plain caption is the same on every frame
+            context = torch.stack(
+                [
+                    text([p])[0].expand(frames, -1, -1) if isinstance(p, str) else text.synopsis(p, frames)
+                    for p in prompts
+                ]
+            )
+        null = text.null_context(len(prompts))
         return self.sampler(**sampler_overrides).sample(
             context, null, frames=frames, given=given, grid=grid, seed=seed
         )

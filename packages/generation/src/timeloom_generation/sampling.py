@@ -115,14 +115,14 @@ class ARSampler:
     def _check(self, context: Tensor, null_context: Tensor | None, frames: int, given: Tensor | None, grid):
         config = self.model.config
         text_shape = (config.text_tokens, config.width)
-        if context.dim() != 3 or tuple(context.shape[1:]) != text_shape:
+        if tuple(context.shape[-2:]) != text_shape or context.shape[1:-2] not in ((), (frames,)):
             raise ValueError(
-                f"context must be (B, {text_shape[0]}, {text_shape[1]}); got {tuple(context.shape)}"
+                f"context must be (B, {text_shape[0]}, {text_shape[1]}) or per frame (B, frames={frames}, "
+                f"{text_shape[0]}, {text_shape[1]}); got {tuple(context.shape)}"
             )
-        if self.guidance != 1 and (null_context is None or null_context.shape != context.shape):
-            raise ValueError(
-                f"guidance {self.guidance} needs a null_context shaped like context {tuple(context.shape)}"
-            )
+        shared = (len(context), *text_shape)
+        if self.guidance != 1 and (null_context is None or tuple(null_context.shape) != shared):
+            raise ValueError(f"guidance {self.guidance} needs a null_context of shape {shared}")
         if frames < 1:
             raise ValueError(f"frames must be at least 1; got {frames}")
         if given is None:
@@ -164,7 +164,8 @@ class ARSampler:
         """A video of latents ``(B, C, frames, H, W)``; its first frames are ``given`` exactly.
 
         Args:
-            context: projected text ``(B, L_txt, d)``; ``null_context`` the unconditional one (needed if w != 1).
+            context: projected text ``(B, L_txt, d)``, or per frame ``(B, frames, L_txt, d)`` (VSTAR's synopsis);
+                ``null_context (B, L_txt, d)`` the unconditional one (needed if w != 1).
             frames: length of the rollout in latent frames.
             given: clean frames ``(B, C, P0, H, W)`` to continue (image or video prompt), or None (text only).
             grid: latent ``(H, W)`` when nothing is given.
@@ -177,6 +178,8 @@ class ARSampler:
         noise = NoiseSource(
             seed, (batch, config.in_channels, height, width), parameter.device, parameter.dtype
         )
+        if self.guidance != 1 and context.dim() == 4:  # the null branch has no per-frame rows
+            null_context = null_context.unsqueeze(1).expand(-1, frames, -1, -1)
         text = context if self.guidance == 1 else torch.cat((null_context, context))
         state = _Rollout(
             cache=(
@@ -228,7 +231,8 @@ class ARSampler:
             if state.cache is not None:
                 frozen.enter_context(state.cache.frozen())
             sequence = torch.cat((past, x_in), dim=2)
-            v = self.model(sequence, levels, text, positions=positions, mask=mask, cache=state.cache)
+            rows = _rows(text, chunk.start - past.shape[2], chunk.stop)
+            v = self.model(sequence, levels, rows, positions=positions, mask=mask, cache=state.cache)
         v = v[:, :, past.shape[2] :]
         if branches == 1:
             return v
@@ -247,7 +251,8 @@ class ARSampler:
         with _context(
             branches, len(clean), step=None, num_steps=self.steps, write=True, clean_rows=len(chunk)
         ):
-            self.model(x_in, tau, text, positions=_frames(chunk, clean), cache=state.cache, write=True)
+            rows = _rows(text, chunk.start, chunk.stop)
+            self.model(x_in, tau, rows, positions=_frames(chunk, clean), cache=state.cache, write=True)
 
 
 def _context(branches: int, videos: int, *, step: int | None, num_steps: int, write: bool, clean_rows: int):
@@ -271,6 +276,11 @@ class _Rollout:
         if not self.clean:
             return like[:, :, :0]
         return torch.cat(self.clean, dim=2).repeat(branches, 1, 1, 1, 1)
+
+
+def _rows(text: Tensor, start: int, stop: int) -> Tensor:
+    """The text of frames ``[start, stop)``: per-frame context ``(B, F, L, d)`` is sliced, shared kept."""
+    return text[:, start:stop] if text.dim() == 4 else text
 
 
 def _frames(chunk: range, like: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ __all__ = [
     "VocabTextEncoder",
     "check_captions",
     "minilm_available",
+    "synopsis_weights",
 ]
 
 # Every word MovingDigits' caption grammar uses (see `timeloom.data.moving_digits._caption`).
@@ -133,6 +134,21 @@ class VocabTextEncoder(nn.Module):
         return tokens, pooled
 
 
+def synopsis_weights(count: int, frames: int, mode: Literal["interpolate", "same"] = "interpolate") -> Tensor:
+    """``(frames, count)``: how much of sub-prompt k frame f gets; rows are exact one-hots at the anchors."""
+    anchors = torch.linspace(0, frames - 1, count, dtype=torch.float64).round().to(torch.int64)
+    weights = torch.zeros(frames, count, dtype=torch.float64)
+    if count == 1:
+        return weights.add_(1.0).float()
+    for k in range(count - 1):
+        start, stop = int(anchors[k]), int(anchors[k + 1])
+        span = torch.arange(start, stop + 1)
+        blend = (span - start).double() / (stop - start) if mode == "interpolate" else (span == stop).double()
+        weights[span, k] = 1 - blend
+        weights[span, k + 1] = blend
+    return weights.float()
+
+
 class TextConditioner(nn.Module):
     """Captions -> text context ``(B, L_txt, width)`` for the model's cross-attention.
 
@@ -175,6 +191,23 @@ class TextConditioner(nn.Module):
         if drop is not None:
             context = torch.where(drop.view(-1, 1, 1).to(context.device), self.null, context)
         return context
+
+    def synopsis(
+        self, sub_prompts: Sequence[str], frames: int, mode: Literal["interpolate", "same"] = "interpolate"
+    ) -> Tensor:
+        """VSTAR's Video Synopsis Prompting: per-frame context ``(frames, L_txt, width)`` from K sub-prompts.
+
+        Anchors ``i_k = round(linspace(0, F-1, K))`` (int64) over the rollout's ``frames``; between anchors the
+        encoder features are interpolated linearly (before the projection), or held (``mode="same"``).
+        """
+        sub_prompts = check_captions(sub_prompts)
+        if mode not in ("interpolate", "same"):
+            raise ValueError(f"synopsis mode must be 'interpolate' or 'same'; got {mode!r}")
+        if len(sub_prompts) > frames:
+            raise ValueError(f"{len(sub_prompts)} sub-prompts cannot each anchor one of {frames} frames")
+        tokens, _ = self.encoder.encode(sub_prompts)  # (K, L, features)
+        weights = synopsis_weights(len(sub_prompts), frames, mode).to(tokens)  # (F, K)
+        return self.projection(torch.einsum("fk,kld->fld", weights, tokens).to(self.null.device))
 
     def null_context(self, batch: int) -> Tensor:
         """The unconditional context ``(batch, L_txt, width)``."""
