@@ -47,19 +47,27 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(block):
         assert p.grad.abs().max() > 0, name
 
 
-@pytest.mark.parametrize("block", ["lmm", "mac"])
+@pytest.mark.parametrize("block", ["lmm", "mac", "mag", "mal", "hcam", "swa"])
 def test_pieces_with_carried_state_equal_the_whole_sequence(block):
     m = model(block)
     ids = tokens(length=32)
+    cuts = [(0, 8), (8, 16), (16, 32)] if block == "mac" else [(0, 1), (1, 6), (6, 7), (7, 19), (19, 32)]
     with torch.no_grad():
         whole, _ = m(ids)
         states, pieces = None, []
-        for start, end in (
-            [(0, 8), (8, 16), (16, 32)] if block == "mac" else [(0, 1), (1, 6), (6, 19), (19, 32)]
-        ):
+        for start, end in cuts:
             logits, states = m(ids[:, start:end], states)
             pieces.append(logits)
     torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=0)
+    assert all(state.position == 32 for state in states)
+
+
+def test_full_attention_refuses_to_stream():
+    m = model("attention")
+    with torch.no_grad():
+        _, states = m(tokens(length=5))
+        with pytest.raises(ValueError, match="keeps no cache"):
+            m(tokens(length=3), states)
 
 
 def test_mac_refuses_to_continue_inside_a_segment():

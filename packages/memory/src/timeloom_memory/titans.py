@@ -24,18 +24,17 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timeloom_kernels import attend, masks
+from timeloom_kernels import KVCache, attend, masks
 from timeloom_kernels.positions import apply_rope
 from torch import Tensor, nn
 
 from timeloom_memory.hcam import HCAMAttention, HCAMState
 from timeloom_memory.neural_memory import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState
 
-__all__ = ["BLOCKS", "TitansConfig", "TitansLM"]
+__all__ = ["BLOCKS", "BlockState", "TitansConfig", "TitansLM"]
 
 BLOCKS = ("lmm", "mac", "mag", "mal", "hcam", "attention", "swa")
 BlockKind = Literal["lmm", "mac", "mag", "mal", "hcam", "attention", "swa"]
-MemoryState = NeuralMemoryState | HCAMState
 
 
 @dataclass
@@ -123,11 +122,19 @@ class Attention(nn.Module):
         b, n, d = t.shape
         return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x: Tensor, prefix: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
-        """``x (B, L, d)``; ``prefix (B|1, P, d)`` seen by every query; ``memory (B, L, d)``: token i also
-        sees ``memory_j`` for j ≤ i (MAC's retrieved vectors)."""
+    def forward(
+        self,
+        x: Tensor,
+        prefix: Tensor | None = None,
+        memory: Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> Tensor:
+        """``x (B, L, d)`` at stream positions ``start…``; ``prefix (B|1, P, d)`` seen by every query;
+        ``memory (B, L, d)``: token i also sees ``memory_j`` for j ≤ i (MAC's retrieved vectors); ``cache``:
+        the last ``window − 1`` keys and values of the stream, read and then updated."""
         b, n, _ = x.shape
-        positions = torch.arange(n, device=x.device)
+        positions = torch.arange(start, start + n, device=x.device)
         q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
         q, k = apply_rope(q, positions), apply_rope(k, positions)
         q_pos = kv_pos = positions
@@ -138,7 +145,14 @@ class Attention(nn.Module):
             # exactly h_j and x_j for j ≤ i.
             k = torch.stack([mk, k], 3).flatten(2, 3)
             v = torch.stack([mv, v], 3).flatten(2, 3)
-            q_pos, kv_pos = 2 * positions + 1, torch.arange(2 * n, device=x.device)
+            q_pos, kv_pos = 2 * positions + 1, torch.arange(2 * start, 2 * (start + n), device=x.device)
+        if cache is not None:
+            past, keep = cache.fetch(), min(n, cache.max_len)
+            new_k, new_v = k[:, :, n - keep :].detach(), v[:, :, n - keep :].detach()
+            # Concatenate before appending: `fetch` returns views of the ring buffer that `append` overwrites.
+            k, v = torch.cat([past.k, k], 2), torch.cat([past.v, v], 2)
+            kv_pos = torch.cat([past.positions[0], kv_pos])
+            cache.append(new_k, new_v, positions[n - keep :])
         num_prefix = 0 if prefix is None else prefix.shape[1]
         if num_prefix:
             _, pk, pv = (self._split(t) for t in self.qkv(prefix).chunk(3, dim=-1))
@@ -150,6 +164,13 @@ class Attention(nn.Module):
         mask = masks.prefix(num_prefix, masks.causal(), local) if num_prefix else local
         y = attend(q, k, v, mask, q_pos=q_pos, kv_pos=kv_pos)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+    def new_cache(self, x: Tensor) -> KVCache | None:
+        """A window cache for streaming (None for full attention, which keeps no cache here)."""
+        if not self.window or self.window < 2:
+            return None
+        d = x.shape[-1] // self.heads
+        return KVCache(x.shape[0], self.heads, d, max_len=self.window - 1, dtype=x.dtype, device=x.device)
 
 
 class MemoryGate(nn.Module):
@@ -218,32 +239,52 @@ class Block(nn.Module):
             outputs.append(self.gate(y, m))
         return torch.cat(outputs, 1), state
 
-    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState | None]:
-        h = self.norm(x)
-        if self.kind in ("attention", "swa"):
-            out = self.attention(h, self.persistent)
+    def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:
+        if state is None:
+            state = BlockState(cache=self.attention.new_cache(x) if self.attention is not None else None)
+        elif self.kind == "attention":
+            raise ValueError(
+                "full causal attention keeps no cache: stream with lmm, mac, mag, mal, hcam or swa"
+            )
+        h, memory, start = self.norm(x), state.memory, state.position
+        prefix = self.persistent
+        if self.kind == "swa":
+            out = self.attention(h, prefix, cache=state.cache, start=start)
+        elif self.kind == "attention":
+            out = self.attention(h, prefix)
         elif self.kind == "lmm":
-            out, state = self._remember(h, state)
+            out, memory = self._remember(h, memory)
         elif self.kind == "mac":
-            out, state = self._mac(h, state)
+            out, memory = self._mac(h, memory)
         elif self.kind == "hcam":
-            read, state = self.hcam(h, state)
-            out = self.attention(h, self.persistent) + read
+            read, memory = self.hcam(h, memory)
+            out = self.attention(h, prefix, cache=state.cache, start=start) + read
         elif self.kind == "mag":
-            m, state = self._remember(h, state)
-            out = self.gate(self.attention(h, self.persistent), m)
-        else:  # mal: the memory's outputs at P positions are the attention's prefix
-            if state is None and self.persistent is not None:
-                p = self.persistent.expand(h.shape[0], -1, -1).to(h.dtype)
-                y, state = self.memory(torch.cat([p, h], 1), None)
-                out = self.attention(y[:, p.shape[1] :], y[:, : p.shape[1]])
+            m, memory = self._remember(h, memory)
+            out = self.gate(self.attention(h, prefix, cache=state.cache, start=start), m)
+        else:  # mal: the memory's outputs at P positions become the attention's prefix for the whole stream
+            if memory is None and prefix is not None:
+                p = prefix.expand(h.shape[0], -1, -1).to(h.dtype)
+                y, memory = self.memory(torch.cat([p, h], 1), None)
+                state = replace(state, prefix=y[:, : p.shape[1]])
+                y = y[:, p.shape[1] :]
             else:
-                y, state = self.memory(h, state)
-                out = self.attention(y)
+                y, memory = self.memory(h, memory)
+            out = self.attention(y, state.prefix, cache=state.cache, start=start)
         x = x + out
         if self.ffn is not None:
             x = x + self.ffn(self.ffn_norm(x))
-        return x, state
+        return x, replace(state, memory=memory, position=start + x.shape[1])
+
+
+@dataclass
+class BlockState:
+    """A block's stream: its memory, its attention window cache, MAL's prefix, and tokens seen."""
+
+    memory: NeuralMemoryState | HCAMState | None = None
+    cache: KVCache | None = None
+    prefix: Tensor | None = None
+    position: int = 0
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -256,9 +297,9 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 class TitansLM(nn.Module):
     """Token LM: embedding, ``depth`` blocks, RMSNorm, head. ``forward(ids, states) -> (logits, states)``.
 
-    ``states`` holds one memory state per block (None for attention blocks). Passing them back
-    continues the streams for ``lmm`` and, at segment boundaries, ``mac``; ``mag``/``mal``/attention blocks
-    have no key/value cache yet, so each call starts their attention afresh.
+    ``states`` holds one `BlockState` per block. Passing them back continues the streams: memories carry
+    over, sliding-window attention reads a cache of its last ``window − 1`` keys (inference: the cache is
+    detached), and ``mac`` continues at segment boundaries. Full causal attention keeps no cache.
     """
 
     def __init__(self, config: TitansConfig | None = None):
@@ -273,8 +314,8 @@ class TitansLM(nn.Module):
             self.head.weight = self.embed.weight
 
     def features(
-        self, input_ids: Tensor, states: list[MemoryState | None] | None = None
-    ) -> tuple[Tensor, list[MemoryState | None]]:
+        self, input_ids: Tensor, states: list[BlockState | None] | None = None
+    ) -> tuple[Tensor, list[BlockState | None]]:
         """Final normed hidden states ``(B, L, dim)`` and the new memory states."""
         if input_ids.dim() != 2:
             raise ValueError(f"TitansLM expects input_ids of shape (B, L); got {tuple(input_ids.shape)}")
@@ -286,8 +327,8 @@ class TitansLM(nn.Module):
         return self.norm(x), new_states
 
     def forward(
-        self, input_ids: Tensor, states: list[MemoryState | None] | None = None
-    ) -> tuple[Tensor, list[MemoryState | None]]:
+        self, input_ids: Tensor, states: list[BlockState | None] | None = None
+    ) -> tuple[Tensor, list[BlockState | None]]:
         x, states = self.features(input_ids, states)
         return self.head(x), states
 
