@@ -152,15 +152,15 @@ class TemporalAttention(nn.Module):
         """``x (B·n_s, F, d)``; ``positions (F,)`` absolute frame indices; ``mask`` over frame indices."""
         q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        q_rot, k_rot, kv_pos = apply_rope(q, positions), apply_rope(k, positions), positions
+        keys, values, key_positions = apply_rope(k, positions), v, positions
         if cache is not None:
             held = cache.fetch()  # keys come back rotated at their own frame indices
-            k_rot, v_all = torch.cat((held.k, k_rot), dim=2), torch.cat((held.v, v), dim=2)
-            kv_pos = torch.cat((held.positions[0], positions))
+            keys, values = torch.cat((held.k, keys), dim=2), torch.cat((held.v, values), dim=2)
+            key_positions = torch.cat((held.positions[0], positions))
             if write:
-                cache.append(k, v, positions)
-            v = v_all
-        out = self.attend(q_rot, k_rot, v, mask, q_pos=positions, kv_pos=kv_pos)
+                cache.append(k, v, positions)  # stored before RoPE
+        q = apply_rope(q, positions)
+        out = self.attend(q, keys, values, mask, q_pos=positions, kv_pos=key_positions)
         return self.out(out.transpose(1, 2).flatten(2))
 
 
