@@ -208,3 +208,25 @@ def test_greedy_generation_is_batch_invariant(structure):
         assert model.generate(alone, max_new_tokens=4) == [together[b]]
     first = model.logits(batch, "left")[:, -1].argmax(-1)  # the first greedy token, teacher-forced
     assert [reply[0] for reply in together] == first.tolist()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_splice_puts_each_token_where_its_placeholder_was(side):
+    model = shared_model("mlp", "sdpa")
+    batch = qa_batch(model)
+    with torch.no_grad():
+        embeds, layout, labels = model.build_inputs(batch, side)
+        media, _ = model.encode_media(batch["video"])
+        text = model.llm.get_input_embeddings()(batch["input_ids"])
+    placeholder = model.tokenizer.id("<video>")
+    for b in range(embeds.shape[0]):
+        length = int(batch["lengths"][b])
+        ids, real = batch["input_ids"][b, :length], ~layout.pad[b]
+        visual = layout.visual[b][real]
+        where = int(torch.nonzero(ids == placeholder)[0])  # one video per item, moved to the turn's front
+        assert torch.nonzero(visual).flatten().tolist() == list(range(where, where + media.shape[1]))
+        torch.testing.assert_close(embeds[b, real][visual], media[b], rtol=0, atol=0)
+        keep = ids != placeholder
+        torch.testing.assert_close(embeds[b, real][~visual], text[b, :length][keep], rtol=0, atol=0)
+        assert labels[b, real][~visual].tolist() == batch["labels"][b, :length][keep].tolist()
+        assert (labels[b, real][visual] == -100).all() and (embeds[b, ~real] == 0).all()

@@ -89,7 +89,11 @@ class VideoLLM(nn.Module):
         return self.projector(features, grid)
 
     def build_inputs(self, batch: dict[str, Any], side: str = "right") -> tuple[Tensor, TokenLayout, Tensor]:
-        """Splice visual tokens into the text: ``inputs_embeds (B, L, D)``, the layout, ``labels (B, L)``."""
+        """Splice visual tokens into the text: ``inputs_embeds (B, L, D)``, the layout, ``labels (B, L)``.
+
+        Each output position names its source row in one pool (text tokens, then visual tokens, then a zero
+        row for padding), so the splice is a single gather, and so is its backward pass.
+        """
         input_ids, lengths = batch["input_ids"], batch["lengths"].tolist()
         text = self.llm.get_input_embeddings()(input_ids)
         if "media_tokens" in batch:  # encoded once by `generate`
@@ -97,38 +101,42 @@ class VideoLLM(nn.Module):
         elif batch.get("video") is not None:
             media, visual = self.encode_media(batch["video"])
         else:
-            media, visual = None, None
-        is_media = torch.isin(input_ids, self.media_ids.to(input_ids.device))
-        embeds, layouts, labels = [], [], []
+            media, visual = text.new_zeros(0, 0, text.shape[-1]), None
+        text_rows, width = input_ids.numel(), input_ids.shape[1]
+        pad_row = text_rows + media.shape[0] * media.shape[1]
+        is_media = torch.isin(input_ids, self.media_ids.to(input_ids.device)).cpu()
+        sources, layouts = [], []
         next_media = 0
         for b, length in enumerate(lengths):
-            builder, pieces, piece_labels, start = LayoutBuilder(), [], [], 0
+            builder, pieces, start = LayoutBuilder(), [], 0
             role, turn = batch["role"][b].cpu(), batch["turn"][b].cpu()
             for p in [*torch.nonzero(is_media[b, :length]).flatten().tolist(), length]:
                 if p > start:  # the text run before this placeholder
                     builder.text(p - start, role[start:p], turn[start:p])
-                    pieces.append(text[b, start:p])
-                    piece_labels.append(batch["labels"][b, start:p])
+                    pieces.append(b * width + torch.arange(start, p))
                 if p == length:
                     break
-                if media is None or next_media >= media.shape[0]:
+                if next_media >= media.shape[0]:
                     raise ValueError(f"batch item {_name(batch, b)}: more placeholders than media items")
                 builder.media(visual, role[p], turn[p])
-                pieces.append(media[next_media])
-                piece_labels.append(torch.full((len(visual),), IGNORE_INDEX, device=input_ids.device))
+                pieces.append(text_rows + next_media * media.shape[1] + torch.arange(media.shape[1]))
                 next_media, start = next_media + 1, p + 1
-            embeds.append(torch.cat(pieces))
+            sources.append(torch.cat(pieces))
             layouts.append(builder.build())
-            labels.append(torch.cat(piece_labels))
-            if len(embeds[-1]) > self.config.max_length:
+            if len(sources[-1]) > self.config.max_length:
                 raise ValueError(
-                    f"batch item {_name(batch, b)}: {len(embeds[-1])} tokens exceed the context of "
+                    f"batch item {_name(batch, b)}: {len(sources[-1])} tokens exceed the context of "
                     f"{self.config.max_length}"
                 )
-        if media is not None and next_media != media.shape[0]:
+        if next_media != media.shape[0]:
             raise ValueError(f"{media.shape[0]} media items but {next_media} placeholders in the batch")
         layout = TokenLayout.stack(layouts, side=side)
-        return _pad(embeds, layout, side, 0.0), layout, _pad(labels, layout, side, IGNORE_INDEX)
+        source = _pad(sources, layout, pad_row).to(input_ids.device)
+        pool = torch.cat((text.flatten(0, 1), media.flatten(0, 1), text.new_zeros(1, text.shape[-1])))
+        label_pool = torch.cat(
+            (batch["labels"].flatten(), batch["labels"].new_full((pad_row - text_rows + 1,), IGNORE_INDEX))
+        )
+        return pool[source], layout, label_pool[source]
 
     def hidden_states(self, batch: dict[str, Any], side: str = "right") -> tuple[Tensor, TokenLayout, Tensor]:
         """Final LLM hidden states ``(B, L, D)`` under the structure, with the layout and labels."""
@@ -209,9 +217,9 @@ def _append_token(batch: dict[str, Any], token_ids: Tensor) -> dict[str, Any]:
     return grown
 
 
-def _pad(rows: list[Tensor], layout: TokenLayout, side: str, value: float) -> Tensor:
-    """Stack per-sample rows ``(L_b, …)`` into ``(B, L, …)`` where ``layout.pad`` says padding goes."""
-    out = rows[0].new_full((len(rows), layout.shape[1], *rows[0].shape[1:]), value)
+def _pad(rows: list[Tensor], layout: TokenLayout, value: int) -> Tensor:
+    """Stack per-sample rows ``(L_b,)`` into ``(B, L)``, ``value`` where ``layout.pad`` says padding goes."""
+    out = torch.full(layout.shape, value, dtype=rows[0].dtype)
     for b, row in enumerate(rows):
-        out[b, ~layout.pad[b].to(row.device)] = row
+        out[b, ~layout.pad[b]] = row
     return out
