@@ -14,7 +14,8 @@ Causality: only the temporal attention mixes frames, and it is causal, so the ou
 only on the inputs (values, tau, text, positions) of frames ``<= t``. The KV cache rests on this: a clean
 frame's temporal keys and values, once written, are the same at every later step. With ``cache`` given, the
 temporal layers attend over ``[cached frames; these frames]`` and, when ``write`` is set, append these frames'
-keys and values (after qk-norm, before RoPE: keys are rotated by their absolute frame index when read).
+keys and values (after qk-norm; keys rotated by their absolute frame index, which never changes, so the cache
+needs no re-rotation and no re-basing).
 
 Every attention goes through a named `timeloom_kernels.Attend` (``blocks.{i}.spatial.attend``,
 ``blocks.{i}.temporal.attend``, ``blocks.{i}.cross.attend``), so sampling-time processors can hook them.
@@ -154,11 +155,12 @@ class TemporalAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         keys, values, key_positions = apply_rope(k, positions), v, positions
         if cache is not None:
-            held = cache.fetch()  # keys come back rotated at their own frame indices
+            held = cache.fetch()  # may view the buffers: concatenate before appending evicts slots
+            new_keys = keys
             keys, values = torch.cat((held.k, keys), dim=2), torch.cat((held.v, values), dim=2)
             key_positions = torch.cat((held.positions[0], positions))
-            if write:
-                cache.append(k, v, positions)  # stored before RoPE
+            if write:  # rotated by absolute frame index once: no denoising step re-rotates the cache
+                cache.append(new_keys, v, positions)
         q = apply_rope(q, positions)
         out = self.attend(q, keys, values, mask, q_pos=positions, kv_pos=key_positions)
         return self.out(out.transpose(1, 2).flatten(2))
@@ -262,7 +264,6 @@ class CausalSTDiT(nn.Module):
             self.config.heads,
             self.config.head_dim,
             max_len=frames,
-            store="pre_rope",
             dtype=dtype,
             device=device,
         )
