@@ -26,9 +26,9 @@ ENCODER = {
 
 
 @functools.cache
-def shared_model(projector: str, attn: str) -> VideoLLM:
+def shared_model(projector: str, attn: str, family: str = "llama") -> VideoLLM:
     """One model per projector and attention implementation; tests set its structure (a pure function)."""
-    return tiny_model(projector=projector, attn=attn)
+    return tiny_model(projector=projector, attn=attn, family=family)
 
 
 def with_structure(model: VideoLLM, name: str) -> VideoLLM:
@@ -36,14 +36,16 @@ def with_structure(model: VideoLLM, name: str) -> VideoLLM:
     return model
 
 
-def tiny_model(structure="causal", projector="mlp", attn="sdpa", **projector_options) -> VideoLLM:
+def tiny_model(
+    structure="causal", projector="mlp", attn="sdpa", family="llama", **projector_options
+) -> VideoLLM:
     torch.manual_seed(0)
     config = VideoLLMConfig(
         encoder=ENCODER,
         projector=projector,
         projector_options=projector_options
         or ({"num_queries": 8, "width": 32} if projector == "ccam" else {}),
-        llm=LLMConfig(hidden_size=32, layers=2, heads=4, attn_implementation=attn),
+        llm=LLMConfig(family=family, hidden_size=32, layers=2, heads=4, kv_heads=2, attn_implementation=attn),
         structure=structure,
         max_length=256,
     )
@@ -117,9 +119,10 @@ def reference_logits(model: VideoLLM, batch: dict, side: str) -> torch.Tensor:
         attention = layer.self_attn
         h = layer.input_layernorm(x)
         q, k, v = (
-            proj(h).unflatten(-1, (heads, head_dim)).transpose(1, 2)
+            proj(h).unflatten(-1, (-1, head_dim)).transpose(1, 2)
             for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
         )
+        k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))  # grouped-query attention
         q, k = (
             apply_rope(q, positions, base=config.rope_parameters["rope_theta"]),
             apply_rope(k, positions, base=config.rope_parameters["rope_theta"]),
@@ -131,11 +134,17 @@ def reference_logits(model: VideoLLM, batch: dict, side: str) -> torch.Tensor:
     return llm.lm_head(llm.model.norm(x))
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("structure", ["causal", "tc_llava", "modality_mutual", "concentric"])
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_hf_logits_under_our_mask_equal_a_reference_loop(attn, structure, side):
-    model = with_structure(shared_model("mlp", attn), structure)
+HF_CASES = [
+    ("llama", attn, structure, side)
+    for attn in ("eager", "sdpa")
+    for structure in ("causal", "tc_llava", "modality_mutual", "concentric")
+    for side in ("right", "left")
+] + [("qwen2", attn, "tc_llava", "left") for attn in ("eager", "sdpa")]
+
+
+@pytest.mark.parametrize("family, attn, structure, side", HF_CASES)
+def test_hf_logits_under_our_mask_equal_a_reference_loop(family, attn, structure, side):
+    model = with_structure(shared_model("mlp", attn, family), structure)
     batch = qa_batch(model, groups=1)
     with torch.no_grad():
         logits = model.logits(batch, side)
