@@ -212,6 +212,12 @@ def test_save_load_continue_equals_one_run(tmp_path):
         NeuralMemoryState.load(tmp_path / "memory.safetensors", NeuralMemoryConfig(chunk_size=5))
 
 
+def test_query_projection_alone_equals_the_full_projection():
+    m = memory(chunk_size=4)
+    x = inputs(length=9)
+    torch.testing.assert_close(m.project_queries(x), m.project(x, None)[0], atol=TOL, rtol=0)
+
+
 def test_detach_cuts_the_graph_and_retrieve_leaves_the_state_unchanged():
     m = memory(chunk_size=4)
     _, state = m(inputs(length=9))

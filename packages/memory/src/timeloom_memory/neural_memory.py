@@ -461,6 +461,16 @@ class NeuralMemory(nn.Module):
         k = F.normalize(F.silu(k), dim=-1)
         return q, k, F.silu(v), new_tail
 
+    def project_queries(self, x: Tensor) -> Tensor:
+        """``project(x, None)``'s queries alone (a read needs no keys or values)."""
+        inner = self.config.heads * self.config.head_dim
+        p = F.linear(x, self.to_qkv.weight[:inner])
+        if self.conv is not None:
+            history = self.config.conv_kernel - 1
+            p = F.conv1d(F.pad(p.transpose(1, 2), (history, 0)), self.conv.weight[:inner], groups=inner)
+            p = p.transpose(1, 2)
+        return F.normalize(F.silu(self._heads(p)), dim=-1)
+
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """θ, log η, log(1 − α), each ``(B, H, L)``, in log space so long products stay finite."""
         g = self.to_gates(x).view(x.shape[0], x.shape[1], 3, self.config.heads).permute(2, 0, 3, 1)
@@ -547,7 +557,7 @@ class NeuralMemory(nn.Module):
         write stream's conv tail.
         """
         check_finite(x, "NeuralMemory.retrieve input x")
-        q, _, _, _ = self.project(x, None)
+        q = self.project_queries(x)
         weights = self.current_weights(state)
         y = mlp_forward(weights, q.to(weights[0].dtype))
         return self._output(y.to(x.dtype), x)
@@ -563,9 +573,16 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_finite(tensors: Tensor | list[Tensor], what: str) -> None:
-    """Raise a clear error instead of carrying a NaN/inf state forward."""
-    for t in tensors if isinstance(tensors, list) else [tensors]:
-        if not torch.isfinite(t).all():
-            raise FloatingPointError(
-                f"{what} holds NaN or inf; lower theta_max, set surprise_clip, or clip gradients"
-            )
+    """Raise a clear error instead of carrying a NaN/inf state forward.
+
+    One reduction per tensor: a sum is NaN/inf when any element is (or when the values are so large that
+    they overflow, which is an exploded state too).
+    """
+    with torch.no_grad():
+        total = sum(
+            t.detach().sum(dtype=torch.float64) for t in (tensors if isinstance(tensors, list) else [tensors])
+        )
+    if not torch.isfinite(total):
+        raise FloatingPointError(
+            f"{what} holds NaN or inf; lower theta_max, set surprise_clip, or clip gradients"
+        )
