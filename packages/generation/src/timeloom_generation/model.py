@@ -7,6 +7,9 @@ Latents ``(B, C, F, H, W)`` become ``n_s = (H/p)·(W/p)`` tokens per frame. Ever
     cross-attention     frame tokens -> text tokens (B·F, heads, n_s, L)
     MLP                 per token                                          adaLN-modulated, gated
 
+Unlike STDiT, the temporal and cross-attention inputs are layer-normalised (without affine terms): the
+residual stream's scale then cannot change what those layers see, which keeps the tiny models stable.
+
 Noise levels are per frame (``tau (B, F)``, adaLN-single: one shared projection of the timestep embedding
 plus a learned table per block), so clean prompt frames (``tau = 0``) and noisy frames share one sequence.
 
