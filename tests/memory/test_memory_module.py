@@ -120,3 +120,17 @@ def test_bench_memory_tiny_preset_writes_its_tables(tmp_path):
     assert {c["update"] for c in result["cells"]} == {"sequential", "scan", "dual"}
     assert {u["update"] for u in result["speedups"]} == {"scan", "dual"}
     assert "| dual |" in (tmp_path / "memory.md").read_text()
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    from timeloom.module import TimeloomModule
+
+    torch.manual_seed(0)
+    config = TitansConfig(vocab_size=64, dim=16, block="mag", window=8, memory=NeuralMemoryConfig(head_dim=8))
+    module = MemoryLMModule(config)
+    module.save_pretrained(tmp_path)
+    loaded = TimeloomModule.from_pretrained(tmp_path)
+    assert isinstance(loaded, MemoryLMModule) and loaded.config == module.config
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), module(ids), atol=0, rtol=0)

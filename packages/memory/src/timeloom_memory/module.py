@@ -52,7 +52,7 @@ class MemoryLMModule(TimeloomModule):
         if not labelled.any():
             raise ValueError("a batch without any labelled position (labels all -100)")
         hidden, _ = self.model.features(input_ids)
-        logits = self.model.head(hidden[labelled])
+        logits = self.model.logits(hidden[labelled])
         targets = labels[labelled]
         loss = F.cross_entropy(logits.float(), targets)
         correct = logits.argmax(-1) == targets

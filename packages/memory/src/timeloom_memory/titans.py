@@ -309,9 +309,8 @@ class TitansLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(c, c.kind_of(i)) for i in range(c.depth))
         self.norm = nn.RMSNorm(c.dim)
-        self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
-        if c.tie_embeddings:
-            self.head.weight = self.embed.weight
+        # A tied head reads the embedding matrix (no second parameter: safetensors refuses shared storage).
+        self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
 
     def features(
         self, input_ids: Tensor, states: list[BlockState | None] | None = None
@@ -330,7 +329,11 @@ class TitansLM(nn.Module):
         self, input_ids: Tensor, states: list[BlockState | None] | None = None
     ) -> tuple[Tensor, list[BlockState | None]]:
         x, states = self.features(input_ids, states)
-        return self.head(x), states
+        return self.logits(x), states
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Token logits of final hidden states (from `features`)."""
+        return F.linear(hidden, self.embed.weight if self.head is None else self.head.weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
