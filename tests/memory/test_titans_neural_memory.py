@@ -274,7 +274,7 @@ def test_an_exploding_update_raises_and_the_surprise_clip_guards_it():
         return m
 
     x = inputs(length=64).float()
-    with torch.no_grad(), pytest.raises(FloatingPointError, match="memory state"):
+    with torch.no_grad(), pytest.raises(FloatingPointError, match="memory state or readout"):
         explosive()(x)
     with torch.no_grad():
         y, state = explosive(surprise_clip=1.0)(x)
@@ -298,7 +298,7 @@ def test_long_streams_stay_finite_in_float32():
         return m
 
     x = torch.randn(1, 4096, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), pytest.raises(FloatingPointError, match="memory state after tokens"):
+    with torch.no_grad(), pytest.raises(FloatingPointError, match="memory state or readout"):
         frictionless(None)(x)
     with torch.no_grad():
         y, state = frictionless(1.0)(x)

@@ -501,7 +501,7 @@ class NeuralMemory(nn.Module):
         kernel = CHUNK_KERNELS[c.update]
         dtype = state.weights[0].dtype
         pending = state.pending_k.shape[2]
-        with torch.autocast(x_device_type(q), enabled=False):
+        with torch.autocast(_autocast_device(q), enabled=False):
             q = torch.cat([q.new_zeros(*q.shape[:2], pending, q.shape[-1]), q], 2).to(dtype)
             k = torch.cat([state.pending_k, k.to(dtype)], 2)
             v = torch.cat([state.pending_v, v.to(dtype)], 2)
@@ -522,8 +522,9 @@ class NeuralMemory(nn.Module):
                 if end - start == c.chunk_size:
                     weights, momentum = end_w, end_s
             committed = total - total % c.chunk_size
+            y = torch.cat(outputs, 2)[:, :, pending:]
             # Once per call: a non-finite value never turns finite again in the recurrences.
-            check_finite(weights + momentum, f"memory state after tokens 0..{committed - 1} of this call")
+            check_finite(weights + momentum + [y], "memory state or readout after this call")
             rest = slice(committed, total)
             new_state = replace(
                 state,
@@ -536,7 +537,6 @@ class NeuralMemory(nn.Module):
                 pending_log_keep=log_keep[:, :, rest],
                 position=state.position + total - pending,
             )
-            y = torch.cat(outputs, 2)[:, :, pending:]
         return y, new_state
 
     def current_weights(self, state: NeuralMemoryState) -> list[Tensor]:
@@ -563,7 +563,7 @@ class NeuralMemory(nn.Module):
         return self._output(y.to(x.dtype), x)
 
 
-def x_device_type(t: Tensor) -> str:
+def _autocast_device(t: Tensor) -> str:
     return t.device.type if t.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
 
 
