@@ -31,6 +31,7 @@ class MemoryPreset:
     shapes: tuple[tuple[int, int], ...]  # (heads, head_dim)
     chunk_sizes: tuple[int, ...]
     sequential_max_length: int  # the token loop is slow: longer cells skip it
+    scan_max_length: int  # under autograd `scan` keeps every token's weights (O(L·|W|) memory)
     warmup_s: float = 0.05
     budget_s: float = 0.5
     min_runs: int = 3
@@ -45,17 +46,19 @@ PRESETS = {
         shapes=((1, 64), (4, 32)),
         chunk_sizes=(16, 64),
         sequential_max_length=256,
-    ),  # fmt: skip
+        scan_max_length=256,
+    ),
     "tiny": MemoryPreset(
         lengths=(32,),
         batch=2,
         shapes=((2, 8),),
         chunk_sizes=(8,),
         sequential_max_length=32,
+        scan_max_length=32,
         budget_s=0.05,
         min_runs=1,
         max_runs=2,
-    ),  # fmt: skip
+    ),
 }
 UPDATES = ("sequential", "scan", "dual")
 
@@ -142,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(h, d, b, n) for h, d in preset.shapes for b in preset.chunk_sizes for n in preset.lengths]
     for i, (heads, head_dim, b, length) in enumerate(grid):
         for update in UPDATES:
-            if update == "sequential" and length > preset.sequential_max_length:
-                skipped.append(f"sequential at L={length} (> {preset.sequential_max_length}: the token loop)")
+            limit = {"sequential": preset.sequential_max_length, "scan": preset.scan_max_length}.get(update)
+            if limit is not None and length > limit:
+                skipped.append(f"{update} at L={length} (> {limit}: too slow or too much memory here)")
                 continue
             cells.append(run_cell(preset, update, heads, head_dim, b, length))
             c = cells[-1]

@@ -148,9 +148,10 @@ class Attention(nn.Module):
             q_pos, kv_pos = 2 * positions + 1, torch.arange(2 * start, 2 * (start + n), device=x.device)
         if cache is not None:
             past, keep = cache.fetch(), min(n, cache.max_len)
-            new_k, new_v = k[:, :, n - keep :].detach(), v[:, :, n - keep :].detach()
+            # The cache holds the stream's dtype; under autocast k, v come in the compute dtype.
+            new_k, new_v = (t[:, :, n - keep :].detach().to(cache.k.dtype) for t in (k, v))
             # Concatenate before appending: `fetch` returns views of the ring buffer that `append` overwrites.
-            k, v = torch.cat([past.k, k], 2), torch.cat([past.v, v], 2)
+            k, v = torch.cat([past.k.to(k.dtype), k], 2), torch.cat([past.v.to(v.dtype), v], 2)
             kv_pos = torch.cat([past.positions[0], kv_pos])
             cache.append(new_k, new_v, positions[n - keep :])
         num_prefix = 0 if prefix is None else prefix.shape[1]
