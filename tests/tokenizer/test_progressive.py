@@ -205,12 +205,12 @@ SMALL_SOURCES = {
         init_args: {size: 32, train_length: 16, val_length: 4}""",
     "stage2": """videos:
       class_path: MovingDigitsDataModule
-      init_args: {size: 32, frames: 5, channels: 3, train_length: 16, val_length: 2}
+      init_args: {size: 32, frames: 5, channels: 3, train_length: 8, val_length: 2}
     images:
       - class_path: MovingDigitsDataModule
-        init_args: {size: 32, frames: 1, channels: 3, train_length: 16, val_length: 4}
+        init_args: {size: 32, frames: 1, channels: 3, train_length: 8, val_length: 4}
       - class_path: PhotosDataModule
-        init_args: {size: 32, train_length: 16, val_length: 4}""",
+        init_args: {size: 32, train_length: 8, val_length: 4}""",
 }
 
 
@@ -238,17 +238,17 @@ def test_stage1_then_stage2_through_the_cli_inflates_and_trains_on_alternating_b
         "stage2",
         f"--model.init_args.init_from={init}",
         "--model.init_args.optimizer.init_args.lr=0.002",
-        epochs=2,
+        epochs=3,
     )
     assert stage2.returncode == 0, stage2.stderr[-3000:]
     with next((tmp_path / "stage2").rglob("metrics.csv")).open() as f:
         rows = list(csv.DictReader(f))
     # Both kinds were validated under their own names.
     assert any(row.get("val/psnr") for row in rows) and any(row.get("val_image/psnr") for row in rows)
-    # 2 epochs of 8 video + 8 image batches; the first and last eight steps hold both kinds equally.
+    # 3 epochs of 4 video + 4 image batches; the first and last six steps hold both kinds equally.
     rec = [float(row["train/rec"]) for row in rows if row.get("train/rec")]
-    assert len(rec) == 32
-    assert sum(rec[-8:]) < 0.8 * sum(rec[:8]), rec
+    assert len(rec) == 24
+    assert sum(rec[-6:]) < 0.8 * sum(rec[:6]), rec
 
 
 KILLER = """
@@ -271,7 +271,7 @@ def test_sigkill_then_resume_of_a_joint_fit_matches_an_uninterrupted_one(tmp_pat
     (killer / "kill_at_step.py").write_text(textwrap.dedent(KILLER))
     # From scratch (no stage-1 checkpoint): the alternation, sizes and GAN are what is resumed here.
     deterministic = ("--trainer.deterministic=true", "--model.init_args.init_from=null")
-    # 8 video + 8 image batches per epoch over 2 epochs: batch 11 is mid-way through the second epoch,
+    # 4 video + 4 image batches per epoch over 2 epochs: batch 11 is mid-way through the second epoch,
     # after the discriminator started (step 2).
     killed = fit(
         tmp_path / "run",
