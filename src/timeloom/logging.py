@@ -34,7 +34,11 @@ class WandbLogger(LightningWandbLogger):
     ):
         self._reason = "set offline" if offline else ""
         if offline is None:
-            offline = os.environ.get("WANDB_MODE", "") != "online" and not wandb_has_api_key()
+            # "disabled" stays disabled: were it passed on as offline, Lightning would set WANDB_MODE=dryrun
+            # for the rest of the process.
+            offline = (
+                os.environ.get("WANDB_MODE", "") not in ("online", "disabled") and not wandb_has_api_key()
+            )
             self._reason = "no API key"
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)

@@ -141,8 +141,7 @@ class TimeloomModule(pl.LightningModule):
         """Write ``model.safetensors`` (weights of ``self.model``) and ``config.json`` (how to rebuild it)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        save_file(weights, directory / "model.safetensors")
+        save_file(_unshared_tensors(self.model.state_dict()), directory / "model.safetensors")
         config = {"class_path": self.class_path(), "init_args": dict(self.hparams)}
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         return directory
@@ -230,6 +229,19 @@ def load_state_dict_checked(
 def _name_keys(kind: str, keys: list[str], shown: int) -> str:
     more = f", … and {len(keys) - shown} more" if len(keys) > shown else ""
     return f"{len(keys)} {kind}: {', '.join(keys[:shown])}{more}"
+
+
+def _unshared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU with tied weights (e.g. an LM head sharing the embedding) copied apart:
+    safetensors refuses tensors that share memory, and loading ties them again through the module."""
+    seen: set[int] = set()
+    weights = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        pointer = tensor.untyped_storage().data_ptr()
+        weights[name] = (tensor.clone() if pointer in seen else tensor).contiguous().cpu()
+        seen.add(pointer)
+    return weights
 
 
 def _jsonable(value: Any) -> Any:

@@ -176,9 +176,11 @@ def test_init_from_loads_at_fit_start_and_a_resumed_fit_ignores_it(tmp_path):
     assert resumed.train_step == 3
 
 
-def test_image_and_video_batches_validate_under_their_own_names():
+def test_image_and_video_batches_validate_under_their_own_names(tmp_path):
     module = OmniTokenizerModule(MICRO, TokenizerLossConfig(image_gan_weight=0.0))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
     images = DataLoader([{"video": torch.rand(1, 1, 16, 16) * 2 - 1} for _ in range(2)], batch_size=2)
     videos = DataLoader([{"video": torch.rand(1, 5, 16, 16) * 2 - 1} for _ in range(2)], batch_size=2)
     metrics = trainer.validate(module, [videos, images], verbose=False)

@@ -88,21 +88,7 @@ def test_trainable_patterns_freeze_the_rest():
         tiny_module(stage="pretrain")
 
 
-@pytest.mark.parametrize(
-    "tie_embeddings",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=RuntimeError,
-                reason="TimeloomModule.save_pretrained hands safetensors the LM head and the input embeddings "
-                "sharing storage (HF ties them), which it refuses; needs a fix in the core",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_stage_two_starts_from_stage_one(tmp_path, tie_embeddings):
     module = tiny_module(tie_embeddings)
     module.save_pretrained(tmp_path)
