@@ -78,7 +78,9 @@ def _bench(argv: list[str]) -> None:
     suites = _plugins("timeloom.bench")
     if not argv or argv[0] not in suites:
         raise SystemExit(f"usage: timeloom bench {{{','.join(sorted(suites))}}} [--help]")
-    suites[argv[0]].load()(argv[1:])
+    status = suites[argv[0]].load()(argv[1:])
+    if status:
+        raise SystemExit(status)
 
 
 def _export(argv: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""Pictures of attention structure: mask patterns and collected attention maps (matplotlib figures).
+"""Pictures: mask patterns, collected attention maps and reconstructions (matplotlib figures).
 
 Both return a `matplotlib.figure.Figure`; save it (``fig.savefig("masks.png")``) or log it to W&B
 (``wandb.Image(fig)``).
@@ -58,4 +58,33 @@ def plot_attention_maps(maps: Mapping[str, torch.Tensor], *, columns: int = 4, s
         ax.imshow(probs[sample].float().cpu().numpy(), cmap="viridis", interpolation="nearest")
         ax.set_title(name, fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot_reconstructions(
+    clips: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    frames: int = 8,
+    captions: Mapping[str, str] = {},
+) -> Figure:
+    """Filmstrips of ``name -> (input, reconstruction)`` videos ``(C, T, H, W)`` in [-1, 1]: for each clip an
+    input row above a reconstruction row, ``frames`` frames spread evenly over the clip."""
+    figure = plt.figure(figsize=(1.2 * frames + 1, 3.0 * len(clips)), layout="constrained")
+    for panel, (name, pair) in zip(figure.subfigures(len(clips), 1, squeeze=False).flat, clips.items()):
+        panel.suptitle(captions.get(name, name), fontsize=9, x=0.02, ha="left")
+        length = pair[0].shape[1]
+        shown = torch.linspace(0, length - 1, min(frames, length)).round().long()
+        axes = panel.subplots(2, len(shown), squeeze=False)
+        for row, (label, video) in enumerate(zip(("input", "reconstruction"), pair)):
+            pictures = ((video.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, shown].permute(1, 2, 3, 0)
+            for ax, picture, frame in zip(axes[row], pictures, shown.tolist()):
+                gray = picture.shape[-1] == 1
+                ax.imshow(
+                    picture.squeeze(-1) if gray else picture, cmap="gray" if gray else None, vmin=0, vmax=1
+                )
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(f"t={frame}", fontsize=7)
+            axes[row, 0].set_ylabel(label, fontsize=8)
     return figure

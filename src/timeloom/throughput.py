@@ -8,10 +8,65 @@ from __future__ import annotations
 
 import functools
 import time
+from math import prod
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    conv_flop_count,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
+
+
+# torch's FlopCounterMode does not count the CPU flash-attention kernels at all, and counts a grouped (e.g.
+# depth-wise) convolution's weight gradient as if it were dense: both skew MFU on the CPU.
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _conv_backward_flops(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
+    """Input gradient as torch counts it (a transposed conv with the grouped weight); the weight gradient
+    multiplies every weight entry once per sample and position it was applied at."""
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        positions = x_shape[2:] if transposed else grad_out_shape[2:]
+        flops += 2 * prod(w_shape) * x_shape[0] * prod(positions)
+    return flops
+
+
+_aten = torch.ops.aten
+FLOP_CORRECTIONS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    _aten.convolution_backward: _conv_backward_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """`FlopCounterMode` with the CPU attention kernel and grouped-conv backward counted correctly."""
+    return FlopCounterMode(display=False, custom_mapping=FLOP_CORRECTIONS)
 
 
 @functools.cache
@@ -61,7 +116,7 @@ class Throughput(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.flops_per_batch is None:
-            self._counter = FlopCounterMode(display=False)
+            self._counter = flop_counter()
             self._counter.__enter__()
         _synchronize(pl_module.device)
         self._start = time.perf_counter()

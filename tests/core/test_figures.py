@@ -4,7 +4,7 @@ import torch
 from timeloom_kernels import Attend, AttentionStore, attention_context, masks, set_processor
 from torch import nn
 
-from timeloom.figures import plot_attention_maps, plot_masks
+from timeloom.figures import plot_attention_maps, plot_masks, plot_reconstructions
 
 
 def test_mask_panels_show_the_dense_pattern(tmp_path):
@@ -35,3 +35,18 @@ def test_attention_maps_from_a_store(tmp_path):
     assert [ax.get_title() for ax in figure.axes if ax.images] == ["first", "second"]
     figure.savefig(tmp_path / "maps.png")
     assert (tmp_path / "maps.png").stat().st_size > 1000
+
+
+def test_reconstruction_filmstrips_show_input_over_reconstruction_at_spread_frames(tmp_path):
+    grey = torch.linspace(-1, 1, 9).view(1, 9, 1, 1).expand(1, 9, 4, 4)
+    colour = torch.zeros(3, 3, 4, 4)  # shorter than the frames asked for: every frame once
+    figure = plot_reconstructions({"grey": (grey, -grey), "colour": (colour, colour)}, frames=4)
+    grey_panel, colour_panel = figure.subfigs
+    assert grey_panel._suptitle.get_text() == "grey"
+    shown = [ax for ax in grey_panel.axes if ax.images]
+    assert [ax.get_title() for ax in shown[:4]] == ["t=0", "t=3", "t=5", "t=8"]
+    # input row over reconstruction row, mapped from [-1, 1] to [0, 1]
+    assert shown[0].images[0].get_array()[0, 0] == 0.0 and shown[4].images[0].get_array()[0, 0] == 1.0
+    assert len([ax for ax in colour_panel.axes if ax.images]) == 6
+    figure.savefig(tmp_path / "filmstrips.png")
+    assert (tmp_path / "filmstrips.png").stat().st_size > 1000

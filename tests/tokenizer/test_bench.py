@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
-from timeloom_tokenizer.bench import CPU_PRESETS, flop_counter, tiny_config
+from timeloom_tokenizer.bench import CPU_PRESETS, tiny_config
 
 from timeloom.cli import main as timeloom_main
+from timeloom.throughput import flop_counter
 
 
 @pytest.fixture(scope="module")

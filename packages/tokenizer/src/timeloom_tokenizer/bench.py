@@ -29,7 +29,6 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import (
     FlopCounterMode,
-    conv_flop_count,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
 )
 
 from timeloom.data import MovingDigits
-from timeloom.throughput import measure_matmul_peak
+from timeloom.throughput import flop_counter, measure_matmul_peak
 from timeloom_tokenizer.model import OmniTokenizer, OmniTokenizerConfig
 from timeloom_tokenizer.module import OmniTokenizerModule, TokenizerLossConfig
 
@@ -140,56 +136,6 @@ CUDA_PRESETS = {
     ),
     "tiny": CPU_PRESETS["tiny"],
 }
-
-
-# ------------------------------------------------------------------------------------------------ FLOPs
-
-
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def _conv_backward_flops(
-    grad_out_shape,
-    x_shape,
-    w_shape,
-    _bias,
-    _stride,
-    _padding,
-    _dilation,
-    transposed,
-    _output_padding,
-    _groups,
-    output_mask,
-    out_shape=None,
-    **kwargs,
-) -> int:
-    """Input gradient as torch counts it (a transposed conv with the grouped weight); the weight gradient
-    multiplies every weight entry once per sample and position it was applied at."""
-    flops = 0
-    if output_mask[0]:
-        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
-    if output_mask[1]:
-        positions = x_shape[2:] if transposed else grad_out_shape[2:]
-        flops += 2 * prod(w_shape) * x_shape[0] * prod(positions)
-    return flops
-
-
-_aten = torch.ops.aten
-FLOP_CORRECTIONS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
-    _aten.convolution_backward: _conv_backward_flops,
-}
-
-
-def flop_counter() -> FlopCounterMode:
-    """`FlopCounterMode` with the CPU attention kernel and grouped-conv backward counted correctly."""
-    return FlopCounterMode(display=False, custom_mapping=FLOP_CORRECTIONS)
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -60,6 +60,7 @@ __all__ = [
     "psnr_per_frame",
     "reconstruct",
     "reconstruct_and_write",
+    "write_reconstruction",
     "reconstruct_main",
     "ssim_per_frame",
     "write_metrics",
@@ -278,7 +279,11 @@ def reconstruct(model: OmniTokenizer, item: InputItem) -> Tensor:
 
 def reconstruct_and_write(model: OmniTokenizer, item: InputItem, out: Path) -> dict[str, Any]:
     """Reconstruct ``item``, write its files under ``out`` and return its metrics-JSON entry."""
-    recon = reconstruct(model, item)
+    return write_reconstruction(item, reconstruct(model, item), out)
+
+
+def write_reconstruction(item: InputItem, recon: Tensor, out: Path) -> dict[str, Any]:
+    """Write ``item``'s reconstruction and input | reconstruction files under ``out``; its metrics-JSON entry."""
     target = item.video[:, : item.frames]
     psnr, ssim = psnr_per_frame(target, recon), ssim_per_frame(target, recon)
     pair = torch.cat([target, recon], dim=-1)  # input | reconstruction

