@@ -22,8 +22,9 @@ def forward_flops(config, batch: int, frames: int, size: int) -> dict[str, int]:
     """Multiply-adds × 2 of one forward pass, by hand, split by how the backward pass costs them.
 
     `sdpa`: attention through the fused kernel, whose backward recomputes the scores (5 matmuls to the
-    forward's 2). `matmul`: everything else (linears, the window attention, which runs as a dense masked
-    attention over the frame, and the depth-wise PEG convs), whose backward costs twice the forward.
+    forward's 2). `matmul`: everything else (linears, the window attention, whose learned bias needs a
+    gradient and so runs unfused, one sequence per window, and the depth-wise PEG convs), whose backward
+    costs twice the forward.
     """
     p, t, d = config.patch, config.temporal_patch, config.dim
     inner, ff, c = config.heads * config.head_dim, config.feedforward_dim, config.channels
@@ -41,6 +42,7 @@ def forward_flops(config, batch: int, frames: int, size: int) -> dict[str, int]:
     feedforward = linear(tokens, d, 2 * ff) + linear(tokens, ff, d)
     peg = 2 * 27 * d * tokens  # depth-wise 3×3×3: 27 multiply-adds per channel and token
     spatial, temporal = scores(batch * latent_frames, grid), scores(batch * grid, latent_frames)
+    windowed = scores(batch * latent_frames * grid // config.window**2, config.window**2)
 
     matmul = linear(batch * grid, c * p * p, d) + linear(batch * (latent_frames - 1) * grid, c * t * p * p, d)
     matmul += linear(tokens, d, 2 * config.latent_dim) + linear(
@@ -56,7 +58,7 @@ def forward_flops(config, batch: int, frames: int, size: int) -> dict[str, int]:
             matmul += peg
             sdpa += spatial
         else:
-            matmul += spatial
+            matmul += windowed
     temporal_blocks = config.encoder_temporal_depth + config.decoder_temporal_depth
     matmul += temporal_blocks * (projections + feedforward + peg)
     sdpa += temporal_blocks * temporal

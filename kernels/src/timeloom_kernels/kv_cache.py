@@ -252,6 +252,8 @@ class KVCache:
 
         `window` mode re-bases positions to `0..S-1`; `store="pre_rope"` rotates keys at the returned positions.
         Pass `positions` as `attend`'s `kv_pos`; when padding was appended, add `& key_padding(valid)` to the mask.
+        The tensors may be views of the cache's buffers (no copy while the ring has not wrapped): use them
+        before the next `append`, or clone them, since an append can overwrite those slots in place.
         """
         slots = self._ordered_slots()
         if isinstance(slots, slice):

@@ -796,8 +796,8 @@ class RelativePositionBias(nn.Module, ScoreMod):
     """Swin's learned relative position bias for window attention: one value per (Δrow, Δcol, head).
 
     Tokens are window-major, ``window_h × window_w`` per window in raster order (models partition into
-    windows before `attend`, pairing it with ``chunk(window_h * window_w)``), so a token's place in its
-    window is its position modulo the window size. The table has ``(2·wh − 1)(2·ww − 1)`` rows, one per
+    windows before `attend`: one sequence per window, or a longer sequence paired with
+    ``chunk(window_h * window_w)``), so a token's place in its window is its position modulo the window size. The table has ``(2·wh − 1)(2·ww − 1)`` rows, one per
     offset, and ``num_heads`` columns; it trains with the model (``sdpa``/``tiled``/``reference`` carry its
     gradient).
     """

@@ -405,9 +405,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "MFU = counted FLOPs per step / step time / the measured matmul peak. Tokens are latent tokens "
         "B · T' · h · w. With a discriminator the step also runs the discriminator's forward on the "
-        "reconstruction (generator loss) and its own step. FLOPs are the executed ones: the window blocks' "
-        "attention runs as dense attention over the frame with a block-diagonal mask, so it counts (h·w)² "
-        "scores per frame where the windows alone need h·w·window².",
+        "reconstruction (generator loss) and its own step. FLOPs are the executed ones.",
         "",
         "| width | params | input | D | batch × frames × size² | ms / step | clips/s | tokens/s "
         "| FLOP / step | FLOP/s | MFU | timed steps |",

@@ -52,6 +52,7 @@ def train(config: str, out: Path) -> Path:
         config,
         f"--trainer.default_root_dir={out / 'run'}",
         f"--checkpoint.dirpath={checkpoints}",
+        f"--trainer.logger.init_args.save_dir={out}",  # the training run's W&B files beside the demo's
     ]
     print("training:", " ".join(command[2:]), flush=True)
     (checkpoints / "last.ckpt").unlink(missing_ok=True)  # never reconstruct with a stale model

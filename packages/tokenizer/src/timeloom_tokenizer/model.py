@@ -124,10 +124,14 @@ def frames_to_sequences(x: Tensor) -> Tensor:
 
 
 def frames_to_windows(x: Tensor, window: int) -> Tensor:
-    """``(B, T, h, w, d) → (B·T, h·w, d)`` window-major: each ``window²`` run is one window in raster order."""
+    """``(B, T, h, w, d) → (B·T·n, window², d)``: one raster-order sequence per window (n windows per frame).
+
+    Each window its own sequence rather than a frame-long one under a block-diagonal mask: the same
+    attention, without computing the (h·w)² − n·window⁴ scores the mask would discard.
+    """
     batch, frames, height, width, dim = x.shape
     x = x.reshape(batch * frames, height // window, window, width // window, window, dim)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch * frames, height * width, dim)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, dim)
 
 
 def windows_to_frames(x: Tensor, shape: torch.Size, window: int) -> Tensor:
@@ -212,8 +216,8 @@ class Attention(nn.Module):
     """Pre-LN cosine-sim multi-head self-attention of one flavour over a ``(B, T', h, w, d)`` token grid.
 
     - ``global``: every token of a frame, 2-D RoPE;
-    - ``window``: ``window × window`` windows of a frame (window-major sequence, ``chunk`` mask), Swin's
-      learned relative-position table as the bias;
+    - ``window``: each ``window × window`` window of a frame as its own sequence, Swin's learned
+      relative-position table as the bias;
     - ``temporal``: each spatial location over latent frames, causal mask and ALiBi.
 
     Per head: RoPE → l2-normalise q, k → learnable per-dimension scales → fixed logit scale 8 (the scales do
@@ -236,7 +240,6 @@ class Attention(nn.Module):
         self.mask = None
         if kind == "window":
             self.relative_position = masks.RelativePositionBias(config.window, config.window, config.heads)
-            self.mask = masks.chunk(config.window**2)
         elif kind == "temporal":
             self.alibi = masks.ALiBi(config.heads)
             self.mask = masks.causal()
