@@ -4,7 +4,7 @@ so the zero-initialised projections are re-drawn at random first."""
 
 import pytest
 import torch
-from timeloom_generation.model import CausalSTDiT, ar_window
+from timeloom_generation.model import CausalSTDiT
 from timeloom_kernels import masks
 
 CHANNELS, SIZE, TEXT, FRAMES = 2, 8, 4, 6  # the micro model of conftest.py
@@ -75,14 +75,6 @@ def test_positions_beyond_the_training_length_shift_consistently(random_model):
         near = model(x, tau, text)
         far = model(x, tau, text, positions=torch.arange(500, 500 + FRAMES))
     torch.testing.assert_close(far, near, atol=2e-4, rtol=0)
-
-
-def test_ar_window_mask_is_causal_and_windowed():
-    starts = torch.tensor([0, 0, 0, 3, 3, 5, 5])  # chunks [0,3) [3,5) [5,7)
-    allowed = ar_window(starts, cache_frames=3).dense(1, 1, 7, 7, torch.arange(7), torch.arange(7))[0, 0]
-    for i in range(7):
-        for j in range(7):
-            assert bool(allowed[i, j]) == (j <= i and j >= int(starts[i]) - 3), (i, j)
 
 
 def test_every_attention_is_named_for_processors(random_model):

@@ -453,3 +453,15 @@ def test_metadata_from_numpy_is_copied():
     before = mask.dense(1, 1, 6, 6).clone()
     segments[:] = 0
     assert torch.equal(mask.dense(1, 1, 6, 6), before)
+
+
+def test_chunk_window_sees_its_chunk_causally_and_a_bounded_past():
+    starts = torch.tensor([0, 0, 0, 3, 3, 5, 5])  # chunks [0,3) [3,5) [5,7)
+    allowed = M.chunk_window(starts, 3).dense(1, 1, 7, 7)[0, 0]
+    for i in range(7):
+        for j in range(7):
+            assert bool(allowed[i, j]) == (j <= i and j >= int(starts[i]) - 3), (i, j)
+    batched = M.chunk_window(torch.stack([starts, torch.zeros(7, dtype=torch.long)]), 0).dense(2, 1, 7, 7)
+    assert torch.equal(batched[1, 0], torch.ones(7, 7, dtype=torch.bool).tril())  # one chunk: plain causal
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        M.chunk_window(starts, -1)

@@ -41,6 +41,7 @@ __all__ = [
     "causal",
     "ccam",
     "chunk",
+    "chunk_window",
     "completed_chunks",
     "concentric",
     "default_positions",
@@ -668,6 +669,24 @@ def chunk(size: int, causal_within: bool = False) -> Mask:
         return same & (j <= i) if causal_within else same
 
     return Mask("chunk", (c, causal_within), predicate)
+
+
+def chunk_window(chunk_starts: Tensor | Sequence, window: int) -> Mask:
+    """Chunk-wise autoregression with a bounded past (ViD-GPT's cached sampler): position ``i`` sees ``j`` iff
+    ``j ≤ i`` and ``j ≥ s(i) − window``, where ``s(i)`` is the first position of ``i``'s chunk.
+
+    ``chunk_starts``: ``(L,)`` or ``(B, L)``, ``s(i)`` per position; ``window`` counts the positions before
+    the chunk that stay visible (a FIFO cache of that many frames gives exactly this).
+    """
+    w = int(window)
+    if w < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+
+    def predicate(b: Tensor, h: Tensor, i: Tensor, j: Tensor, starts: Tensor) -> Tensor:
+        return (j <= i) & (j >= _lookup(starts, b, i) - w)
+
+    table = _batched(chunk_starts, "chunk_starts", 1)
+    return Mask("chunk_window", (w,), predicate, tables=(("starts", table),), table_extent="position")
 
 
 def completed_chunks(size: int) -> Mask:

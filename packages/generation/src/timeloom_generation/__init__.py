@@ -7,7 +7,7 @@ Importing this package registers its LightningModules with the `timeloom` CLI (e
 
 from timeloom_generation.broadway import BroadWay
 from timeloom_generation.codec import PixelCodec, TokenizerCodec
-from timeloom_generation.model import CausalSTDiT, CausalSTDiTConfig, ar_window
+from timeloom_generation.model import CausalSTDiT, CausalSTDiTConfig
 from timeloom_generation.module import CausalVDM
 from timeloom_generation.sampling import ARSampler, NoiseSource
 from timeloom_generation.text import MiniLMTextEncoder, TextConditioner, VocabTextEncoder
@@ -26,7 +26,6 @@ __all__ = [
     "TextConditioner",
     "TokenizerCodec",
     "VocabTextEncoder",
-    "ar_window",
 ]
 
 __version__ = "0.1.0"

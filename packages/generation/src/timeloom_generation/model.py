@@ -36,7 +36,7 @@ from timeloom_kernels import Attend, KVCache, KVCacheStack, Mask, masks, name_at
 from timeloom_kernels.positions import apply_rope
 from torch import Tensor, nn
 
-__all__ = ["CausalSTDiT", "CausalSTDiTConfig", "ar_window"]
+__all__ = ["CausalSTDiT", "CausalSTDiTConfig"]
 
 
 @dataclass
@@ -70,23 +70,6 @@ class CausalSTDiTConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
-
-
-def ar_window(chunk_starts: Tensor, cache_frames: int) -> Mask:
-    """Frame ``i`` sees frame ``j`` iff ``j <= i`` and ``j >= s(i) - K``: what the cached sampler sees (spec §7.4).
-
-    ``chunk_starts (F,)`` holds, per absolute frame index, the first frame of its chunk ``s(i)``; ``K`` is the
-    cache capacity in frames. Positions are frame indices (one temporal token per frame).
-    """
-
-    def predicate(b: Tensor, h: Tensor, i: Tensor, j: Tensor, starts: Tensor) -> Tensor:
-        start = starts[0, i] if starts.shape[0] == 1 else starts[b, i]
-        return (j <= i) & (j >= start - cache_frames)
-
-    table = chunk_starts.to(torch.int64).reshape(1, -1)
-    return Mask(
-        "ar_window", (int(cache_frames),), predicate, tables=(("starts", table),), table_extent="position"
-    )
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

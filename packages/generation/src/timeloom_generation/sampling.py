@@ -8,7 +8,7 @@ first one when no frame is given). Each chunk is denoised by ``S`` Euler steps o
 is not written: nothing would read it.
 
 ``mode="history"`` is the slow, obvious reference: no cache; every step re-runs all earlier (re-noised) frames
-at ``tau = 0`` together with the chunk under the mask `ar_window` (each frame sees its chunk's last ``K``
+at ``tau = 0`` together with the chunk under the mask `masks.chunk_window` (each frame sees its chunk's last ``K``
 frames before it). By the model's causality both modes compute the same thing (spec §7.4).
 ``mode="window"`` is the speed baseline (OS-Fix): every step re-runs only the last ``K`` frames, causally. It
 equals the cached sampler until the first eviction; afterwards the cache still carries older context through
@@ -24,12 +24,12 @@ import contextlib
 from typing import Literal
 
 import torch
-from timeloom_kernels import attention_context
+from timeloom_kernels import attention_context, masks
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from timeloom_generation.diffusion import euler_levels, guide, noise_to
-from timeloom_generation.model import CausalSTDiT, ar_window
+from timeloom_generation.model import CausalSTDiT
 
 __all__ = ["ARSampler", "NoiseSource", "chunk_plan"]
 
@@ -82,7 +82,7 @@ class ARSampler:
         guidance: CFG scale ``w``; at 1 the unconditional branch is not run.
         prefix_noise: ``tau_pp``, the light noise clean frames get before they are written (as in training).
         shift: timestep shift of the Euler grid.
-        mode: ``"cached"`` (KV cache), ``"history"`` (recompute every earlier frame under `ar_window`: the
+        mode: ``"cached"`` (KV cache), ``"history"`` (recompute every earlier frame under `masks.chunk_window`: the
             reference) or ``"window"`` (recompute only the last ``K`` frames: the speed baseline).
         progress: show a progress bar over chunks.
     """
@@ -218,7 +218,9 @@ class ARSampler:
         positions, mask, past = _frames(chunk, x), None, x_in[:, :, :0]
         if self.mode == "history":
             past = state.history(branches, x_in)
-            mask = ar_window(torch.tensor(state.chunk_starts + [chunk.start] * len(chunk)), self.cache_frames)
+            mask = masks.chunk_window(
+                torch.tensor(state.chunk_starts + [chunk.start] * len(chunk)), self.cache_frames
+            )
         elif self.mode == "window":
             past = state.history(branches, x_in)[:, :, -self.cache_frames :]
         if past.shape[2]:
