@@ -252,3 +252,26 @@ def test_photo_splits_use_disjoint_photos_and_items_are_deterministic():
     assert Photos(size=16, length=2, channels=1)[0]["video"].shape == (1, 1, 16, 16)
     with pytest.raises(ValueError, match="split"):
         Photos(split="holdout")
+
+
+def test_photo_pans_move_a_crop_in_a_straight_line_across_the_photo():
+    pans = Photos(size=16, length=8, frames=5, max_pan=0.5, split="val")
+    item = pans[2]
+    assert item["video"].shape == (3, 5, 16, 16) and item["caption"].startswith("a pan across a photo")
+    top, left, side = item["meta"]["crop"].tolist()
+    dy, dx = item["meta"]["pan"].tolist()
+    assert (dy, dx) != (0, 0) and dy * dy + dx * dx <= (0.5 * side + 1) ** 2
+    assert not torch.equal(item["video"][:, 0], item["video"][:, -1])
+    still = Photos(size=16, length=8, frames=5, max_pan=0.0, split="val")[2]["video"]
+    assert torch.equal(still, still[:, :1].expand_as(still))  # no pan: a static clip
+    with pytest.raises(ValueError, match="max_pan"):
+        Photos(frames=3, max_pan=-1)
+
+
+def test_joint_videos_concatenate_several_sources():
+    pans = PhotosDataModule(size=16, frames=3, train_length=8, val_length=4, test_length=4)
+    datamodule = JointDataModule(videos=[_digits(channels=3), pans], sizes=[16], video_batch_size=4)
+    datamodule.setup("fit")
+    assert len(datamodule.dataset("video/train")) == 24 + 8
+    captions = [c for b in _epoch(datamodule.train_dataloader()) for c in b["caption"]]
+    assert any(c.startswith("a pan") for c in captions) and any(c.startswith("the digit") for c in captions)

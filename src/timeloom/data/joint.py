@@ -62,16 +62,20 @@ def _photo(name: str, short_side: int) -> torch.Tensor:
 
 
 class Photos(Dataset):
-    """Random square crops of scikit-image's photos, resized to ``size``: ``{"video": (C, 1, size, size)}``.
+    """Random square crops of scikit-image's photos, resized to ``size``: ``{"video": (C, frames, size, size)}``.
 
     Item ``i`` is deterministic per ``(seed, split, i)``: a photo, a crop side of ``min_crop``–1 times the
-    photo's shorter side at a random place, and a random horizontal flip.
+    photo's shorter side at a random place, and a random horizontal flip. With ``frames > 1`` the crop pans
+    in a straight line across the photo, up to ``max_pan`` crop sides over the clip: real textures in camera
+    motion, the natural video that MovingDigits lacks.
 
     Args:
         size: output side in pixels.
         length: items (crops) in the dataset.
         channels: 3 (RGB) or 1 (luma).
         min_crop: smallest crop side as a fraction of the photo's shorter side.
+        frames: frames per item; 1 gives images.
+        max_pan: longest pan over a clip, in crop sides.
         split: ``"train"``, ``"val"`` or ``"test"``: each uses its own photos (`PHOTO_SPLITS`).
         seed: base seed.
     """
@@ -82,17 +86,22 @@ class Photos(Dataset):
         length: int = 1000,
         channels: int = 3,
         min_crop: float = 0.25,
+        frames: int = 1,
+        max_pan: float = 0.5,
         split: str = "train",
         seed: int = 0,
     ):
         if split not in PHOTO_SPLITS:
             raise ValueError(f"split must be one of {tuple(PHOTO_SPLITS)}, got {split!r}")
-        if channels not in (1, 3) or size < 1 or length < 0 or not 0 < min_crop <= 1:
+        if channels not in (1, 3) or size < 1 or length < 0 or not 0 < min_crop <= 1 or frames < 1:
             raise ValueError(
-                "need channels in (1, 3), size >= 1, length >= 0 and 0 < min_crop <= 1; got "
-                f"{channels}, {size}, {length}, {min_crop}"
+                "need channels in (1, 3), size >= 1, length >= 0, 0 < min_crop <= 1 and frames >= 1; got "
+                f"{channels}, {size}, {length}, {min_crop}, {frames}"
             )
+        if max_pan < 0:
+            raise ValueError(f"max_pan must be >= 0, got {max_pan}")
         self.size, self.length, self.channels, self.min_crop = size, length, channels, min_crop
+        self.frames, self.max_pan = frames, max_pan
         self.split, self.seed = split, seed
         self.names = PHOTO_SPLITS[split]
 
@@ -108,28 +117,47 @@ class Photos(Dataset):
         photo = _photo(name, math.ceil(self.size / self.min_crop))
         height, width = photo.shape[1:]
         side = max(1, round(rng.uniform(self.min_crop, 1.0) * min(height, width)))
-        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
-        crop = photo[:, top : top + side, left : left + side]
-        if rng.random() < 0.5:
-            crop = crop.flip(-1)
-        crop = F.interpolate(crop[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+        # The pan (dy, dx) over the whole clip, clipped to the photo; the start leaves room for it. Images draw
+        # no pan, so their crops stay what they were before clips existed.
+        dy = dx = 0
+        if self.frames > 1:
+            angle, length = rng.uniform(0, 2 * math.pi), rng.uniform(0, self.max_pan) * side
+            dy = int(np.clip(round(length * math.sin(angle)), side - height, height - side))
+            dx = int(np.clip(round(length * math.cos(angle)), side - width, width - side))
+        top = int(rng.integers(max(0, -dy), height - side - max(0, dy) + 1))
+        left = int(rng.integers(max(0, -dx), width - side - max(0, dx) + 1))
+        flip = rng.random() < 0.5
+        steps = np.linspace(0, 1, self.frames) if self.frames > 1 else np.zeros(1)
+        crops = torch.stack(
+            [
+                photo[:, y : y + side, x : x + side]
+                for y, x in zip(
+                    top + np.round(steps * dy).astype(int), left + np.round(steps * dx).astype(int)
+                )
+            ]
+        )
+        if flip:
+            crops = crops.flip(-1)
+        crops = F.interpolate(crops, size=(self.size, self.size), mode="bilinear", antialias=True)
         if self.channels == 1:
-            crop = (crop * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
+            crops = (crops * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
         return {
-            "video": crop.clamp(-1, 1)[:, None],
-            "caption": f"a photo ({name})",
-            "meta": {"photo": name, "crop": torch.tensor([top, left, side])},
+            "video": crops.clamp(-1, 1).transpose(0, 1),
+            "caption": f"a photo ({name})" if self.frames == 1 else f"a pan across a photo ({name})",
+            "meta": {"photo": name, "crop": torch.tensor([top, left, side]), "pan": torch.tensor([dy, dx])},
         }
 
 
 class PhotosDataModule(TimeloomDataModule):
-    """`Photos` crops as one-frame videos; ``train_length`` etc. set the crops per split."""
+    """`Photos` crops (one-frame videos, or pans with ``frames > 1``); ``train_length`` etc. set the items per split."""
 
     def __init__(
         self,
         size: int = 64,
         channels: int = 3,
         min_crop: float = 0.25,
+        frames: int = 1,
+        max_pan: float = 0.5,
         train_length: int = 1000,
         val_length: int = 64,
         test_length: int = 64,
@@ -141,7 +169,9 @@ class PhotosDataModule(TimeloomDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         self.save_hyperparameters()
         self.lengths = {"train": train_length, "val": val_length, "test": test_length}
-        self.photo_args = dict(size=size, channels=channels, min_crop=min_crop)
+        self.photo_args = dict(
+            size=size, channels=channels, min_crop=min_crop, frames=frames, max_pan=max_pan
+        )
         Photos(length=0, **self.photo_args)  # reject a bad configuration now
 
     def build_dataset(self, split: str) -> Photos:
@@ -236,7 +266,8 @@ class JointDataModule(TimeloomDataModule):
     serve one loader per kind (videos first), at ``eval_size``.
 
     Args:
-        videos: the data module of the video clips, or None for images only.
+        videos: data modules whose datasets, concatenated, give the clips (one module is a list of one);
+            none means images only.
         images: data modules whose datasets, concatenated, give the images; none means videos only.
         sizes: training sides in pixels, one drawn per step (bilinear resize).
         eval_size: side of validation/test batches; defaults to the smallest of ``sizes``.
@@ -246,7 +277,7 @@ class JointDataModule(TimeloomDataModule):
 
     def __init__(
         self,
-        videos: TimeloomDataModule | None = None,
+        videos: TimeloomDataModule | list[TimeloomDataModule] | None = None,
         images: list[TimeloomDataModule] | None = None,
         sizes: list[int] | None = None,
         eval_size: int | None = None,
@@ -260,9 +291,9 @@ class JointDataModule(TimeloomDataModule):
             batch_size=video_batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory
         )
         self.save_hyperparameters(ignore=["videos", "images"])
-        if videos is None and not images:
+        self.videos = [videos] if isinstance(videos, TimeloomDataModule) else list(videos or [])
+        if not self.videos and not images:
             raise ValueError("JointDataModule needs videos, images or both")
-        self.videos = videos
         self.images = list(images or [])
         self.sizes = list(sizes or [32])
         self.eval_size = eval_size if eval_size is not None else min(self.sizes)
@@ -271,14 +302,13 @@ class JointDataModule(TimeloomDataModule):
     @property
     def kinds(self) -> list[str]:
         """The kinds of batch, in the order they alternate."""
-        return (["video"] if self.videos is not None else []) + (["image"] if self.images else [])
+        return (["video"] if self.videos else []) + (["image"] if self.images else [])
 
     def build_dataset(self, split: str) -> Dataset:
-        """``"video/<split>"`` or ``"image/<split>"`` (the image datasets concatenated)."""
+        """``"video/<split>"`` or ``"image/<split>"``: that kind's datasets, concatenated."""
         kind, split = split.split("/")
-        if kind == "video":
-            return self.videos.dataset(split)
-        return ConcatDataset([module.dataset(split) for module in self.images])
+        modules = self.videos if kind == "video" else self.images
+        return ConcatDataset([module.dataset(split) for module in modules])
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",)}.get(stage, ("train", "val", "test"))
