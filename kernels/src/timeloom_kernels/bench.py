@@ -686,25 +686,59 @@ def describe_environment(device: torch.device, dtype: torch.dtype, mode: str) ->
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`timeloom bench kernels [--out DIR] [--quick | --tiny] [--device cpu|cuda]`."""
-    parser = argparse.ArgumentParser(prog="timeloom bench kernels", description=__doc__.split("\n")[0])
+@dataclass
+class SuiteRun:
+    """What a preset-driven suite's command line resolves to."""
+
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    preset: Any
+    environment: dict[str, Any]
+
+
+def parse_suite_arguments(
+    suite: str,
+    description: str,
+    argv: list[str] | None,
+    cpu_presets: dict[str, Any],
+    cuda_presets: dict[str, Any],
+    quick_help: str,
+    tiny_help: str,
+) -> SuiteRun:
+    """The options every `timeloom bench SUITE` shares (``--out``, ``--quick | --tiny``, ``--device``,
+    ``--dtype``), resolved to a device, dtype and the preset for that device; prints the environment."""
+    parser = argparse.ArgumentParser(prog=f"timeloom bench {suite}", description=description)
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="shorter sweep (about a minute on 2 CPU cores)")
-    size.add_argument("--tiny", action="store_true", help="smoke test of the harness (seconds)")
+    size.add_argument("--quick", action="store_true", help=quick_help)
+    size.add_argument("--tiny", action="store_true", help=tiny_help)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     args = parser.parse_args(argv)
-
     try:
         device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     except ValueError as error:
         parser.error(str(error))
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    preset = (CUDA_PRESETS if device.type == "cuda" else CPU_PRESETS)[mode]
+    preset = (cuda_presets if device.type == "cuda" else cpu_presets)[mode]
     environment = describe_environment(device, dtype, mode)
-    print(f"timeloom bench kernels: {environment}", flush=True)
+    print(f"timeloom bench {suite}: {environment}", flush=True)
+    return SuiteRun(args.out, device, dtype, preset, environment)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`timeloom bench kernels [--out DIR] [--quick | --tiny] [--device cpu|cuda]`."""
+    run = parse_suite_arguments(
+        "kernels",
+        __doc__.split("\n")[0],
+        argv,
+        CPU_PRESETS,
+        CUDA_PRESETS,
+        quick_help="shorter sweep (about a minute on 2 CPU cores)",
+        tiny_help="smoke test of the harness (seconds)",
+    )
+    device, dtype, preset, environment = run.device, run.dtype, run.preset, run.environment
     runner = Runner(device, dtype, preset, environment)
     started = time.perf_counter()
     sweep(runner)
@@ -713,14 +747,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(runner.cells, preset.tokens_per_frame)
     summary["wall_s"] = time.perf_counter() - started
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "kernels.jsonl", "w") as handle:
+    run.out.mkdir(parents=True, exist_ok=True)
+    with open(run.out / "kernels.jsonl", "w") as handle:
         for cell in runner.cells:
             handle.write(json.dumps({**environment, **asdict(cell)}) + "\n")
-    (args.out / "kernels_summary.json").write_text(json.dumps({**environment, **summary}, indent=2) + "\n")
-    (args.out / "kernels.md").write_text(markdown(runner.cells, summary, environment) + "\n")
+    (run.out / "kernels_summary.json").write_text(json.dumps({**environment, **summary}, indent=2) + "\n")
+    (run.out / "kernels.md").write_text(markdown(runner.cells, summary, environment) + "\n")
     print(
-        f"wrote {args.out / 'kernels.jsonl'}, kernels_summary.json and kernels.md in {summary['wall_s']:.0f} s"
+        f"wrote {run.out / 'kernels.jsonl'}, kernels_summary.json and kernels.md in {summary['wall_s']:.0f} s"
     )
     return 0
 

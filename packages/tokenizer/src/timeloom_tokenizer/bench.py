@@ -20,7 +20,6 @@ Compare runs only from the same device, and mind the machine's load (recorded in
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -35,12 +34,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from omegaconf import OmegaConf
-from timeloom_kernels.bench import (
-    describe_environment,
-    iqr_mean,
-    measure,
-    resolve_device_and_dtype,
-)
+from timeloom_kernels.bench import iqr_mean, measure, parse_suite_arguments
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import (
@@ -454,24 +448,16 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`timeloom bench tokenizer [--out DIR] [--quick | --tiny] [--device cpu|cuda] [--dtype ...]`."""
-    parser = argparse.ArgumentParser(prog="timeloom bench tokenizer", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller inputs (about a minute on 2 CPU cores)")
-    size.add_argument(
-        "--tiny", action="store_true", help="smoke test of the harness, tiny width only (seconds)"
+    run = parse_suite_arguments(
+        "tokenizer",
+        __doc__.split("\n")[0],
+        argv,
+        CPU_PRESETS,
+        CUDA_PRESETS,
+        quick_help="smaller inputs (about a minute on 2 CPU cores)",
+        tiny_help="smoke test of the harness, tiny width only (seconds)",
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    args = parser.parse_args(argv)
-    try:
-        device, dtype = resolve_device_and_dtype(args.device, args.dtype)
-    except ValueError as error:
-        parser.error(str(error))
-    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    preset = (CUDA_PRESETS if device.type == "cuda" else CPU_PRESETS)[mode]
-    environment = describe_environment(device, dtype, mode)
-    print(f"timeloom bench tokenizer: {environment}", flush=True)
+    device, dtype, preset, environment = run.device, run.dtype, run.preset, run.environment
 
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -520,10 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarise(train, latency),
         "wall_s": time.perf_counter() - started,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tokenizer.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "tokenizer.md").write_text(markdown(result))
-    print(f"wrote {args.out / 'tokenizer.json'} and tokenizer.md in {result['wall_s']:.0f} s")
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "tokenizer.json").write_text(json.dumps(result, indent=2) + "\n")
+    (run.out / "tokenizer.md").write_text(markdown(result))
+    print(f"wrote {run.out / 'tokenizer.json'} and tokenizer.md in {result['wall_s']:.0f} s")
     return 0
 
 
