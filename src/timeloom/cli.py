@@ -3,8 +3,8 @@
 Model and data classes are chosen in subclass mode, so any installed `TimeloomModule` / `TimeloomDataModule`
 works by its short name (``--model=VideoAutoencoder``). Model packages make themselves known through the
 entry-point group ``timeloom.packages``; importing them registers their classes. Extra commands
-(``timeloom.commands``, e.g. ``export``) and benchmark suites (``timeloom.bench``, run as ``timeloom bench NAME``)
-are entry points too, so a package adds one without touching this file.
+(``timeloom.commands``, e.g. ``generate``), benchmark suites (``timeloom.bench``, run as ``timeloom bench NAME``)
+and evaluation suites (``timeloom.evaluate``, run as ``timeloom evaluate NAME``) are entry points too, so a package adds one without touching this file.
 """
 
 from __future__ import annotations
@@ -73,14 +73,18 @@ def _plugins(group: str) -> dict[str, EntryPoint]:
     return {entry.name: entry for entry in entry_points(group=group)}
 
 
-def _bench(argv: list[str]) -> None:
-    """`timeloom bench SUITE [...]`: the performance suites of every installed package."""
-    suites = _plugins("timeloom.bench")
-    if not argv or argv[0] not in suites:
-        raise SystemExit(f"usage: timeloom bench {{{','.join(sorted(suites))}}} [--help]")
-    status = suites[argv[0]].load()(argv[1:])
-    if status:
-        raise SystemExit(status)
+def _suite_command(group: str, verb: str, what: str) -> Callable[[list[str]], None]:
+    """`timeloom VERB SUITE [...]`: dispatch to the suite an installed package registers under ``group``."""
+
+    def run(argv: list[str]) -> None:
+        suites = _plugins(group)
+        if not argv or argv[0] not in suites:
+            raise SystemExit(f"usage: timeloom {verb} {{{','.join(sorted(suites))}}} [--help]  ({what})")
+        status = suites[argv[0]].load()(argv[1:])
+        if status:
+            raise SystemExit(status)
+
+    return run
 
 
 def _export(argv: list[str]) -> None:
@@ -92,7 +96,13 @@ def _export(argv: list[str]) -> None:
     print(f"exported {argv[0]} to {out}")
 
 
-CORE_COMMANDS: dict[str, Callable[[list[str]], None]] = {"bench": _bench, "export": _export}
+CORE_COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "bench": _suite_command("timeloom.bench", "bench", "speed and memory, JSON + Markdown"),
+    "evaluate": _suite_command(
+        "timeloom.evaluate", "evaluate", "quality of a trained model, JSON + Markdown"
+    ),
+    "export": _export,
+}
 
 
 def extra_commands() -> dict[str, Callable[[list[str]], None]]:
@@ -108,12 +118,14 @@ def extra_commands() -> dict[str, Callable[[list[str]], None]]:
 
 def describe() -> str:
     """The top-level help text, listing the commands and benchmark suites that are installed."""
-    commands = ", ".join(name for name in extra_commands() if name != "bench")
+    commands = ", ".join(name for name in extra_commands() if name not in ("bench", "evaluate"))
     suites = ", ".join(sorted(_plugins("timeloom.bench")))
+    evaluations = ", ".join(sorted(_plugins("timeloom.evaluate")))
     return (
         "timeloom: train, evaluate and benchmark causal video models.\n\n"
         "Lightning commands: fit, validate, test, predict (each takes -c CONFIG; several -c compose in order).\n"
-        f"Other commands (each has --help): {commands}; bench {{{suites}}} (speed and memory, JSON + Markdown).\n"
+        f"Other commands (each has --help): {commands}; bench {{{suites}}} (speed and memory, JSON + Markdown);\n"
+        f"evaluate {{{evaluations}}} (quality of a trained model, JSON + Markdown).\n"
     )
 
 

@@ -85,3 +85,9 @@ def test_bench_without_a_suite_says_how(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench"])
     assert "kernels" in str(exit_info.value.code)
+
+
+def test_evaluate_without_a_suite_says_how():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate"])
+    assert "usage: timeloom evaluate" in str(exit_info.value.code)
