@@ -239,3 +239,26 @@ def test_splice_puts_each_token_where_its_placeholder_was(side):
         torch.testing.assert_close(embeds[b, real][~visual], text[b, :length][keep], rtol=0, atol=0)
         assert labels[b, real][~visual].tolist() == batch["labels"][b, :length][keep].tolist()
         assert (labels[b, real][visual] == -100).all() and (embeds[b, ~real] == 0).all()
+
+
+CACHE_CASES = [
+    ("mlp", "sdpa", "causal", {}),
+    ("mlp", "eager", "causal", {}),
+    ("mlp", "sdpa", "tc_llava", {}),
+    ("mlp", "sdpa", "tad_rope", {"gamma": 0.5}),  # float positions
+    ("mlp", "sdpa", "modality_mutual", {}),
+    ("mlp", "eager", "concentric", {}),
+    ("ccam", "sdpa", "tc_llava", {}),
+]
+
+
+@pytest.mark.parametrize("projector, attn, structure, options", CACHE_CASES)
+def test_cached_greedy_decoding_equals_recomputing_the_sequence(projector, attn, structure, options):
+    model = shared_model(projector, attn)
+    model.structure = make_structure(structure, **options)
+    batch = prompts(model, groups=2)  # four prompts of different lengths, left-padded
+    cached, cached_logits = model.generate(batch, max_new_tokens=6, return_logits=True)
+    recomputed, logits = model.generate(batch, max_new_tokens=6, use_cache=False, return_logits=True)
+    assert cached == recomputed
+    assert cached_logits.shape == logits.shape == (4, 6, model.tokenizer.vocab_size)
+    torch.testing.assert_close(cached_logits, logits, rtol=1e-5, atol=1e-5)

@@ -10,11 +10,19 @@ silently wrong there (checked on transformers 5.24).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LLMConfig", "build_causal_lm", "decoder_hidden_states"]
+__all__ = [
+    "LLMConfig",
+    "build_causal_lm",
+    "cache_length",
+    "crop_cache",
+    "decoder_hidden_states",
+    "new_cache",
+]
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -81,15 +89,50 @@ def build_causal_lm(config: LLMConfig, vocab_size: int) -> nn.Module:
 
 
 def decoder_hidden_states(
-    model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor
+    model: nn.Module,
+    inputs_embeds: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    cache: Any = None,
 ) -> Tensor:
-    """Final hidden states ``(B, L, D)`` of the decoder (no LM head: the loss applies it where needed)."""
+    """Final hidden states ``(B, L, D)`` of the decoder (no LM head: the loss applies it where needed).
+
+    With a ``cache`` (from `new_cache`) the ``L`` new tokens' keys and values are appended to it, and
+    ``attention_mask`` is ``(B, 1, L, cached + L)``: the new rows over every cached key and the new ones.
+    """
     if attention_mask.dim() != 4 or attention_mask.dtype != inputs_embeds.dtype:
         raise ValueError(
             f"the LLM takes a 4-D additive mask in the model dtype {inputs_embeds.dtype}; got "
             f"{attention_mask.dim()}-D {attention_mask.dtype}"
         )
+    keys = inputs_embeds.shape[1] + (cache_length(cache) if cache is not None else 0)
+    if attention_mask.shape[-1] != keys:
+        raise ValueError(f"the mask covers {attention_mask.shape[-1]} keys; the cache and input hold {keys}")
     output = model.model(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=cache is not None,
     )
     return output.last_hidden_state
+
+
+def new_cache(model: nn.Module) -> Any:
+    """An empty key/value cache for ``model`` (transformers' own `DynamicCache`: it owns the layout)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_length(cache: Any) -> int:
+    """How many tokens ``cache`` holds."""
+    return cache.get_seq_length()
+
+
+def crop_cache(cache: Any, length: int) -> None:
+    """Roll ``cache`` back to its first ``length`` tokens, in place (transformers takes a negative count)."""
+    extra = cache_length(cache) - length
+    if extra < 0:
+        raise ValueError(f"cannot crop a cache of {cache_length(cache)} tokens to {length}")
+    cache.crop(-extra)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timeloom_understanding.encoders import TimmEncoder
-from timeloom_understanding.hf_backbone import LLMConfig, build_causal_lm, decoder_hidden_states
+from timeloom_understanding.hf_backbone import LLMConfig, build_causal_lm, decoder_hidden_states, new_cache
 from timeloom_understanding.layouts import ASSISTANT, LayoutBuilder, TokenLayout, make_structure
 from timeloom_understanding.projectors import make_projector
 from timeloom_understanding.text import IGNORE_INDEX, MEDIA_PLACEHOLDERS, TextTokenizer
@@ -141,40 +141,102 @@ class VideoLLM(nn.Module):
     def hidden_states(self, batch: dict[str, Any], side: str = "right") -> tuple[Tensor, TokenLayout, Tensor]:
         """Final LLM hidden states ``(B, L, D)`` under the structure, with the layout and labels."""
         embeds, layout, labels = self.build_inputs(batch, side)
-        device = embeds.device
-        positions = self.structure.position_ids(layout).to(device)
-        mask = self.structure.attention_mask(layout, embeds.dtype).to(device)
-        return decoder_hidden_states(self.llm, embeds, mask, positions), layout, labels
+        return self.extend(embeds, layout)[0], layout, labels
+
+    def extend(self, embeds: Tensor, layout: TokenLayout, cache: Any = None) -> tuple[Tensor, Tensor]:
+        """Run the last ``n = embeds.shape[1]`` tokens of ``layout`` through the LLM after those in ``cache``.
+
+        ``layout`` describes the whole sequence, cached tokens first, so the structure gives the new tokens
+        the positions and mask rows they have in the full sequence. Returns their hidden states ``(B, n, D)``
+        and the positions ``(B, L)`` of the whole sequence. Without a cache, ``n`` is the whole layout.
+        Reusing a cache is exact only when appending tokens changes neither the positions nor the mask rows
+        of the earlier ones, which holds for every structure when text is appended, and for media tokens
+        under the structures that allow streaming (`streaming.reuses_cache`).
+        """
+        new = embeds.shape[1]
+        positions = self.structure.position_ids(layout).to(embeds.device)
+        mask = self.structure.attention_mask(layout, embeds.dtype)[:, :, -new:].to(embeds.device)
+        hidden = decoder_hidden_states(self.llm, embeds, mask, positions[:, -new:], cache)
+        return hidden, positions
 
     def logits(self, batch: dict[str, Any], side: str = "right") -> Tensor:
         """Logits at every position ``(B, L, V)`` (evaluation and tests; training uses `loss`)."""
         return self.llm.lm_head(self.hidden_states(batch, side)[0])
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], max_new_tokens: int = 16) -> list[list[int]]:
+    def generate(
+        self,
+        batch: dict[str, Any],
+        max_new_tokens: int = 16,
+        use_cache: bool = True,
+        return_logits: bool = False,
+    ) -> list[list[int]] | tuple[list[list[int]], Tensor]:
         """Greedy replies (token ids, ending with ``<|end|>`` unless cut at ``max_new_tokens``).
 
-        ``batch`` comes from `ConversationCollator` with ``for_generation=True``. Every step recomputes the
-        whole sequence: the slow, obvious reference for a cached decoder. Samples are left-padded, so each
-        one's next token is read at the last position; positions come from the layout, so a generated token
-        advances the position by the structure's decode step (1 + γ under TAD-RoPE).
+        ``batch`` comes from `ConversationCollator` with ``for_generation=True``; samples are left-padded, so
+        each one's next token is read at the last position. The prompt runs once into a key/value cache and
+        each new token attends to it; ``use_cache=False`` recomputes the whole sequence per token instead (the
+        slow, obvious reference). A generated token is assistant text: it sees every real token before it
+        and advances the position by the structure's decode step (1 + γ under TAD-RoPE).
+        ``return_logits`` also returns the logits ``(B, steps, V)`` each token was chosen from.
         """
         batch = dict(batch)
         if batch.get("video") is not None:
             batch["media_tokens"] = self.encode_media(batch["video"])
-        size = len(batch["lengths"])
-        replies: list[list[int]] = [[] for _ in range(size)]
-        finished = torch.zeros(size, dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            hidden, _, _ = self.hidden_states(batch, side="left")
-            next_ids = self.llm.lm_head(hidden[:, -1]).argmax(-1).cpu()
+        if use_cache:
+            embeds, layout, _ = self.build_inputs(batch, side="left")
+            cache = new_cache(self.llm)
+            hidden, positions = self.extend(embeds, layout, cache)
+            advance = self.cached_decoder(cache, positions[:, -1], ~layout.pad)
+        else:
+
+            def advance(next_ids: Tensor) -> Tensor:
+                nonlocal batch
+                batch = _append_token(batch, next_ids)
+                return self.hidden_states(batch, side="left")[0][:, -1]
+
+            hidden = self.hidden_states(batch, side="left")[0]
+        replies, logits = self.greedy(self.llm.lm_head(hidden[:, -1]), advance, max_new_tokens)
+        return (replies, logits) if return_logits else replies
+
+    def cached_decoder(self, cache: Any, last_position: Tensor, real_keys: Tensor):
+        """A function that appends one generated token per sample to ``cache`` and returns its hidden state.
+
+        ``last_position (B,)`` is the position of the last cached token; ``real_keys (B, K)`` says which cached
+        tokens are not padding. Each new token sees every real key and itself.
+        """
+        step = self.structure.decode_step()
+        if not last_position.is_floating_point() and float(step).is_integer():
+            step = int(step)
+        position, real_keys = last_position.unsqueeze(1), real_keys.to(last_position.device)
+
+        def advance(next_ids: Tensor) -> Tensor:
+            nonlocal position, real_keys
+            embeds = self.llm.get_input_embeddings()(next_ids.to(real_keys.device).unsqueeze(1))
+            position = position + step
+            real_keys = torch.cat((real_keys, real_keys.new_ones(len(next_ids), 1)), dim=1)
+            mask = torch.zeros(real_keys.shape, dtype=embeds.dtype, device=embeds.device)
+            mask = mask.masked_fill(~real_keys, torch.finfo(embeds.dtype).min)[:, None, None]
+            return decoder_hidden_states(self.llm, embeds, mask, position, cache)[:, -1]
+
+        return advance
+
+    def greedy(self, logits: Tensor, advance, max_new_tokens: int) -> tuple[list[list[int]], Tensor]:
+        """Greedy decoding from the first token's ``logits (B, V)``; ``advance(ids)`` feeds the chosen ids
+        and returns the next hidden states ``(B, D)``. Stops when every sample has said ``<|end|>``."""
+        replies: list[list[int]] = [[] for _ in range(logits.shape[0])]
+        finished = torch.zeros(logits.shape[0], dtype=torch.bool)
+        history = []
+        for step in range(max_new_tokens):
+            history.append(logits)
+            next_ids = logits.argmax(-1).cpu()
             for b in torch.nonzero(~finished).flatten().tolist():
                 replies[b].append(int(next_ids[b]))
             finished |= next_ids == self.tokenizer.eos_id
-            if finished.all():
+            if finished.all() or step == max_new_tokens - 1:
                 break
-            batch = _append_token(batch, next_ids)
-        return replies
+            logits = self.llm.lm_head(advance(next_ids))
+        return replies, torch.stack(history, dim=1)
 
     def supervised_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """Logits ``(S, V)`` that predict the ``S`` supervised tokens, those tokens ``(S,)`` and their sample.
