@@ -127,6 +127,13 @@ class TokenLayout:
         values = {f.name: getattr(self, f.name)[index][keep].unsqueeze(0) for f in dataclasses.fields(self)}
         return TokenLayout(**values)
 
+    def concat(self, other: TokenLayout) -> TokenLayout:
+        """This layout followed by ``other`` along the sequence (same batch size), e.g. a stream growing."""
+        fields = dataclasses.fields(self)
+        return TokenLayout(
+            **{f.name: torch.cat((getattr(self, f.name), getattr(other, f.name)), 1) for f in fields}
+        )
+
     @classmethod
     def stack(cls, layouts: list[TokenLayout], side: str = "right", length: int | None = None) -> TokenLayout:
         """Pad batch-1 layouts to ``length`` (default: the longest) on ``side`` and stack them.
