@@ -370,8 +370,10 @@ class Concentric(Structure):
 
     def grid(self, layout: TokenLayout) -> tuple[int, int]:
         visual = layout.visual
-        if (layout.kind == QUERY).any():
-            raise ValueError("Concentric needs visual tokens on a grid; CCAM queries have none")
+        if (layout.visual & (layout.row < 0)).any():
+            raise ValueError(
+                "Concentric needs visual tokens on a grid; CCAM queries and SlowFast's fast tokens have none"
+            )
         if not visual.any():
             return 1, 1
         return int(layout.row[visual].max()) + 1, int(layout.col[visual].max()) + 1

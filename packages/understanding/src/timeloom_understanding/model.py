@@ -24,6 +24,7 @@ from timeloom_understanding.hf_backbone import LLMConfig, build_causal_lm, decod
 from timeloom_understanding.layouts import ASSISTANT, LayoutBuilder, TokenLayout, make_structure
 from timeloom_understanding.projectors import make_projector
 from timeloom_understanding.text import IGNORE_INDEX, MEDIA_PLACEHOLDERS, TextTokenizer
+from timeloom_understanding.time_tokens import TimedAnswer, render
 
 __all__ = ["VideoLLM", "VideoLLMConfig"]
 
@@ -47,7 +48,7 @@ class VideoLLMConfig:
 
     Args:
         encoder: `TimmEncoder` arguments (a timm ViT name plus overrides; random init).
-        projector: ``mlp`` or ``ccam``; ``projector_options`` go to its constructor.
+        projector: ``mlp``, ``ccam`` or ``slowfast``; ``projector_options`` go to its constructor.
         llm: the language model.
         structure: ``causal``, ``tad_rope``, ``frame_block_causal``, ``tc_llava``, ``modality_mutual`` or
             ``concentric``; ``structure_options`` go to its constructor (e.g. ``gamma``).
@@ -237,6 +238,28 @@ class VideoLLM(nn.Module):
                 break
             logits = self.llm.lm_head(advance(next_ids))
         return replies, torch.stack(history, dim=1)
+
+    def render_replies(
+        self, replies: list[list[int]], durations: list[float] | None = None
+    ) -> list[TimedAnswer]:
+        """Generated ids as text: raw, with LITA time tokens in seconds, and their ``timestamps``.
+
+        ``durations`` are the videos' lengths in seconds; a reply with a time token needs one, since a
+        raw ``<t17>`` means nothing to a reader.
+        """
+        answers = []
+        for number, ids in enumerate(replies):
+            ids = [i for i in ids if i not in (self.tokenizer.eos_id, self.tokenizer.pad_id)]
+            raw = self.tokenizer.decode(ids)
+            if durations is None:
+                if "<t" in raw and render(raw, 1.0).timestamps:
+                    raise ValueError(
+                        f"reply {number} holds time tokens; pass the video durations to render them"
+                    )
+                answers.append(TimedAnswer(raw, raw, []))
+            else:
+                answers.append(render(raw, durations[number]))
+        return answers
 
     def supervised_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """Logits ``(S, V)`` that predict the ``S`` supervised tokens, those tokens ``(S,)`` and their sample.

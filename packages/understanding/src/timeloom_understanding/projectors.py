@@ -8,6 +8,7 @@ A projector takes encoder features ``(B, T, N, C_v)`` on an ``(h, w)`` grid and 
 - `CCAMProjector` (Video-CCAM): ``Q`` learned queries cross-attend to the frames under the causal cross-attention
   mask (query ``i`` reads frames ``≤ b(i) = ⌊i·T/Q⌋``) and attend to each other block-causally; always ``Q``
   tokens, whatever ``T``.
+- `SlowFastProjector` (LITA): per-frame means (fast) and a few pooled frames (slow), then the MLP.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ from timeloom_kernels import attend
 from timeloom_kernels.masks import Mask
 from torch import Tensor, nn
 
-from timeloom_understanding.layouts import VisualTokens, ccam_blocks, ccam_cross_mask, ccam_query_mask
+from timeloom_understanding.layouts import (
+    VISUAL,
+    VisualTokens,
+    ccam_blocks,
+    ccam_cross_mask,
+    ccam_query_mask,
+)
 
-__all__ = ["PROJECTORS", "CCAMProjector", "MLPProjector", "make_projector"]
+__all__ = ["PROJECTORS", "CCAMProjector", "MLPProjector", "SlowFastProjector", "make_projector"]
 
 
 class MLPProjector(nn.Module):
@@ -142,11 +149,63 @@ class CCAMProjector(nn.Module):
         return self.out(self.norm(queries)), VisualTokens.queries(blocks)
 
 
-PROJECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector, "ccam": CCAMProjector}
+class SlowFastProjector(nn.Module):
+    """LITA's SlowFast tokens, then LLaVA's MLP on each.
+
+    Fast: every frame's spatial mean (``T`` tokens, no grid). Slow: ``s`` frames at
+    ``round(linspace(0, T−1, s))`` (``s = min(slow_frames, T)``, so no frame twice), each ``pool × pool``
+    average-pooled (``s·(h/p)(w/p)`` tokens on a grid). Fast tokens come first (our choice; upstream's order
+    is unverified). LITA: T = 100 on 16×16 → 100 + 4·64 = 356 tokens. The slow frames depend on ``T``, so
+    a stream cannot reuse them as frames arrive.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, slow_frames: int = 4, pool: int = 2, hidden: int | None = None
+    ) -> None:
+        super().__init__()
+        self.slow_frames, self.pool = slow_frames, pool
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden or out_dim), nn.GELU(), nn.Linear(hidden or out_dim, out_dim)
+        )
+
+    def slow_indices(self, frames: int) -> Tensor:
+        count = min(self.slow_frames, frames)
+        return torch.linspace(0, frames - 1, count).round().long()
+
+    def num_tokens(self, frames: int, grid: tuple[int, int]) -> int:
+        return frames + len(self.slow_indices(frames)) * (grid[0] // self.pool) * (grid[1] // self.pool)
+
+    def forward(self, features: Tensor, grid: tuple[int, int]) -> tuple[Tensor, VisualTokens]:
+        batch, frames, _, channels = features.shape
+        height, width = grid
+        if height % self.pool or width % self.pool:
+            raise ValueError(f"a {height}x{width} token grid does not pool by {self.pool}")
+        fast = features.mean(dim=2)  # (B, T, C)
+        slow_frames = self.slow_indices(frames)
+        maps = features[:, slow_frames].reshape(-1, height, width, channels).permute(0, 3, 1, 2)
+        maps = F.avg_pool2d(maps, self.pool)
+        slow = maps.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # frame by frame, raster order
+        tokens = self.net(torch.cat((fast, slow), dim=1))
+        pooled = VisualTokens.grid(len(slow_frames), height // self.pool, width // self.pool)
+        no_grid = torch.full((frames,), -1)
+        visual = VisualTokens(
+            kind=torch.cat((torch.full((frames,), VISUAL), pooled.kind)),
+            frame=torch.cat((torch.arange(frames), slow_frames[pooled.frame])),
+            row=torch.cat((no_grid, pooled.row)),
+            col=torch.cat((no_grid, pooled.col)),
+        )
+        return tokens, visual
+
+
+PROJECTORS: dict[str, type[nn.Module]] = {
+    "mlp": MLPProjector,
+    "ccam": CCAMProjector,
+    "slowfast": SlowFastProjector,
+}
 
 
 def make_projector(name: str, in_dim: int, out_dim: int, **options) -> nn.Module:
-    """A projector by name (``mlp`` or ``ccam``) with its options."""
+    """A projector by name (``mlp``, ``ccam`` or ``slowfast``) with its options."""
     if name not in PROJECTORS:
         raise ValueError(f"unknown projector {name!r}; choose one of {sorted(PROJECTORS)}")
     return PROJECTORS[name](in_dim, out_dim, **options)
