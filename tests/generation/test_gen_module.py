@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 from timeloom_generation import CausalSTDiT, CausalSTDiTConfig, CausalVDM
-from timeloom_tokenizer import OmniTokenizerConfig, OmniTokenizerModule
 
 from timeloom.cli import main
 from timeloom.data import MovingDigits
@@ -127,29 +126,6 @@ def test_save_and_load_pretrained_keep_the_text_projection(tmp_path):
     assert torch.equal(a, b)
 
 
-@pytest.fixture(scope="module")
-def kl_tokenizer(tmp_path_factory) -> Path:
-    """A random micro KL tokenizer (4 latent channels, patch 4, 2 frames per tubelet), saved like `timeloom export`."""
-    torch.manual_seed(0)
-    config = OmniTokenizerConfig(
-        channels=1,
-        patch=4,
-        temporal_patch=2,
-        dim=32,
-        heads=2,
-        head_dim=16,
-        encoder_spatial="t",
-        encoder_temporal_depth=1,
-        decoder_temporal_depth=1,
-        decoder_spatial_depth=1,
-        latent_dim=4,
-        quantizer="kl",
-    )
-    directory = tmp_path_factory.mktemp("kl-tokenizer")
-    OmniTokenizerModule(config).save_pretrained(directory)
-    return directory
-
-
 def test_tokenizer_latents_with_the_wrong_channels_are_named_at_construction(kl_tokenizer):
     with pytest.raises(ValueError, match="gives 4 latent channels, but the VDM config expects in_channels=1"):
         micro_module(tokenizer=str(kl_tokenizer))
@@ -168,22 +144,29 @@ def test_tokenizer_latents_train_and_decode(kl_tokenizer):
     assert module.count_tokens(batch) == 2 * 5 * 16
 
 
-def test_timeloom_fit_on_the_tiny_config_runs_and_logs_samples(tmp_path, monkeypatch):
+def test_timeloom_fit_on_the_tiny_config_runs_and_logs_samples(tmp_path, monkeypatch, kl_tokenizer):
     monkeypatch.setattr(sys, "argv", ["timeloom"])
     overlay = tmp_path / "short.yaml"
     overlay.write_text(
         f"""
 model:
   init_args:
-    config: {{width: 32, depth: 1, heads: 2}}
+    config: {{in_channels: 4, width: 32, depth: 1, heads: 2}}
     text_encoder: vocab
     sample_steps: 2
     scheduler:
       init_args: {{warmup_steps: 1}}
 data:
-  init_args: {{size: 16, batch_size: 4, train_length: 12, val_length: 2}}
+  init_args:
+    tokenizer: {kl_tokenizer}
+    cache_dir: {tmp_path}/latents
+    size: 16
+    batch_size: 4
+    train_length: 12
+    val_length: 2
 trainer:
   max_steps: 3
+  callbacks: []
   limit_val_batches: 1
   log_every_n_steps: 1
   enable_progress_bar: false

@@ -2,7 +2,7 @@
 
 - `PixelCodec`: the identity; tiny runs diffuse MovingDigits pixels directly.
 - `TokenizerCodec`: a trained OmniTokenizer with the KL bottleneck, loaded from a local `save_pretrained`
-  folder and frozen. Latents are the posterior mean scaled by ``scale`` (``1/std`` of the mean on training
+  folder or a Lightning checkpoint of `timeloom fit`, and frozen. Latents are the posterior mean scaled by ``scale`` (``1/std`` of the mean on training
   clips, stored in the config); pixel frames ``T = 1 + k·t`` give ``1 + k`` latent frames.
 
 Both are plain objects, not `nn.Module` children: a frozen codec's weights stay out of the VDM's checkpoints.
@@ -21,6 +21,7 @@ __all__ = ["LatentCodec", "PixelCodec", "TokenizerCodec"]
 
 class LatentCodec(Protocol):
     channels: int
+    scale: float  # latents = posterior mean · scale
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]: ...
 
@@ -33,7 +34,7 @@ class PixelCodec:
     """Pixels are the latents: ``(B, C, T, H, W)`` in [-1, 1] both ways."""
 
     def __init__(self, channels: int) -> None:
-        self.channels = channels
+        self.channels, self.scale = channels, 1.0
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         return frames, height, width
@@ -48,14 +49,18 @@ class PixelCodec:
 
 
 class TokenizerCodec:
-    """A frozen KL OmniTokenizer from ``directory`` (written by `save_pretrained` / `timeloom export`)."""
+    """A frozen KL OmniTokenizer from ``directory`` (`save_pretrained` / `timeloom export`) or a ``.ckpt`` file."""
 
     def __init__(self, directory: str | Path, scale: float = 1.0) -> None:
         from timeloom_tokenizer.quantizers import DiagonalGaussian
 
         from timeloom.module import TimeloomModule
 
-        module = TimeloomModule.from_pretrained(directory)
+        directory = Path(directory)
+        if not directory.exists():
+            raise FileNotFoundError(f"no tokenizer checkpoint or exported folder at {directory}")
+        load = TimeloomModule.from_pretrained if directory.is_dir() else TimeloomModule.from_checkpoint
+        module = load(directory)
         self.tokenizer = module.model.eval().requires_grad_(False)
         if not isinstance(self.tokenizer.quantizer, DiagonalGaussian):
             raise ValueError(

@@ -35,7 +35,9 @@ class CausalVDM(TimeloomModule):
     Args:
         config: the denoiser's sizes (``in_channels`` must match the codec's latent channels).
         text_encoder: ``"auto"``, ``"minilm"`` or ``"vocab"`` (see `TextConditioner`).
-        tokenizer: a local KL tokenizer folder to diffuse its latents; None diffuses pixels.
+        tokenizer: a local KL tokenizer (exported folder or ``.ckpt``) to diffuse its latents; None diffuses
+            pixels. Batches carry ``"video"`` (encoded here) or cached ``"latents"`` (unscaled posterior means,
+            see `timeloom_generation.latents`).
         latent_scale: multiplies the tokenizer's posterior mean (``1/std``).
         chunk_frames: ``C``, latent frames generated per chunk.
         cache_frames: ``K``, latent frames of context (training clips are ``K + C`` frames).
@@ -129,8 +131,14 @@ class CausalVDM(TimeloomModule):
         per_sample = (per_frame * chunk_mask).sum(1) / chunk_mask.sum(1)
         return (per_frame * chunk_mask).sum() / chunk_mask.sum(), per_sample, prefix
 
+    def batch_latents(self, batch: dict) -> Tensor:
+        """The batch's scaled latents: cached ones (unscaled means) or its pixels encoded now."""
+        if "latents" in batch:
+            return batch["latents"] * self.codec.scale
+        return self.codec.encode(batch["video"])
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        latents = self.codec.encode(batch["video"])
+        latents = self.batch_latents(batch)
         loss, per_sample, prefix = self.frame_prompt_loss(latents, batch["caption"])
         batch_size = len(latents)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -140,7 +148,7 @@ class CausalVDM(TimeloomModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        latents = self.codec.encode(batch["video"])
+        latents = self.batch_latents(batch)
         # Fixed draws per batch, so val/loss is comparable across epochs.
         generator = torch.Generator().manual_seed(batch_idx)
         loss, _, _ = self.frame_prompt_loss(latents, batch["caption"], generator)
@@ -199,7 +207,10 @@ class CausalVDM(TimeloomModule):
     # -- throughput -----------------------------------------------------------------------------------------
     def count_tokens(self, batch: Any) -> int:
         """Latent tokens of the training clips (each sample's frames beyond its chunk included)."""
-        batch_size, _, frames, height, width = batch["video"].shape
-        latent_frames, latent_h, latent_w = self.codec.latent_shape(frames, height, width)
+        if "latents" in batch:
+            batch_size, _, latent_frames, latent_h, latent_w = batch["latents"].shape
+        else:
+            batch_size, _, frames, height, width = batch["video"].shape
+            latent_frames, latent_h, latent_w = self.codec.latent_shape(frames, height, width)
         tokens_per_frame = (latent_h // self.config.patch) * (latent_w // self.config.patch)
         return batch_size * min(latent_frames, self.clip_frames) * tokens_per_frame
