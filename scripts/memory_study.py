@@ -1,0 +1,225 @@
+"""Memory studies on a CPU budget: MQAR scaling and S-NIAH length generalisation (issue #7).
+
+    python scripts/memory_study.py mqar attention s64            # one MQAR run (through /tmp/cpuslot on a shared box)
+    python scripts/memory_study.py sniah titans-mac-sniah         # one S-NIAH training run
+    python scripts/memory_study.py sniah-eval                     # accuracy by test length of the S-NIAH runs
+    python scripts/memory_study.py report                         # curves (docs/memory-*.png) + results JSON
+
+Each run is `timeloom fit` on a model config from configs/memory/ with the setting's data flags, a wall-clock
+budget, the CSV logger and early stopping once validation accuracy reaches 0.99 (Zoology's stop). A run writes
+``runs/memory-study/<task>/<model>-<setting>/summary.json`` (wall time, steps, best accuracy) beside its CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs/memory-study"
+TIMELOOM = str(Path(sys.executable).parent / "timeloom")
+
+# model name -> its config under configs/memory/
+MODELS = {
+    "attention": "attention-tiny.yaml",
+    "swa": "swa-tiny.yaml",
+    "titans-mac": "titans-mac-tiny.yaml",
+    "titans-mag": "titans-mag-tiny.yaml",
+    "titans-mal": "titans-mal-tiny.yaml",
+}
+# MQAR settings, grown from the issue's start (seq 64 / 4 pairs / vocab 256) to Zoology's seq 256 / 16 pairs
+# (vocab 512 there: MQAR needs vocab > seq).
+MQAR_SETTINGS = {
+    "s64": dict(seq_len=64, num_pairs=4, vocab_size=256),
+    "s128": dict(seq_len=128, num_pairs=8, vocab_size=256),
+    "s256": dict(seq_len=256, num_pairs=16, vocab_size=512),
+}
+# S-NIAH pass-key: the model configs and the lengths tested (the training length is in the config).
+SNIAH_MODELS = {"titans-mac": "titans-mac-sniah-tiny.yaml", "swa": "swa-sniah-tiny.yaml"}
+SNIAH_TEST_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+TARGET = 0.99
+
+
+def fit(config: str, run_dir: Path, flags: list[str], minutes: float) -> None:
+    """`timeloom fit` with a wall-clock budget, CSV metrics, and a stop at validation accuracy ``TARGET``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clock = time.strftime("%H:%M:%S", time.gmtime(minutes * 60))
+    command = [
+        TIMELOOM, "fit", "-c", str(ROOT / "configs/memory" / config), "-c", str(ROOT / "configs/logger/csv.yaml"),
+        f"--trainer.default_root_dir={run_dir}", f"--checkpoint.dirpath={run_dir}/checkpoints",
+        f"--trainer.max_time=00:{clock}", "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/acc",
+        "--trainer.callbacks.mode=max", f"--trainer.callbacks.stopping_threshold={TARGET}",
+        "--trainer.callbacks.patience=100000", *flags,
+    ]  # fmt: skip
+    start = time.time()
+    status = subprocess.call(command, cwd=ROOT)
+    curve = read_curve(run_dir)
+    summary = {
+        "config": config,
+        "flags": flags,
+        "budget_minutes": minutes,
+        "wall_seconds": round(time.time() - start, 1),
+        "exit_status": status,
+        "steps": curve["steps"],
+        "best_val_acc": max(curve["val_acc"], default=None),
+        "final_val_acc": curve["val_acc"][-1] if curve["val_acc"] else None,
+        "first_step_at_target": next((s for s, a in zip(curve["val_step"], curve["val_acc"]) if a >= TARGET), None),
+    }  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+def read_curve(run_dir: Path) -> dict:
+    """Validation accuracy by step and the last training step, from the newest CSV log of a run."""
+    import csv
+
+    files = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    curve = {"val_step": [], "val_acc": [], "train_step": [], "train_acc": [], "steps": 0}
+    if not files:
+        return curve
+    with files[-1].open() as handle:
+        for row in csv.DictReader(handle):
+            step = int(row["step"])
+            curve["steps"] = max(curve["steps"], step)
+            if row.get("val/acc"):
+                curve["val_step"].append(step)
+                curve["val_acc"].append(float(row["val/acc"]))
+            if row.get("train/acc"):
+                curve["train_step"].append(step)
+                curve["train_acc"].append(float(row["train/acc"]))
+    return curve
+
+
+def mqar(model: str, setting: str, minutes: float, extra: list[str]) -> None:
+    task = MQAR_SETTINGS[setting]
+    flags = [f"--data.init_args.{key}={value}" for key, value in task.items()]
+    # enough distinct training items that a long run does not cycle, and a validation every 64 steps
+    flags += ["--data.init_args.train_length=65536", "--trainer.val_check_interval=64", *extra]
+    fit(MODELS[model], RUNS / "mqar" / f"{model}-{setting}", flags, minutes)
+
+
+def sniah(model: str, minutes: float, extra: list[str]) -> None:
+    flags = ["--data.init_args.train_length=65536", "--trainer.val_check_interval=64", *extra]
+    fit(SNIAH_MODELS[model], RUNS / "sniah" / model, flags, minutes)
+
+
+@torch.no_grad()
+def sniah_accuracy(module, seq_len: int, items: int, batch_size: int, data_args: dict) -> dict:
+    """Exact match (whole 7-digit pass-key right) and per-digit accuracy at one test length."""
+    from timeloom_memory.tasks import SNIAH
+
+    data = SNIAH(seq_len=seq_len, length=items, split="test", **data_args)
+    exact = digits = 0.0
+    for start in range(0, items, batch_size):
+        batch = [data[i] for i in range(start, min(start + batch_size, items))]
+        batch = {key: torch.stack([item[key] for item in batch]) for key in ("input_ids", "labels")}
+        _, acc, exact_match = module.scores(batch)
+        exact += float(exact_match) * len(batch["input_ids"])
+        digits += float(acc) * len(batch["input_ids"])
+    return {"exact_match": exact / items, "digit_acc": digits / items}
+
+
+def sniah_eval(items: int) -> None:
+    """Score every trained S-NIAH run at each test length; write runs/memory-study/sniah/results.json."""
+    from timeloom_memory.module import MemoryLMModule
+
+    results = {}
+    for model in SNIAH_MODELS:
+        run_dir = RUNS / "sniah" / model
+        checkpoint = run_dir / "checkpoints/last.ckpt"
+        if not checkpoint.exists():
+            print(f"skip {model}: no {checkpoint}")
+            continue
+        module = MemoryLMModule.load_from_checkpoint(
+            checkpoint, map_location="cpu", weights_only=False
+        ).eval()
+        data_args = {key: value for key, value in module.trainer_data_args(run_dir).items()}
+        results[model] = {}
+        for length in SNIAH_TEST_LENGTHS:
+            start = time.time()
+            results[model][length] = sniah_accuracy(module, length, items, max(1, 8192 // length), data_args)
+            print(f"{model} @ {length}: {results[model][length]} ({time.time() - start:.0f} s)", flush=True)
+    (RUNS / "sniah/results.json").write_text(json.dumps(results, indent=2))
+
+
+def report() -> None:
+    """Accuracy-vs-step curves per setting (docs/memory-mqar-curves.png) and a results table (JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = {}
+    figure, axes = plt.subplots(1, len(MQAR_SETTINGS), figsize=(4.2 * len(MQAR_SETTINGS), 3.4), squeeze=False)
+    for ax, (setting, task) in zip(axes[0], MQAR_SETTINGS.items()):
+        for model in MODELS:
+            run_dir = RUNS / "mqar" / f"{model}-{setting}"
+            if not (run_dir / "summary.json").exists():
+                continue
+            summaries[f"{model}-{setting}"] = json.loads((run_dir / "summary.json").read_text())
+            curve = read_curve(run_dir)
+            ax.plot(curve["val_step"], curve["val_acc"], marker=".", label=model)
+        ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"MQAR seq {task['seq_len']} / {task['num_pairs']} pairs / V {task['vocab_size']}",
+               xlabel="training step (batch 64)", ylabel="validation accuracy", ylim=(0, 1.02))  # fmt: skip
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(ROOT / "docs/memory-mqar-curves.png", dpi=120)
+    (RUNS / "mqar/results.json").write_text(json.dumps(summaries, indent=2))
+    print(json.dumps(summaries, indent=2))
+
+    results_file = RUNS / "sniah/results.json"
+    if results_file.exists():
+        results = json.loads(results_file.read_text())
+        figure, ax = plt.subplots(figsize=(5, 3.4))
+        for model, by_length in results.items():
+            lengths = sorted(by_length, key=int)
+            ax.plot(
+                [int(n) for n in lengths],
+                [by_length[n]["exact_match"] for n in lengths],
+                marker="o",
+                label=model,
+            )
+        ax.set(xscale="log", xlabel="test length (tokens)", ylabel="pass-key exact match", ylim=(-0.02, 1.02),
+               title="S-NIAH pass-key, trained at one length")  # fmt: skip
+        ax.set_xticks([int(n) for n in SNIAH_TEST_LENGTHS], [str(n) for n in SNIAH_TEST_LENGTHS])
+        ax.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(ROOT / "docs/memory-sniah.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("mqar", help="one MQAR run")
+    run.add_argument("model", choices=MODELS)
+    run.add_argument("setting", choices=MQAR_SETTINGS)
+    run.add_argument("--minutes", type=float, default=6.0, help="wall-clock budget of the run")
+    run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
+    run.add_argument("model", choices=SNIAH_MODELS)
+    run.add_argument("--minutes", type=float, default=8.0)
+    run = commands.add_parser("sniah-eval", help="accuracy by test length of the trained S-NIAH runs")
+    run.add_argument("--items", type=int, default=100, help="test items per length (depths cycle over them)")
+    commands.add_parser("report", help="figures and results JSON")
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "mqar":
+        mqar(args.model, args.setting, args.minutes, extra)
+    elif args.command == "sniah":
+        sniah(args.model, args.minutes, extra)
+    elif args.command == "sniah-eval":
+        sniah_eval(args.items)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
