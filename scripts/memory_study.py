@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs/memory-study"
@@ -41,14 +43,35 @@ MQAR_SETTINGS = {
     "s256": dict(seq_len=256, num_pairs=16, vocab_size=512),
 }
 # S-NIAH pass-key: the model configs and the lengths tested (the training length is in the config).
-SNIAH_MODELS = {"titans-mac": "titans-mac-sniah-tiny.yaml", "swa": "swa-sniah-tiny.yaml"}
+SNIAH_MODELS = {
+    "titans-mac": "titans-mac-sniah-tiny.yaml",
+    "swa": "swa-sniah-tiny.yaml",
+    "attention": "attention-sniah-tiny.yaml",
+}
 SNIAH_TEST_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+# Long-video recall: Titans memory + window against the window alone.
+VIDEO_MODELS = {"memory": "video-recall-tiny.yaml", "window": "video-recall-window-tiny.yaml"}
 TARGET = 0.99
+
+
+def committed_memory_package() -> tuple[str, dict]:
+    """The memory package as committed at HEAD (a snapshot on PYTHONPATH): runs queued for long on a shared
+    working tree then train the code of one commit, never someone's half-made edit."""
+    commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    snapshot = Path("/tmp/memory-study-src") / commit
+    if not snapshot.exists():
+        snapshot.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", commit, "packages/memory/src"], cwd=ROOT, check=True,
+                                 capture_output=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(snapshot)], input=archive, check=True)
+    env = dict(os.environ, PYTHONPATH=str(snapshot / "packages/memory/src"))
+    return commit, env
 
 
 def fit(config: str, run_dir: Path, flags: list[str], minutes: float) -> None:
     """`timeloom fit` with a wall-clock budget, CSV metrics, and a stop at validation accuracy ``TARGET``."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    commit, env = committed_memory_package()
     clock = time.strftime("%H:%M:%S", time.gmtime(minutes * 60))
     command = [
         TIMELOOM, "fit", "-c", str(ROOT / "configs/memory" / config), "-c", str(ROOT / "configs/logger/csv.yaml"),
@@ -59,10 +82,11 @@ def fit(config: str, run_dir: Path, flags: list[str], minutes: float) -> None:
         "--trainer.callbacks.patience=100000", *flags,
     ]  # fmt: skip
     start = time.time()
-    status = subprocess.call(command, cwd=ROOT)
+    status = subprocess.call(command, cwd=ROOT, env=env)
     curve = read_curve(run_dir)
     summary = {
         "config": config,
+        "commit": commit,
         "flags": flags,
         "budget_minutes": minutes,
         "wall_seconds": round(time.time() - start, 1),
@@ -81,7 +105,7 @@ def read_curve(run_dir: Path) -> dict:
     import csv
 
     files = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
-    curve = {"val_step": [], "val_acc": [], "train_step": [], "train_acc": [], "steps": 0}
+    curve = {"val_step": [], "val_acc": [], "train_step": [], "train_acc": [], "steps": 0, "val": {}}
     if not files:
         return curve
     with files[-1].open() as handle:
@@ -94,6 +118,11 @@ def read_curve(run_dir: Path) -> dict:
             if row.get("train/acc"):
                 curve["train_step"].append(step)
                 curve["train_acc"].append(float(row["train/acc"]))
+            for name, value in row.items():  # every validation metric, e.g. val/acc_first
+                if name.startswith("val/") and value:
+                    steps, values = curve["val"].setdefault(name, ([], []))
+                    steps.append(step)
+                    values.append(float(value))
     return curve
 
 
@@ -103,6 +132,10 @@ def mqar(model: str, setting: str, minutes: float, extra: list[str]) -> None:
     # enough distinct training items that a long run does not cycle, and a validation every 64 steps
     flags += ["--data.init_args.train_length=65536", "--trainer.val_check_interval=64", *extra]
     fit(MODELS[model], RUNS / "mqar" / f"{model}-{setting}", flags, minutes)
+
+
+def video(model: str, minutes: float, extra: list[str]) -> None:
+    fit(VIDEO_MODELS[model], RUNS / "video" / model, list(extra), minutes)
 
 
 def sniah(model: str, minutes: float, extra: list[str]) -> None:
@@ -140,7 +173,10 @@ def sniah_eval(items: int) -> None:
         module = MemoryLMModule.load_from_checkpoint(
             checkpoint, map_location="cpu", weights_only=False
         ).eval()
-        data_args = {key: value for key, value in module.trainer_data_args(run_dir).items()}
+        data = yaml.safe_load((ROOT / "configs/memory" / SNIAH_MODELS[model]).read_text())["data"][
+            "init_args"
+        ]
+        data_args = {key: data[key] for key in ("kind", "vocab_size")}
         results[model] = {}
         for length in SNIAH_TEST_LENGTHS:
             start = time.time()
@@ -175,6 +211,30 @@ def report() -> None:
     (RUNS / "mqar/results.json").write_text(json.dumps(summaries, indent=2))
     print(json.dumps(summaries, indent=2))
 
+    video_runs = {
+        model: RUNS / "video" / model
+        for model in VIDEO_MODELS
+        if (RUNS / "video" / model / "summary.json").exists()
+    }
+    if video_runs:
+        figure, ax = plt.subplots(figsize=(5, 3.4))
+        for model, run_dir in video_runs.items():
+            curve = read_curve(run_dir)
+            for question, style in (("first", "-"), ("last", ":")):
+                steps, values = curve["val"].get(f"val/acc_{question}", ([], []))
+                ax.plot(steps, values, style, marker=".", label=f"{model}: {question}")
+            summaries[f"video-{model}"] = {**json.loads((run_dir / "summary.json").read_text()),
+                                           **{name: values[-1] for name, (_, values) in curve["val"].items()}}  # fmt: skip
+        ax.axhline(0.1, color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="training step (batch 32)", ylabel="validation accuracy", ylim=(0, 1.02),
+               title="Long-video recall: which digit appeared first / last?")  # fmt: skip
+        ax.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(ROOT / "docs/memory-video-recall.png", dpi=120)
+        (RUNS / "video/results.json").write_text(
+            json.dumps({k: v for k, v in summaries.items() if k.startswith("video-")}, indent=2)
+        )
+
     results_file = RUNS / "sniah/results.json"
     if results_file.exists():
         results = json.loads(results_file.read_text())
@@ -207,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0)
+    run = commands.add_parser("video", help="one long-video recall training run")
+    run.add_argument("model", choices=VIDEO_MODELS)
+    run.add_argument("--minutes", type=float, default=6.0)
     run = commands.add_parser("sniah-eval", help="accuracy by test length of the trained S-NIAH runs")
     run.add_argument("--items", type=int, default=100, help="test items per length (depths cycle over them)")
     commands.add_parser("report", help="figures and results JSON")
@@ -215,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         mqar(args.model, args.setting, args.minutes, extra)
     elif args.command == "sniah":
         sniah(args.model, args.minutes, extra)
+    elif args.command == "video":
+        video(args.model, args.minutes, extra)
     elif args.command == "sniah-eval":
         sniah_eval(args.items)
     else:
