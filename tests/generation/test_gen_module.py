@@ -76,6 +76,22 @@ def test_loss_reaches_only_the_noisy_chunk_and_the_prefix_enters_clean():
         assert torch.equal(capture.x[row, :, :length], batch["video"][row, :, :frames][:, :length])
 
 
+def test_long_clips_also_train_later_windows_with_a_full_prefix():
+    module = micro_module(prefix_noise=0.0, later_windows=0.5)  # K 3 + C 2 windows
+    capture = Capture(module.model["denoiser"])
+    frame_index = torch.arange(9.0).view(1, 1, 9, 1, 1).expand(32, 1, 9, 16, 16)  # each frame holds its index
+    _, _, prefix = module.frame_prompt_loss(
+        frame_index, ["the digit 1 moves up"] * 32, torch.Generator().manual_seed(0)
+    )
+    clean_start = prefix > 0  # there the window's first frame enters clean and tells where it starts
+    starts = capture.x[:, 0, 0, 0, 0]
+    later = clean_start & (starts > 0)
+    assert 0 < later.sum() < 32 and (prefix == 0).any()
+    assert (prefix[later] == 3).all() and starts[later].max() <= 4
+    assert torch.equal(capture.x[later, 0, :3, 0, 0], starts[later, None] + torch.arange(3.0))
+    assert capture.x.shape[2] == 5
+
+
 def test_clips_shorter_than_cache_plus_chunk_are_named():
     module = micro_module()
     batch = digits_batch(frames=4)

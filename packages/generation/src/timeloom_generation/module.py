@@ -7,6 +7,12 @@ enters with ``tau = 0``, as the sampler's cache writes do; the chunk gets one le
 loss is the flow-matching MSE on the chunk only. Samples of one batch may end at different frames: frames
 after a sample's chunk are fed too but, the model being causal in time, they cannot change its loss.
 Captions are dropped (null embedding) with probability ``caption_dropout`` for classifier-free guidance.
+
+Clips longer than ``K + C`` frames also teach the steady state of long rollouts: a share ``later_windows`` of
+the samples is a ``K + C`` window starting after frame 0, with a full prefix of ``K`` frames. Past its first
+window a rollout's cache never holds frame 0 (which, in a causal tokenizer's latents, encodes one image alone
+and looks unlike the others); trained only on windows starting at frame 0, the model would never see that
+context. Temporal RoPE depends only on frame differences, so window positions restart at 0.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class CausalVDM(TimeloomModule):
         prefix_noise: ``tau_pp``, the light noise on clean prefix frames.
         caption_dropout: probability of training a sample on the null text.
         timestep_shift: shift of the training and sampling noise levels.
+        later_windows: share of samples cut after frame 0 of clips longer than ``K + C`` (see above).
         sample_steps, guidance: Euler steps and CFG scale of the validation samples.
         log_video_every_n_epochs: how often the first validation batch is continued from its first frame.
         **kwargs: ``optimizer`` / ``scheduler`` of `TimeloomModule`.
@@ -60,6 +67,7 @@ class CausalVDM(TimeloomModule):
         prefix_noise: float = 0.15,
         caption_dropout: float = 0.1,
         timestep_shift: float = 1.0,
+        later_windows: float = 0.5,
         sample_steps: int = 20,
         guidance: float = 3.0,
         log_video_every_n_epochs: int = 1,
@@ -93,6 +101,9 @@ class CausalVDM(TimeloomModule):
             caption_dropout,
             timestep_shift,
         )
+        if not 0 <= later_windows <= 1:
+            raise ValueError(f"later_windows is a share of the samples, in [0, 1]; got {later_windows}")
+        self.later_windows = later_windows
         self.sample_steps, self.guidance = sample_steps, guidance
         self.log_video_every_n_epochs = log_video_every_n_epochs
         self.prefix_choices = [0] + list(range(1, cache_frames + 1, chunk_frames))
@@ -114,6 +125,12 @@ class CausalVDM(TimeloomModule):
             )
         choices = torch.tensor(self.prefix_choices, device=device)
         prefix = choices[torch.randint(len(choices), (batch,), generator=generator).to(device)]
+        if frames > self.clip_frames:  # some samples are steady-state windows from later in the clip
+            later = torch.rand(batch, generator=generator).to(device) < self.later_windows
+            start = torch.randint(1, frames - self.clip_frames + 1, (batch,), generator=generator).to(device)
+            start = torch.where(later, start, 0).tolist()
+            latents = torch.stack([clip[:, s : s + self.clip_frames] for clip, s in zip(latents, start)])
+            prefix = torch.where(later, self.cache_frames, prefix)
         end = prefix + torch.where(prefix == 0, self.chunk_frames + 1, self.chunk_frames)
         x0 = latents[:, :, : int(end.max())]
         index = torch.arange(x0.shape[2], device=device)
