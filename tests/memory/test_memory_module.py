@@ -92,7 +92,10 @@ def test_paper_size_configs_count_on_the_meta_device(kind):
 
 def test_tiny_configs_match_the_formula():
     for path in sorted((ROOT / "configs/memory").glob("*-tiny.yaml")):
-        raw = yaml.safe_load(path.read_text())["model"]["init_args"]["config"]
+        model = yaml.safe_load(path.read_text())["model"]
+        if model["class_path"].rsplit(".", 1)[-1] != "MemoryLMModule":
+            continue  # e.g. the video-recall model, with its own config class
+        raw = model["init_args"]["config"]
         raw["vocab_size"] = 256
         config = TitansConfig(**raw)
         assert TitansLM(config).num_parameters() == expected_parameters(config), path.name

@@ -21,7 +21,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ __all__ = [
     "NeuralMemory",
     "NeuralMemoryConfig",
     "NeuralMemoryState",
+    "chunk_coefficients",
     "dual_chunk",
     "gate_coefficients",
     "linear_scan",
@@ -271,32 +272,60 @@ def gate_coefficients(log_eta: Tensor, log_keep: Tensor) -> tuple[Tensor, Tensor
 ChunkResult = tuple[Tensor, list[Tensor], list[Tensor]]
 
 
+class ChunkCoefficients(NamedTuple):
+    """The gate coefficients a `dual_chunk` needs, already cut to its rows (``n`` tokens).
+
+    ``read_*``: rows of the readout tokens (``W_i`` after the write, or ``W_{i−1}`` before it): ``D_{i,0}``,
+    ``c_i`` ``(…, n)`` and ``C_{i,j}`` ``(…, n, n)``. ``end_*``: the chunk's last row, for the weights
+    (``D_{n,0}``, ``c_n``, ``C_{n,j}``) and the momentum (``E_{n,0}``, ``E_{n,j}``).
+    """
+
+    read_d0: Tensor
+    read_c: Tensor
+    read_C: Tensor
+    end_d0: Tensor
+    end_c: Tensor
+    end_C: Tensor
+    end_E0: Tensor
+    end_E: Tensor
+
+
+def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, read: str = "after") -> ChunkCoefficients:
+    """`gate_coefficients` cut to what `dual_chunk` reads; any leading dims (e.g. all chunks at once)."""
+    E, d0, c, C = gate_coefficients(log_eta, log_keep)
+    n = log_eta.shape[-1]
+    rows = slice(1, n + 1) if read == "after" else slice(0, n)
+    return ChunkCoefficients(
+        d0[..., rows], c[..., rows], C[..., rows, :], d0[..., n], c[..., n], C[..., n, :],
+        E[..., n, 0], E[..., n, 1:],
+    )  # fmt: skip
+
+
 def dual_chunk(
-    weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None
+    weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None, coefficients=None
 ) -> ChunkResult:
     """The chunk in matmuls, no per-token weights (spec §2.3 "dual").
 
     Layer ``l``'s output at token ``i`` is ``D_{i,0} W' z_i + c_i S' z_i − Σ_j C_{i,j} θ_j δ_j (ẑ_j·z_i)``:
-    a masked n×n product, like attention.
+    a masked n×n product, like attention. ``coefficients`` (`chunk_coefficients` of this chunk's gates) may
+    come precomputed: they depend on the gates alone, so a call computes them for all its chunks at once.
     """
     inputs, deltas = inner_gradients(weights, k, v)
     theta = clipped_theta(theta, inputs, deltas, surprise_clip)
-    E, d0, c, C = gate_coefficients(log_eta, log_keep)
-    n = q.shape[-2]
-    rows = slice(1, n + 1) if read == "after" else slice(0, n)
-    d0_r, c_r = d0[..., rows, None], c[..., rows, None]
-    mix = C[..., rows, :] * theta.unsqueeze(-2)  # (B, H, n, n): C_{i,j} θ_j
+    co = coefficients if coefficients is not None else chunk_coefficients(log_eta, log_keep, read)
+    mix = co.read_C * theta.unsqueeze(-2)  # (B, H, n, n): C_{i,j} θ_j
+    d0, c = co.read_d0.unsqueeze(-1), co.read_c.unsqueeze(-1)
     z = q
     for i, (w, s) in enumerate(zip(weights, momentum)):
-        a = d0_r * (z @ w.transpose(-1, -2)) + c_r * (z @ s.transpose(-1, -2))
-        a = a - (mix * (z @ inputs[i].transpose(-1, -2))) @ deltas[i]
+        a = d0 * (z @ w.mT) + c * (z @ s.mT) - (mix * (z @ inputs[i].mT)) @ deltas[i]
         z = F.silu(a) if i < len(weights) - 1 else a
+    end_d0, end_c = co.end_d0[..., None, None], co.end_c[..., None, None]
     end_w = [
-        d0[..., n, None, None] * w + c[..., n, None, None] * s - _rank1_sum(C[..., n, :] * theta, dl, zl)
+        end_d0 * w + end_c * s - _rank1_sum(co.end_C * theta, dl, zl)
         for w, s, dl, zl in zip(weights, momentum, deltas, inputs)
     ]
     end_s = [
-        E[..., n, 0, None, None] * s - _rank1_sum(E[..., n, 1:] * theta, dl, zl)
+        co.end_E0[..., None, None] * s - _rank1_sum(co.end_E * theta, dl, zl)
         for s, dl, zl in zip(momentum, deltas, inputs)
     ]
     return z, end_w, end_s
@@ -502,27 +531,39 @@ class NeuralMemory(nn.Module):
         dtype = state.weights[0].dtype
         pending = state.pending_k.shape[2]
         with torch.autocast(_autocast_device(q), enabled=False):
-            q = torch.cat([q.new_zeros(*q.shape[:2], pending, q.shape[-1]), q], 2).to(dtype)
-            k = torch.cat([state.pending_k, k.to(dtype)], 2)
-            v = torch.cat([state.pending_v, v.to(dtype)], 2)
-            theta = torch.cat([state.pending_theta, theta.to(dtype)], 2)
-            log_eta = torch.cat([state.pending_log_eta, log_eta.to(dtype)], 2)
-            log_keep = torch.cat([state.pending_log_keep, log_keep.to(dtype)], 2)
-            weights, momentum, outputs = state.weights, state.momentum, []
-            total = k.shape[2]
-            for start in range(0, total, c.chunk_size):
-                end = min(start + c.chunk_size, total)
-                part = slice(start, end)
-                y, end_w, end_s = kernel(
-                    weights, momentum, q[:, :, part], k[:, :, part], v[:, :, part],
-                    theta[:, :, part], log_eta[:, :, part], log_keep[:, :, part],
-                    read=c.read, surprise_clip=c.surprise_clip,
+            q, k, v, theta, log_eta, log_keep = (t.to(dtype) for t in (q, k, v, theta, log_eta, log_keep))
+            if pending:
+                q = torch.cat([q.new_zeros(*q.shape[:2], pending, q.shape[-1]), q], 2)
+                k, v, theta, log_eta, log_keep = (
+                    torch.cat([old, new], 2)
+                    for old, new in zip(
+                        (state.pending_k, state.pending_v, state.pending_theta, state.pending_log_eta,
+                         state.pending_log_keep),
+                        (k, v, theta, log_eta, log_keep),
+                    )
                 )  # fmt: skip
+            total, b = k.shape[2], c.chunk_size
+            committed = total - total % b
+            # Split once (a slice per chunk would cost a full-size zero fill each in backward).
+            pieces = [t.split(b, dim=2) for t in (q, k, v, theta, log_eta, log_keep)]
+            coefficients = [None] * len(pieces[0])
+            if c.update == "dual" and committed:
+                # The gate coefficients depend on the gates alone: all complete chunks in one batch.
+                full = [g[:, :, :committed].unflatten(2, (-1, b)) for g in (log_eta, log_keep)]
+                batched = chunk_coefficients(*full, read=c.read)
+                coefficients[: committed // b] = zip(*(t.unbind(2) for t in batched))
+                coefficients = [co if co is None else ChunkCoefficients(*co) for co in coefficients]
+            weights, momentum, outputs = state.weights, state.momentum, []
+            for *chunk, co in zip(*pieces, coefficients):
+                extra = {"coefficients": co} if co is not None else {}
+                y, end_w, end_s = kernel(
+                    weights, momentum, *chunk, read=c.read, surprise_clip=c.surprise_clip, **extra
+                )
                 outputs.append(y)
-                if end - start == c.chunk_size:
+                if chunk[0].shape[2] == b:
                     weights, momentum = end_w, end_s
-            committed = total - total % c.chunk_size
-            y = torch.cat(outputs, 2)[:, :, pending:]
+            y = torch.cat(outputs, 2) if len(outputs) > 1 else outputs[0]
+            y = y[:, :, pending:] if pending else y
             # Once per call: a non-finite value never turns finite again in the recurrences.
             check_finite(weights + momentum + [y], "memory state or readout after this call")
             rest = slice(committed, total)
