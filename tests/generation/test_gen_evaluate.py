@@ -82,3 +82,22 @@ def test_a_bad_two_part_prompt_is_named(tmp_path, untrained_judge):
         main(
             ["--checkpoint", "x", "--judge", str(untrained_judge), "--vstar", "the digit 3 moves left; a dog"]
         )
+
+
+def test_the_demo_writes_long_videos_a_filmstrip_and_the_evaluation(tmp_path, untrained_judge, capsys):
+    from timeloom_generation.demo import main as demo
+
+    out = tmp_path / "demo"
+    demo(
+        ["--checkpoint", str(save_vdm(tmp_path / "vdm")), "--judge", str(untrained_judge)]
+        + ["--count", "2", "--length-factor", "1", "--prompt", "the digit 1 moves up", "--out", str(out)]
+    )
+    for name in (
+        "long_videos.mp4",
+        "long_videos.gif",
+        "video_0.mp4",
+        "filmstrip.png",
+        "evaluation/results.json",
+    ):
+        assert (out / name).stat().st_size > 0
+    assert "the generation demo wrote" in capsys.readouterr().out
