@@ -5,6 +5,7 @@ before any compute, and the paper-size config has the size it claims (counted on
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -263,3 +264,38 @@ def test_generate_command_writes_videos_from_text_and_from_a_first_frame(tmp_pat
     assert frames.shape[0] == 6
     with pytest.raises(ValueError, match="caption 0 is empty"):
         generate_main([*common, "--prompt", " ", "--out", str(tmp_path / "none")])
+
+
+def test_generate_command_checks_the_tokenizer_and_grid_against_the_vdm_before_sampling(
+    tmp_path, kl_tokenizer
+):
+    from timeloom_generation.commands import generate_main
+
+    pixels = micro_module().save_pretrained(tmp_path / "pixels")  # 1 channel, patch 4
+    prompt = ["--prompt", "the digit 1 moves up", "--out", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="gives 4 latent channels, but the VDM config expects in_channels=1"):
+        generate_main(["--checkpoint", str(pixels), "--tokenizer", str(kl_tokenizer), *prompt])
+    with pytest.raises(FileNotFoundError, match="no tokenizer checkpoint or exported folder at"):
+        generate_main(["--checkpoint", str(pixels), "--tokenizer", str(tmp_path / "missing"), *prompt])
+    with pytest.raises(
+        ValueError, match="--size 18 gives a 18x18 latent grid, not a multiple of the VDM's patch 4"
+    ):
+        generate_main(["--checkpoint", str(pixels), "--size", "18", *prompt])
+    config = CausalSTDiTConfig(in_channels=4, patch=1, width=32, depth=2, heads=2, text_tokens=8)
+    moved = shutil.copytree(kl_tokenizer, tmp_path / "moved")
+    latent = micro_module(config=config, tokenizer=str(moved)).save_pretrained(tmp_path / "latent")
+    shutil.rmtree(moved)  # the path stored with the model no longer resolves: --tokenizer names it
+    generate_main(
+        [
+            "--checkpoint",
+            str(latent),
+            "--tokenizer",
+            str(kl_tokenizer),
+            "--size",
+            "16",
+            "--frames",
+            "3",
+            *prompt,
+        ]
+    )
+    assert (tmp_path / "out" / "sample_0.mp4").exists()

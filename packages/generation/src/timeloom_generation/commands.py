@@ -1,15 +1,17 @@
 """`timeloom generate`: videos from a trained `CausalVDM`, text-only or continuing a first frame.
 
     timeloom generate --checkpoint CKPT_OR_EXPORT --prompt "the digit 3 moves left" [--prompt ...] [--vstar "p1; p2"]
-                      [--frames 36] [--size 32] [--first-frame IMAGE] [--steps 20] [--guidance 3]
-                      [--cache-frames K] [--broadway] [--tar] [--seed 0] --out DIR
+                      [--tokenizer TOKENIZER] [--frames 36] [--size 32] [--first-frame IMAGE] [--steps 20]
+                      [--guidance 3] [--cache-frames K] [--broadway] [--tar] [--seed 0] --out DIR
 
 ``--frames`` counts latent frames (pixel frames with the pixel codec). ``--broadway`` turns on ByTheWay
 (default anchors, α 0.6, β₀ 1.5, first 20% of steps) and ``--tar`` VSTAR's temporal attention regularisation
 (σ = 1 frame, first 56% of steps) on every temporal layer. ``--vstar "p1; p2; p3"`` adds one video prompted by
 VSTAR's synopsis: the sub-prompts anchored evenly over the frames and interpolated between. Each prompt gives
 ``DIR/sample_{i}.mp4`` and ``.gif``; ``DIR/samples.mp4`` tiles them all. Prompts are checked before the
-model is loaded, and the first frame is fitted to the model's channels and size.
+model is loaded, and the first frame is fitted to the model's channels and size. ``--tokenizer`` names the KL
+tokenizer (``.ckpt`` or exported folder) whose latents the VDM diffuses, when the path stored in the checkpoint
+does not resolve here; its latent channels and grid are checked against the VDM before any sampling.
 """
 
 from __future__ import annotations
@@ -37,12 +39,18 @@ from timeloom_generation.vstar import TemporalAttentionRegularization
 __all__ = ["generate_main", "load_vdm"]
 
 
-def load_vdm(path: str | Path) -> CausalVDM:
-    """A `CausalVDM` from a Lightning checkpoint or a `save_pretrained` / `timeloom export` folder."""
+def load_vdm(path: str | Path, tokenizer: str | Path | None = None) -> CausalVDM:
+    """A `CausalVDM` from a Lightning checkpoint or a `save_pretrained` / `timeloom export` folder.
+
+    ``tokenizer`` replaces the latent codec's tokenizer path stored with the model (its latent channels must
+    match the VDM's: a `ValueError` says so when the model is built, before any sampling).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint or exported model at {path}")
-    module = TimeloomModule.from_pretrained(path) if path.is_dir() else TimeloomModule.from_checkpoint(path)
+    overrides = {} if tokenizer is None else {"tokenizer": str(tokenizer)}
+    load = TimeloomModule.from_pretrained if path.is_dir() else TimeloomModule.from_checkpoint
+    module = load(path, **overrides)
     if not isinstance(module, CausalVDM):
         raise ValueError(f"{path} holds a {type(module).__name__}, not a CausalVDM")
     return module.eval()
@@ -64,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", default=[], help="a caption; repeat for several")
     parser.add_argument(
         "--vstar", action="append", default=[], help="sub-prompts separated by ';' (one video)"
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, help="the KL tokenizer of the VDM's latents (default: the checkpoint's)"
     )
     parser.add_argument("--frames", type=int, default=36, help="latent frames to generate")
     parser.add_argument("--size", type=int, default=32, help="pixel height = width")
@@ -89,7 +100,13 @@ def generate_main(argv: list[str]) -> None:
     prompts += synopses
     if not prompts:
         raise ValueError("give at least one --prompt or --vstar")
-    module = load_vdm(args.checkpoint)
+    module = load_vdm(args.checkpoint, args.tokenizer)
+    _, height, width = module.codec.latent_shape(1, args.size, args.size)
+    if height % module.config.patch or width % module.config.patch:
+        raise ValueError(
+            f"--size {args.size} gives a {height}x{width} latent grid, not a multiple of the VDM's patch "
+            f"{module.config.patch}"
+        )
     denoiser = module.model["denoiser"]
     if args.broadway:
         BroadWay(depth=module.config.depth).attach(denoiser)
@@ -108,7 +125,6 @@ def generate_main(argv: list[str]) -> None:
     if args.first_frame is not None:
         image = _first_frame(args.first_frame, module.config.in_channels, args.size)
         given = module.codec.encode(image.expand(len(prompts), -1, -1, -1, -1))
-    _, height, width = module.codec.latent_shape(1, args.size, args.size)
     latents = module.generate(
         prompts,
         frames=args.frames,

@@ -128,6 +128,10 @@ class ARSampler:
         if given is None:
             if grid is None:
                 raise ValueError("give the latent grid (H, W) or the given frames")
+            if grid[0] % config.patch or grid[1] % config.patch:
+                raise ValueError(
+                    f"latent grid {tuple(grid)} is not a multiple of the model's patch {config.patch}"
+                )
             return tuple(grid)
         expected = (len(context), config.in_channels)
         if given.dim() != 5 or tuple(given.shape[:2]) != expected:
