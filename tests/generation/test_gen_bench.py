@@ -1,13 +1,43 @@
-"""`timeloom bench generation` (spec §7.5): the ideal speedup formula and a tiny cell timed end to end."""
+"""`timeloom bench generation` (spec §7.5): the ideal speedup formula, interleaved timing, and a tiny cell timed
+end to end through the command."""
 
-from timeloom_generation.bench import Budget, time_chunk
+import json
+
+import torch
+from timeloom_generation.bench import interleaved_times, main, time_chunk
+
+
+def test_primitives_take_turns_after_warming_up():
+    calls = []
+    times = interleaved_times(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, torch.device("cpu")
+    )
+    assert calls == ["a", "b"] * 5  # two warm-up rounds, then three timed ones
+    assert [len(v) for v in times.values()] == [3, 3]
 
 
 def test_a_cell_times_both_paths_and_reports_the_ideal(random_model):
     model = random_model()
-    quick = Budget(warmup_s=0.0, min_runs=1, max_runs=1, budget_s=0.0)
-    row = time_chunk(model, prefix=7, chunk=2, steps=20, grid=(8, 8), batch=1, budget=quick)
+    row = time_chunk(model, prefix=7, chunk=2, steps=20, grid=(8, 8), batch=1, rounds=1)
     assert round(row["ideal"], 2) == 4.29  # spec §7.5: P = 7, C = 2, S = 20
-    assert row["cached_chunk_s"] > 0 and row["window_chunk_s"] > 0
-    assert row["speedup"] == row["window_chunk_s"] / row["cached_chunk_s"]
-    assert round(time_chunk(model, 25, 8, 100, (8, 8), 1, quick)["ideal"], 2) == 4.08
+    for statistic in ("best", "median"):
+        cell = row[statistic]
+        assert cell["cached_chunk_s"] > 0 and cell["window_chunk_s"] > 0
+        assert cell["speedup"] == cell["window_chunk_s"] / cell["cached_chunk_s"]
+        assert cell["of_ideal"] == cell["speedup"] / row["ideal"]
+        assert cell["cached_chunk_s"] == (20 * cell["read_ms"] + cell["write_ms"]) / 1e3
+    assert round(time_chunk(model, 25, 8, 100, (8, 8), 1, rounds=1)["ideal"], 2) == 4.08
+
+
+def test_the_command_writes_json_and_markdown(tmp_path, monkeypatch):
+    import timeloom_generation.bench as bench
+
+    monkeypatch.setattr(bench, "GRID", [(3, 2, 2)])
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--out", str(tmp_path), "--size", "8", "--rounds", "1", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command pins one thread
+    result = json.loads((tmp_path / "generation.json").read_text())
+    assert result["environment"]["threads"] == 1 and len(result["rows"]) == 1
+    assert "| 3 | 2 | 2 |" in (tmp_path / "generation.md").read_text()
