@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from timeloom_understanding.encoders import TimmEncoder
 from timeloom_understanding.hf_backbone import LLMConfig, build_causal_lm, decoder_hidden_states, new_cache
 from timeloom_understanding.layouts import ASSISTANT, LayoutBuilder, TokenLayout, make_structure
+from timeloom_understanding.pine import OptionSpans, pine_hidden_states
 from timeloom_understanding.projectors import make_projector
 from timeloom_understanding.text import IGNORE_INDEX, MEDIA_PLACEHOLDERS, TextTokenizer
 from timeloom_understanding.time_tokens import TimedAnswer, render
@@ -90,11 +91,14 @@ class VideoLLM(nn.Module):
         return self.projector(features, grid)
 
     def build_inputs(self, batch: dict[str, Any], side: str = "right") -> tuple[Tensor, TokenLayout, Tensor]:
-        """Splice visual tokens into the text: ``inputs_embeds (B, L, D)``, the layout, ``labels (B, L)``.
+        """Splice visual tokens into the text: ``inputs_embeds (B, L, D)``, the layout, ``labels (B, L)``."""
+        embeds, layout, source = self._splice(batch, side)
+        return embeds, layout, self.spread_text(batch["labels"], source, IGNORE_INDEX)
 
-        Each output position names its source row in one pool (text tokens, then visual tokens, then a zero
-        row for padding), so the splice is a single gather, and so is its backward pass.
-        """
+    def _splice(self, batch: dict[str, Any], side: str) -> tuple[Tensor, TokenLayout, Tensor]:
+        """``inputs_embeds``, the layout and ``source (B, L)``: each output position names its row in one pool
+        (text tokens, then visual tokens, then a zero row for padding), so the splice is a single gather,
+        and so is its backward pass."""
         input_ids, lengths = batch["input_ids"], batch["lengths"].tolist()
         text = self.llm.get_input_embeddings()(input_ids)
         if "media_tokens" in batch:  # encoded once by `generate`
@@ -134,10 +138,13 @@ class VideoLLM(nn.Module):
         layout = TokenLayout.stack(layouts, side=side)
         source = _pad(sources, layout, pad_row).to(input_ids.device)
         pool = torch.cat((text.flatten(0, 1), media.flatten(0, 1), text.new_zeros(1, text.shape[-1])))
-        label_pool = torch.cat(
-            (batch["labels"].flatten(), batch["labels"].new_full((pad_row - text_rows + 1,), IGNORE_INDEX))
-        )
-        return pool[source], layout, label_pool[source]
+        return pool[source], layout, source
+
+    @staticmethod
+    def spread_text(values: Tensor, source: Tensor, fill: int) -> Tensor:
+        """Per-text-token ``values (B, L_text)`` moved to their spliced positions, ``fill`` elsewhere."""
+        pool = torch.cat((values.flatten(), values.new_full((1,), fill)))
+        return pool[torch.where(source < values.numel(), source, values.numel()).to(values.device)]
 
     def hidden_states(self, batch: dict[str, Any], side: str = "right") -> tuple[Tensor, TokenLayout, Tensor]:
         """Final LLM hidden states ``(B, L, D)`` under the structure, with the layout and labels."""
@@ -238,6 +245,19 @@ class VideoLLM(nn.Module):
                 break
             logits = self.llm.lm_head(advance(next_ids))
         return replies, torch.stack(history, dim=1)
+
+    @torch.no_grad()
+    def pine_logits(self, batch: dict[str, Any], segments: Tensor, side: str = "left") -> Tensor:
+        """Logits ``(B, L, V)`` under PINE's position-invariant option order (inference only, see `pine`).
+
+        ``segments (B, L_text)`` gives each text token's option index (−1 elsewhere), aligned with
+        ``batch["input_ids"]``; `pine.option_segments` finds them from the option strings.
+        """
+        embeds, layout, source = self._splice(batch, side)
+        positions = self.structure.position_ids(layout).to(embeds.device)
+        spans = OptionSpans(self.spread_text(segments, source, -1), positions, self.structure.decode_step())
+        allowed = self.structure.allowed(layout).to(embeds.device)
+        return self.llm.lm_head(pine_hidden_states(self.llm, embeds, allowed, spans))
 
     def render_replies(
         self, replies: list[list[int]], durations: list[float] | None = None
