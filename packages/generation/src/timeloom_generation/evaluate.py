@@ -2,7 +2,8 @@
 
     timeloom evaluate generation --checkpoint CKPT_OR_EXPORT [--judge runs/judge] [--count 64]
         [--length-factor 4] [--broadway] [--tar] [--vstar "the digit 3 moves left; the digit 3 moves up"]
-        [--from-real-frame] [--features judge|pixels] [--steps S] [--guidance W] [--seed 0] [--out DIR]
+        [--study all|prompts|two-part] [--from-real-frame] [--features judge|pixels] [--steps S]
+        [--guidance W] [--seed 0] [--out DIR]
 
 The prompts are the captions of ``--count`` MovingDigits test clips (one digit, the judge's directions) and
 every rollout is ``--length-factor`` times the VDM's training length. Each setting (the plain sampler, then
@@ -258,14 +259,26 @@ def plot_samples(samples: dict[str, tuple[Tensor, str]], path: Path, shown: int 
 
 
 def markdown(report: dict) -> str:
+    held_out = {k: round(v, 3) for k, v in report["judge_accuracy"].items() if isinstance(v, float)}
     lines = [
         "# Generation evaluation",
         "",
-        f"Checkpoint `{report['checkpoint']}`, judge `{report['judge']}` (held-out: "
-        f"{json.dumps({k: round(v, 3) for k, v in report['judge_accuracy'].items() if isinstance(v, float)})}).",
-        f"{report['count']} rollouts of {report['latent_frames']} latent frames ({report['length_factor']}x "
-        f"the training length; {report['frames']} decoded frames, window {report['window']}), seed "
-        f"{report['seed']}, Fréchet features `{report['features']}`.",
+        f"Checkpoint `{report['checkpoint']}`, judge `{report['judge']}` (held-out: {json.dumps(held_out)}).",
+        f"{report['count']} rollouts per setting of {report['latent_frames']} latent frames "
+        f"({report['length_factor']}x the training length), seed {report['seed']}, sampler {report['sampler']}.",
+    ]
+    if "settings" in report:
+        lines += prompted_markdown(report)
+    if "two_part" in report:
+        lines += two_part_markdown(report["two_part"])
+    return "\n".join(lines) + "\n"
+
+
+def prompted_markdown(report: dict) -> list[str]:
+    lines = [
+        "",
+        f"## Prompted rollouts ({report['frames']} decoded frames; windows of {report['window']}; "
+        f"Fréchet features `{report['features']}`)",
         "",
         "| setting | digit | direction | axis | joint | identity start → end (ratio) | vs frame 0 end "
         "| motion px/frame | first → last window | still | subject cons. | FD |",
@@ -286,23 +299,30 @@ def markdown(report: dict) -> str:
         "Prompt scores are over the first training-length window; *direction* is the first judged step, "
         "*axis* the share of steps on the prompted axis (MovingDigits bounces).",
     ]
-    if "two_part" in report:
-        study = report["two_part"]
-        lines += [
-            "",
-            f"## Two-part prompt: {' → '.join(study['parts'])}",
-            "",
-            "| setting | 1st half: axis | direction | digit | 2nd half: axis | direction | digit |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name, e in study["settings"].items():
-            a, b = e["first_half"], e["second_half"]
-            lines.append(
-                f"| {name} | {a['axis']['mean']:.3f} ± {a['axis']['ci95']:.3f} | {a['direction']['mean']:.3f} "
-                f"| {a['digit']['mean']:.3f} | {b['axis']['mean']:.3f} ± {b['axis']['ci95']:.3f} "
-                f"| {b['direction']['mean']:.3f} | {b['digit']['mean']:.3f} |"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def two_part_markdown(study: dict) -> list[str]:
+    lines = [
+        "",
+        f"## Two-part prompt: {' → '.join(study['parts'])}",
+        "",
+        "| setting | 1st half: axis | direction | digit | 2nd half: axis | direction | digit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in study["settings"].items():
+        a, b = e["first_half"], e["second_half"]
+        lines.append(
+            f"| {name} | {a['axis']['mean']:.3f} ± {a['axis']['ci95']:.3f} | {a['direction']['mean']:.3f} "
+            f"| {a['digit']['mean']:.3f} | {b['axis']['mean']:.3f} ± {b['axis']['ci95']:.3f} "
+            f"| {b['direction']['mean']:.3f} | {b['digit']['mean']:.3f} |"
+        )
+    lines += [
+        "",
+        "Per half of the rollout: *axis* is the share of judged steps on that half's prompted axis, "
+        "*direction* the half's first judged step, *digit* the majority judged digit.",
+    ]
+    return lines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -319,6 +339,12 @@ def _parser() -> argparse.ArgumentParser:
         "--tar", action="store_true", help="add a setting with VSTAR's attention regularisation"
     )
     parser.add_argument("--vstar", help="a two-part prompt 'p1; p2' for the synopsis study")
+    parser.add_argument(
+        "--study",
+        choices=("all", "prompts", "two-part"),
+        default="all",
+        help="run the prompted rollouts, the two-part study (needs --vstar), or both",
+    )
     parser.add_argument(
         "--from-real-frame", action="store_true", help="continue each real clip's first frame"
     )
@@ -341,31 +367,13 @@ def load_judge(path: Path) -> DigitsJudge:
     return DigitsJudge.load(path)
 
 
-def main(argv: list[str]) -> int:
-    """`timeloom evaluate generation`: see the module docstring. Returns the exit status."""
-    args = _parser().parse_args(argv)
-    parts = None
-    if args.vstar is not None:
-        parts = [part.strip() for part in args.vstar.split(";")]
-        if len(parts) != 2:
-            raise ValueError(f"--vstar needs two sub-prompts 'p1; p2'; got {args.vstar!r}")
-        parsed_parts = [parse_caption(part) for part in parts]
-    if args.count < 2 or args.length_factor < 1:
-        raise ValueError(
-            f"need --count >= 2 and --length-factor >= 1; got {args.count}, {args.length_factor}"
-        )
-    if not args.checkpoint.exists():
-        raise FileNotFoundError(f"no VDM checkpoint or exported model at {args.checkpoint}")
-    judge = load_judge(args.judge)
-    module = load_vdm(args.checkpoint)
-    check_sizes(module, judge)
-    torch.set_grad_enabled(False)
-    size, latent_frames = judge.config.size, args.length_factor * module.clip_frames
-    sampler = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
-    extractor: FeatureExtractor = JudgeFeatures(judge) if args.features == "judge" else PixelFeatures()
-
+def prompted_study(
+    module: CausalVDM, judge: DigitsJudge, args, extractor: FeatureExtractor, **common
+) -> tuple:
+    """The plain sampler and each plug-in asked for on the captions of real test clips, and the real clips
+    themselves: ``(results per setting, one sample per setting, decoded frames, window)``."""
     real_data = MovingDigits(
-        size=size,
+        size=judge.config.size,
         frames=2,  # captions do not depend on the length; the real clips are rendered at the decoded length
         num_digits=1,
         directions=list(judge.config.directions),
@@ -380,26 +388,13 @@ def main(argv: list[str]) -> int:
     given = None
     if args.from_real_frame:
         given = module.codec.encode(torch.stack([real_data[i]["video"][:, :1] for i in range(args.count)]))
-
     settings = [Setting("plain", captions)]
     if args.broadway:
         settings.append(Setting("broadway", captions, broadway=True))
     if args.tar:
         settings.append(Setting("tar", captions, tar=True))
-    videos = {
-        s.name: rollouts(
-            module,
-            s,
-            frames=latent_frames,
-            size=size,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            given=given,
-            **sampler,
-        )
-        for s in settings
-    }
-    frames = next(iter(videos.values())).shape[2]
+    videos = {setting.name: rollouts(module, setting, given=given, **common) for setting in settings}
+    frames = videos["plain"].shape[2]
     window = max(2, round(frames / args.length_factor))
     real_data.frames = frames
     real = torch.stack([real_data[i]["video"] for i in tqdm(range(args.count), desc="render real clips")])
@@ -407,6 +402,55 @@ def main(argv: list[str]) -> int:
     results = {"real (judge ceiling)": score(real, prompts, judge, window, extractor, real_features)}
     for name, video in videos.items():
         results[name] = score(video, prompts, judge, window, extractor, real_features)
+    samples = {name: (video[0], captions[0]) for name, video in videos.items()}
+    return results, samples, frames, window
+
+
+def two_part_study(module: CausalVDM, judge: DigitsJudge, parts: list[str], count: int, **common) -> tuple:
+    """One caption "p1, then p2" against VSTAR's synopsis without and with TAR: ``(results, samples)``."""
+    joined = f"{parts[0]}, then {parts[1]}"
+    settings = [
+        Setting("plain, one caption", [joined] * count),
+        Setting("VSTAR synopsis", [parts] * count),
+        Setting("VSTAR synopsis + TAR", [parts] * count, tar=True),
+    ]
+    parsed = [parse_caption(part) for part in parts]
+    results, samples = {}, {}
+    for setting in settings:
+        video = rollouts(module, setting, **common)
+        results[setting.name] = two_part_scores(video, parsed, judge)
+        samples[setting.name] = (video[0], joined if setting.name.startswith("plain") else " → ".join(parts))
+    return results, samples
+
+
+def main(argv: list[str]) -> int:
+    """`timeloom evaluate generation`: see the module docstring. Returns the exit status."""
+    args = _parser().parse_args(argv)
+    parts = None
+    if args.vstar is not None:
+        parts = [part.strip() for part in args.vstar.split(";")]
+        if len(parts) != 2:
+            raise ValueError(f"--vstar needs two sub-prompts 'p1; p2'; got {args.vstar!r}")
+        for part in parts:
+            parse_caption(part)
+    if args.study == "two-part" and parts is None:
+        raise ValueError("--study two-part needs a two-part prompt: --vstar 'p1; p2'")
+    if args.count < 2 or args.length_factor < 1:
+        raise ValueError(
+            f"need --count >= 2 and --length-factor >= 1; got {args.count}, {args.length_factor}"
+        )
+    if not args.checkpoint.exists():
+        raise FileNotFoundError(f"no VDM checkpoint or exported model at {args.checkpoint}")
+    judge = load_judge(args.judge)
+    module = load_vdm(args.checkpoint)
+    check_sizes(module, judge)
+    torch.set_grad_enabled(False)
+    latent_frames = args.length_factor * module.clip_frames
+    sampler = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
+    common = dict(
+        frames=latent_frames, size=judge.config.size, batch_size=args.batch_size, seed=args.seed, **sampler
+    )
+    extractor: FeatureExtractor = JudgeFeatures(judge) if args.features == "judge" else PixelFeatures()
     report = {
         "checkpoint": str(args.checkpoint),
         "judge": str(args.judge),
@@ -414,42 +458,21 @@ def main(argv: list[str]) -> int:
         "count": args.count,
         "length_factor": args.length_factor,
         "latent_frames": latent_frames,
-        "frames": frames,
-        "window": window,
         "seed": args.seed,
         "sampler": sampler,
         "features": extractor.name,
-        "settings": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_identity(results, args.out / "identity.png")
-    samples = {name: (video[0], captions[0]) for name, video in videos.items()}
-
-    if parts is not None:
-        joined = f"{parts[0]}, then {parts[1]}"
-        study = [
-            Setting("plain, one caption", [joined] * args.count),
-            Setting("VSTAR synopsis", [parts] * args.count),
-            Setting("VSTAR synopsis + TAR", [parts] * args.count, tar=True),
-        ]
-        two_part = {}
-        for setting in study:
-            video = rollouts(
-                module,
-                setting,
-                frames=latent_frames,
-                size=size,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                **sampler,
-            )
-            two_part[setting.name] = two_part_scores(video, parsed_parts, judge)
-            samples[setting.name] = (
-                video[0],
-                " → ".join(parts) if setting.name.startswith("VSTAR") else joined,
-            )
-        report["two_part"] = {"parts": parts, "settings": two_part}
-        plot_two_part(two_part, parts, args.out / "two_part.png")
+    samples = {}
+    if args.study in ("all", "prompts"):
+        results, samples, frames, window = prompted_study(module, judge, args, extractor, **common)
+        report.update(frames=frames, window=window, settings=results)
+        plot_identity(results, args.out / "identity.png")
+    if parts is not None and args.study in ("all", "two-part"):
+        results, more = two_part_study(module, judge, parts, args.count, **common)
+        report["two_part"] = {"parts": parts, "settings": results}
+        samples.update(more)
+        plot_two_part(results, parts, args.out / "two_part.png")
     plot_samples(samples, args.out / "samples.png")
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(report))
