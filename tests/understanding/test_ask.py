@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from timeloom_understanding.benchmarks.base import EvalItem
+from timeloom_understanding.benchmarks.base import EvalItem, shown_duration
 from timeloom_understanding.commands import ask
 from timeloom_understanding.data import TemporalQA
 from timeloom_understanding.evaluate import generate_replies, load_module
@@ -29,7 +29,9 @@ ENCODER = {
 def exported(tmp_path_factory):
     torch.manual_seed(0)
     config = VideoLLMConfig(
-        encoder=ENCODER, llm=LLMConfig(hidden_size=32, layers=2, heads=4, tie_embeddings=False), max_length=160
+        encoder=ENCODER,
+        llm=LLMConfig(hidden_size=32, layers=2, heads=4, tie_embeddings=False),
+        max_length=160,
     )
     folder = tmp_path_factory.mktemp("videollm")
     VideoLLMModule(config).save_pretrained(folder)
@@ -61,7 +63,7 @@ def test_ask_answers_as_the_model_does_on_the_decoded_frames(exported, clip, cap
         prompt="Which way does the digit move?",
         format="captioning",
     )
-    assert answer == generate_replies(module, [item], [video], 6)[0]
+    assert answer == generate_replies(module, [item], [video], 6, [shown_duration(path)])[0]
     timeloom_main(
         [
             "ask",

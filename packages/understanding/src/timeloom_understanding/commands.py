@@ -5,7 +5,7 @@
 
 The video is decoded with PyAV, sampled as the model was trained (evenly spaced frames, ``linspace``, as
 many as it was trained on unless ``--frames`` says otherwise), resized to its frame size and converted to
-its channels; the greedy answer is printed. A missing or undecodable video, or a question that does not fit
+its channels; the greedy answer is printed, LITA time tokens as seconds of the video. A missing or undecodable video, or a question that does not fit
 in the context, is a one-line error naming it.
 """
 
@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from timeloom_understanding.benchmarks.base import EvalItem, load_clip
+from timeloom_understanding.benchmarks.base import EvalItem, load_clip, shown_duration
 from timeloom_understanding.evaluate import generate_replies, load_module, media_settings
 
 __all__ = ["ask", "ask_main"]
@@ -52,7 +52,7 @@ def ask(
         prompt=question,
         format="captioning",
     )
-    return generate_replies(module, [item], [clip], max_new_tokens)[0]
+    return generate_replies(module, [item], [clip], max_new_tokens, [shown_duration(Path(video))])[0]
 
 
 def ask_main(argv: Sequence[str]) -> None:

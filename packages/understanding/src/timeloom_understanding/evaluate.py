@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from timeloom_understanding.benchmarks import BENCHMARKS, PROMPT_VERSIONS, load_benchmark, missing_videos
-from timeloom_understanding.benchmarks.base import EvalItem, load_clip
+from timeloom_understanding.benchmarks.base import EvalItem, load_clip, shown_duration
 from timeloom_understanding.benchmarks.temporal_qa import items_from_conversations
 from timeloom_understanding.data import ASPECTS, FORMATS, ConversationCollator, TemporalQA, flatten_groups
 from timeloom_understanding.module import VideoLLMModule
@@ -111,12 +111,22 @@ def _collate(module: VideoLLMModule, conversations: list[dict[str, Any]]) -> dic
 
 @torch.no_grad()
 def generate_replies(
-    module: VideoLLMModule, items: list[EvalItem], videos: list[Tensor | None], max_new_tokens: int = 16
+    module: VideoLLMModule,
+    items: list[EvalItem],
+    videos: list[Tensor | None],
+    max_new_tokens: int = 16,
+    durations: list[float | None] | None = None,
 ) -> list[str]:
-    """Greedy replies (after each item's prefill), decoded without special tokens."""
+    """Greedy replies after each item's prefill.
+
+    LITA time tokens become seconds where the duration (seconds) of the video shown is known, and stay raw
+    (``<t17>``) where it is not; no token is dropped silently.
+    """
     batch = _collate(module, [_conversation(i, v, i.prefill) for i, v in zip(items, videos)])
     replies = module.model.generate(batch, max_new_tokens=max_new_tokens)
-    return [module.model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
+    durations = durations or [None] * len(items)
+    answers = module.model.render_replies(replies, [d or 1.0 for d in durations])
+    return [(a.text if d else a.raw).strip() for a, d in zip(answers, durations)]
 
 
 @torch.no_grad()
@@ -159,21 +169,30 @@ def rank_candidates(module: VideoLLMModule, items: list[EvalItem], videos: list[
 
 
 def answer_items(
-    module: VideoLLMModule, items: list[EvalItem], videos: list[Tensor], method: str, max_new_tokens: int
+    module: VideoLLMModule,
+    items: list[EvalItem],
+    videos: list[Tensor],
+    method: str,
+    max_new_tokens: int,
+    durations: list[float | None] | None = None,
 ) -> list[str]:
     """Responses to a batch: likelihood ranking where the item has candidates and it is asked for, else greedy."""
     responses: list[str | None] = [None] * len(items)
     if method == "likelihood":
         ranked = [k for k, item in enumerate(items) if item.candidates]
         if ranked:
-            for k, choice in zip(
-                ranked, rank_candidates(module, [items[k] for k in ranked], [videos[k] for k in ranked])
-            ):
+            chosen = rank_candidates(module, [items[k] for k in ranked], [videos[k] for k in ranked])
+            for k, choice in zip(ranked, chosen):
                 responses[k] = choice
     rest = [k for k, r in enumerate(responses) if r is None]
     if rest:
+        durations = durations or [None] * len(items)
         replies = generate_replies(
-            module, [items[k] for k in rest], [videos[k] for k in rest], max_new_tokens
+            module,
+            [items[k] for k in rest],
+            [videos[k] for k in rest],
+            max_new_tokens,
+            [durations[k] for k in rest],
         )
         for k, reply in zip(rest, replies):
             responses[k] = reply
@@ -240,19 +259,20 @@ def evaluate_items(
         disable=not progress,
     )
     for chunk in _batches(items, batch_size):
-        ready, videos = [], []
+        ready, videos, durations = [], [], []
         for item in chunk:
             try:
-                videos.append(item.video if isinstance(item.video, Tensor) else _clip(item, frames, media))
+                if isinstance(item.video, Tensor):
+                    videos.append(item.video)
+                    durations.append(None)
+                else:
+                    videos.append(_clip(item, frames, media))
+                    durations.append(shown_duration(item.video, item.bounds, item.cut_at))
                 ready.append(item)
             except (FileNotFoundError, ValueError) as error:
                 unreadable.append((item.id, str(error)))
-        answers = dict(
-            zip(
-                (i.id for i in ready),
-                answer_items(module, ready, videos, method, max_new_tokens) if ready else [],
-            )
-        )
+        replies = answer_items(module, ready, videos, method, max_new_tokens, durations) if ready else []
+        answers = dict(zip((i.id for i in ready), replies))
         for item in chunk:
             response = answers.get(item.id)
             responses.append(response)

@@ -39,6 +39,7 @@ __all__ = [
     "listed_options",
     "load_clip",
     "missing_videos",
+    "shown_duration",
     "option_listing",
     "read_json",
     "require_keys",
@@ -188,6 +189,17 @@ def _frame_files(folder: Path) -> list[Path]:
     if not files:
         raise ValueError(f"{folder}: a frame folder with no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def shown_duration(
+    path: Path, bounds: tuple[float, float] | None = None, cut_at: float | None = None
+) -> float:
+    """Seconds of the video the model is shown: the whole file, its ``bounds``, or up to ``cut_at``."""
+    path = Path(path)
+    total = len(_frame_files(path)) / FRAME_FOLDER_FPS if path.is_dir() else video_info(path).duration
+    start, end = bounds if bounds is not None else (0.0, total)
+    end = min(end, total, cut_at if cut_at is not None else total)
+    return max(end - start, 0.0)
 
 
 def load_clip(
