@@ -166,3 +166,23 @@ def test_windowed_recompute_equals_the_cache_only_until_the_first_eviction(rando
     # cached keys of frames 2-4 still carry frames 0-1 while the window recomputes them without
     assert (cached[:, :, :7] - window[:, :, :7]).abs().max() <= 1e-4
     assert (cached[:, :, 7:] - window[:, :, 7:]).abs().max() > 1e-3
+
+
+def test_a_long_rollout_sees_only_the_frame_distances_of_training(random_model):
+    """36 frames with K = 7, C = 2 (the tiny recipe): past the training clip's 9 frames, every temporal attention
+    still has at most K + C keys, all at distances 0..K+C-1 behind or at its queries (RoPE sees only these),
+    and the keys are the latest K frames before the chunk (FIFO) plus the chunk itself."""
+    model = random_model()
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((kwargs["q_pos"].tolist(), kwargs["kv_pos"].tolist()))
+
+    model.blocks[0].temporal.attend.register_forward_pre_hook(record, with_kwargs=True)
+    context, _ = texts()
+    ARSampler(model, chunk_frames=2, cache_frames=7, steps=2).sample(context, frames=36, grid=(SIZE, SIZE))
+    assert max(max(queries) for queries, _ in seen) == 35
+    for queries, keys in seen:
+        assert len(keys) <= 9 and max(queries) - min(keys) <= 8
+        written = [key for key in keys if key < queries[0]]
+        assert sorted(written) == list(range(max(0, queries[0] - 7), queries[0]))  # the latest K, oldest gone
