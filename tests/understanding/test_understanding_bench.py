@@ -1,0 +1,18 @@
+"""`timeloom bench understanding --tiny`: the harness runs end to end and writes what it promises."""
+
+import json
+
+from timeloom_understanding.bench import main
+
+
+def test_tiny_bench_writes_json_and_markdown(tmp_path):
+    assert main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "understanding.json").read_text())
+    cells = {(cell["projector"], cell["frames"]): cell for cell in result["latency"]}
+    assert set(cells) == {(projector, frames) for projector in ("mlp", "ccam") for frames in (2, 4)}
+    assert cells["mlp", 4]["visual_tokens"] == 2 * cells["mlp", 2]["visual_tokens"] == 64  # 16 per frame
+    assert cells["ccam", 2]["visual_tokens"] == cells["ccam", 4]["visual_tokens"] == 64  # Q whatever T
+    assert all(cell[key] > 0 for cell in cells.values() for key in ("prefill_ms", "decode_ms_per_token"))
+    stream = result["streaming"]
+    assert stream["questions"] == 2 and stream["speedup"] == stream["rebuild_s"] / stream["cached_s"]
+    assert "Streaming-cache speed-up" in (tmp_path / "understanding.md").read_text()
