@@ -12,7 +12,7 @@ from timeloom_understanding.benchmarks import (
     load_clip,
     missing_videos,
 )
-from timeloom_understanding.benchmarks.base import listed_options
+from timeloom_understanding.benchmarks.base import listed_options, shown_duration
 
 from timeloom.video_io import write_video
 
@@ -292,3 +292,11 @@ def test_load_clip_names_a_missing_or_broken_file(tmp_path):
     broken.write_bytes(b"not a video at all")
     with pytest.raises(ValueError, match="broken.mp4 cannot be decoded"):
         load_clip(broken, 4, 8, 8, 1)
+
+
+def test_shown_duration_follows_bounds_and_cut(tmp_path):
+    path = ramp_video(tmp_path / "ramp.mp4")  # 20 frames at 4 fps: 5 s
+    assert shown_duration(path) == pytest.approx(5.0)
+    assert shown_duration(path, bounds=(1.0, 3.0)) == pytest.approx(2.0)
+    assert shown_duration(path, cut_at=2.5) == pytest.approx(2.5)
+    assert shown_duration(path, bounds=(1.0, 9.0), cut_at=4.0) == pytest.approx(3.0)

@@ -11,6 +11,7 @@ from timeloom_understanding.data import ConversationCollator
 from timeloom_understanding.evaluate import (
     continuation_logprobs,
     evaluate_items,
+    generate_replies,
     load_module,
     rank_candidates,
     temporal_qa_items,
@@ -145,6 +146,13 @@ def test_cli_temporal_qa_writes_json_markdown_and_predictions(exported, tmp_path
     timeloom_main([*args, "--limit", "8", "--out", str(control), "--control", "middle_frame"])
     assert read_report(control)[0]["meta"]["frames"] == 1
     assert [p["id"] for p in read_report(control)[1]] == [p["id"] for p in predictions]
+    # --controls reports both controls beside the full video, scored as the control run alone is
+    both = tmp_path / "controls"
+    timeloom_main([*args, "--limit", "8", "--out", str(both), "--controls"])
+    controls = read_report(both)[0]["controls"]
+    assert set(controls) == {"middle_frame", "shuffled"}
+    assert controls["middle_frame"]["overall"] == read_report(control)[0]["overall"]
+    assert "| middle_frame |" in (both / "report.md").read_text()
 
 
 def fake_mvbench(root, videos=("a.mp4", "b.mp4")):
@@ -219,3 +227,18 @@ def test_an_undecodable_video_is_counted_and_the_rest_still_run(module, tmp_path
     responses, scored, unreadable = evaluate_items(module, items, 4, progress=False)
     assert responses[0] is not None and scored[0] is not None
     assert responses[1] is None and [u[0] for u in unreadable] == ["broken"]
+
+
+def test_time_tokens_become_seconds_of_the_shown_video(exported, qa_items):
+    module = load_module(exported)
+    head = module.model.llm.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight.data.copy_(head.weight.data)
+    biased.bias.data.zero_()
+    biased.bias.data[module.model.tokenizer.id("<t99>")] = (
+        1e4  # a model that always answers with the last time token
+    )
+    module.model.llm.lm_head = biased
+    item = qa_items[0]
+    timed, raw = (generate_replies(module, [item], [item.video], 1, durations) for durations in ([4.0], None))
+    assert timed == ["4.0s"] and raw == ["<t99>"]  # raw where the duration is unknown, never dropped

@@ -329,6 +329,17 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append("- MBA: " + ", ".join(f"{task} {_percent(v)}%" for task, v in report["mba"].items()))
     if "unscored_message" in report:
         lines.append(f"- {report['unscored_message']}")
+    if "controls" in report:
+        tasks = list(report["by"]["task"])
+        rows = {
+            "full video": {"overall": report["overall"]}
+            | {t: g["accuracy"] for t, g in report["by"]["task"].items()}
+        }
+        rows |= {name: {"overall": c["overall"]} | c["task"] for name, c in report["controls"].items()}
+        lines += ["", "| shown | overall % | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
+        for name, values in rows.items():
+            cells = " | ".join(_percent(values.get(t)) for t in tasks)
+            lines.append(f"| {name} | {_percent(values['overall'])} | {cells} |")
     for name, groups in report["by"].items():
         lines += ["", f"| {name} | n | accuracy % |", "|---|---|---|"]
         lines += [f"| {value} | {g['n']} | {_percent(g['accuracy'])} |" for value, g in groups.items()]
@@ -384,6 +395,15 @@ def log_to_wandb(out: Path, report: dict[str, Any], rows: list[dict[str, Any]]) 
     return run_dir
 
 
+def _control_summary(module: VideoLLMModule, args: argparse.Namespace, frames: int, control: str) -> dict:
+    """Overall and per-aspect accuracy on the same temporal questions under a control."""
+    items = temporal_qa_items(args.checkpoint, module, args.frames, control, args.limit)
+    _, scored, _ = evaluate_items(module, items, frames, args.method, args.batch_size, args.max_new_tokens)
+    report = summarize("temporal_qa", items, scored)
+    by_task = {task: g["accuracy"] for task, g in report["by"]["task"].items()}
+    return {"n": report["n"], "overall": report["overall"], "task": by_task}
+
+
 # -- the command ------------------------------------------------------------------------------------------------
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -408,6 +428,11 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
         "--control", choices=("none", "middle_frame", "shuffled"), default="none", help="temporal_qa only"
     )
     parser.add_argument(
+        "--controls",
+        action="store_true",
+        help="temporal_qa: also ask the same questions with only the middle frame and with shuffled frames",
+    )
+    parser.add_argument(
         "--allow-missing", action="store_true", help="skip (and count) questions whose video is missing"
     )
     return parser.parse_args(argv)
@@ -419,8 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"evaluate understanding: --root DIR (the local copy of {args.benchmark}) is required"
         )
-    if args.benchmark == "temporal_qa" and args.control != "none" and args.frames:
-        raise SystemExit("evaluate understanding: --control and --frames do not combine")
+    if args.controls and args.benchmark != "temporal_qa":
+        raise SystemExit("evaluate understanding: --controls is for temporal_qa only")
     try:
         module = load_module(args.checkpoint)
     except FileNotFoundError as error:
@@ -465,6 +490,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "questions_per_second": len(items) / seconds if seconds else None,
         },
     }
+    if args.controls:
+        report["controls"] = {
+            control: _control_summary(module, args, frames, control)
+            for control in ("middle_frame", "shuffled")
+        }
     out = args.out or Path("outputs/evaluate") / args.benchmark
     rows = write_outputs(out, report, items, responses, scored)
     run_dir = log_to_wandb(out, report, rows)
