@@ -1,5 +1,6 @@
 """`MemoryLMModule` on MQAR, the shipped configs, and paper-size parameter counts on the meta device."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -118,11 +119,22 @@ def test_timeloom_fit_runs_a_tiny_config(tmp_path):
 def test_bench_memory_tiny_preset_writes_its_tables(tmp_path):
     from timeloom_memory.bench import main
 
-    assert main(["--preset", "tiny", "--out", str(tmp_path)]) == 0
+    assert main(["--preset", "tiny", "--out", str(tmp_path), "--mqar-steps", "1"]) == 0
     result = json.loads((tmp_path / "memory.json").read_text())
     assert {c["update"] for c in result["cells"]} == {"sequential", "scan", "dual"}
     assert {u["update"] for u in result["speedups"]} == {"scan", "dual"}
-    assert "| dual |" in (tmp_path / "memory.md").read_text()
+    models = {r["model"] for r in result["training"]}
+    assert {"timeloom Titans MAC", "timeloom plain transformer (yardstick)"} <= models
+    if importlib.util.find_spec("titans_pytorch") is None:
+        assert any("titans-pytorch side by side: not installed" in s for s in result["skipped"])
+    else:
+        assert "titans-pytorch MAC (batch_size = b)" in models
+    for row in result["training"]:
+        assert row["tokens_per_s"] > 0 and row["flops_per_token"] > 0
+    assert set(result["mqar_accuracy"]) == models
+    assert all(0 <= a <= 1 for a in result["mqar_accuracy"].values())
+    text = (tmp_path / "memory.md").read_text()
+    assert "| dual |" in text and "| timeloom Titans MAC |" in text
 
 
 def test_save_pretrained_round_trip(tmp_path):

@@ -1,11 +1,21 @@
-"""`timeloom bench memory`: speed of Titans' memory update, chunked parallel against token by token.
+"""`timeloom bench memory`: Titans' memory update, chunked against token by token, and Titans training
+throughput side by side with titans-pytorch.
 
-For every cell (update kernel × heads × chunk size b × length L) it times the `NeuralMemory` layer forward
-(no grad) and forward+backward, reports tokens/s and the speed-up of each chunk kernel over `sequential`
-(the definition), plus the state's bytes per sample (constant in L) and the per-token weights `scan`
-materialises per chunk. Timing reuses the kernels suite (warm-up, then the inter-quartile mean). Outputs
-`memory.json` and `memory.md` under ``--out``. The side-by-side run of titans-pytorch is not part of this
-suite yet (listed as skipped). Compare runs from the same device only, and mind the machine's load.
+Part 1, the update: for every cell (update kernel × heads × chunk size b × length L) it times the
+`NeuralMemory` layer forward (no grad) and forward+backward, reports tokens/s and the speed-up of each chunk
+kernel over `sequential` (the definition), plus the state's bytes per sample (constant in L, so per token it
+falls as 1/L) and the per-token weights `scan` materialises per chunk. Timing reuses the kernels suite
+(warm-up, then the inter-quartile mean).
+
+Part 2, training: tokens/s of one AdamW step of our `TitansLM` (MAC), of titans-pytorch's
+`MemoryAsContextTransformer` at the closest equal configuration (`TITANS_PYTORCH_MAPPING`) and of a plain
+transformer (our ``attention`` block) as the yardstick, timed round-robin so the machine's load hits all
+alike; the bytes each step saves for backward, per token; and, with ``--mqar-steps``, MQAR accuracy of each
+after the same number of steps on the same batches. titans-pytorch is an optional extra
+(``pip install 'timeloom-memory[compare]'``); without it those rows are skipped with the reason.
+
+Outputs `memory.json` and `memory.md` under ``--out``. Compare runs from the same device only, and mind the
+machine's load.
 """
 
 from __future__ import annotations
@@ -13,13 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from timeloom_kernels.bench import describe_environment, measure
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from timeloom.throughput import flop_counter
 from timeloom_memory.neural_memory import NeuralMemory, NeuralMemoryConfig
+from timeloom_memory.tasks import IGNORE, MQAR
+from timeloom_memory.titans import TitansConfig, TitansLM
 
 __all__ = ["main"]
 
@@ -37,6 +56,13 @@ class MemoryPreset:
     min_runs: int = 3
     max_runs: int = 10
     max_call_s: float = 5.0
+    # Part 2, training side by side.
+    train_batch: int = 16
+    train_length: int = 256
+    train_steps: int = 5  # timed steps per model, after one warm-up step
+    mqar: tuple[int, int, int] = (256, 64, 4)  # vocab, seq, pairs
+    mqar_batch: int = 32
+    mqar_test: int = 256
 
 
 PRESETS = {
@@ -58,6 +84,12 @@ PRESETS = {
         budget_s=0.05,
         min_runs=1,
         max_runs=2,
+        train_batch=2,
+        train_length=64,
+        train_steps=1,
+        mqar=(64, 32, 2),
+        mqar_batch=4,
+        mqar_test=8,
     ),
 }
 UPDATES = ("sequential", "scan", "dual")
@@ -107,20 +139,31 @@ def speedups(cells: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(cells: list[dict], ups: list[dict], environment: dict, skipped: list[str]) -> str:
+def _bytes(value: float | None) -> str:
+    return "n/a (torch.func inside)" if value is None else f"{value:.0f}"
+
+
+def _number(value: float | None, unit: float) -> str:
+    return "n/a" if value is None else f"{value / unit:.1f}"
+
+
+def markdown(result: dict) -> str:
+    cells, ups, skipped = result["cells"], result["speedups"], result["skipped"]
     lines = [
-        "# Titans memory update: tokens/s (`timeloom bench memory`)",
+        "# Titans memory: update speed and training side by side (`timeloom bench memory`)",
         "",
-        f"Environment: `{json.dumps(environment)}`",
+        f"Environment: `{json.dumps(result['environment'])}`",
         "",
-        "| update | H×d_h | b | L | fwd tok/s | fwd+bwd tok/s | state B/sample |",
-        "|---|---|---|---|---|---|---|",
+        "## The memory update (`NeuralMemory` layer, L_M = 2, expansion 4)",
+        "",
+        "| update | H×d_h | b | L | fwd tok/s | fwd+bwd tok/s | state B/sample | state B/token |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         lines.append(
             f"| {c['update']} | {c['heads']}×{c['head_dim']} | {c['chunk_size']} | {c['length']} | "
             f"{c['forward_tokens_per_s']:.0f} | {c['forward_backward_tokens_per_s']:.0f} | "
-            f"{c['state_bytes_per_sample']} |"
+            f"{c['state_bytes_per_sample']} | {c['state_bytes_per_sample'] / c['length']:.0f} |"
         )
     lines += ["", "Speed-up over the token-by-token definition (`sequential`):", ""]
     lines += ["| update | H×d_h | b | L | fwd | fwd+bwd |", "|---|---|---|---|---|---|"]
@@ -129,8 +172,217 @@ def markdown(cells: list[dict], ups: list[dict], environment: dict, skipped: lis
             f"| {u['update']} | {u['heads']}×{u['head_dim']} | {u['chunk_size']} | {u['length']} | "
             f"{u['forward']:.1f}× | {u['forward_backward']:.1f}× |"
         )
+    rows, mqar = result.get("training", []), result.get("mqar_accuracy", {})
+    if rows:
+        r0 = rows[0]
+        lines += [
+            "",
+            f"## Training step (AdamW, batch {r0['batch']} × {r0['length']} tokens, round-robin)",
+            "",
+            "| model | parameters | train tok/s | × plain transformer | saved for backward, B/token "
+            "| train kFLOP/token | GFLOP/s |"
+            + (f" MQAR acc after {result['mqar_steps']} steps |" if mqar else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if mqar else ""),
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['model']} | {r['parameters']:,} | {r['tokens_per_s']:.0f} | {r['vs_plain_transformer']:.2f} | "
+                f"{_bytes(r['saved_bytes_per_token'])} | {_number(r['flops_per_token'], 1e3)} | "
+                f"{_number(r['gflops_per_s'], 1)} |" + (f" {mqar[r['model']]:.3f} |" if mqar else "")
+            )
+        lines += ["", "Equal configuration (ours → titans-pytorch 0.5.5):", ""]
+        lines += [f"- {m}" for m in TITANS_PYTORCH_MAPPING]
+        if mqar:
+            vocab, seq, pairs = result["mqar"]
+            lines += ["", f"MQAR: vocab {vocab}, seq {seq}, {pairs} pairs, batch {result['mqar_batch']}, "
+                      "AdamW lr 3e-3, clip 1.0, the same batches for every model."]  # fmt: skip
     lines += [""] + [f"Skipped: {s}" for s in skipped]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Part 2: training throughput and MQAR, ours against titans-pytorch at an equal configuration
+# --------------------------------------------------------------------------------------------------------
+WIDTH, DEPTH, HEADS, SEGMENT, CHUNK, PERSISTENT, MEMORY_EXPANSION, THETA_MAX = 64, 2, 2, 32, 16, 4, 2, 0.1
+TITANS_PYTORCH_MAPPING = [
+    f"width {WIDTH}, depth {DEPTH}, {HEADS} heads of {WIDTH // HEADS}: `dim`, `depth`, `heads`, `dim_head`; "
+    "the memory's own `heads`/`dim_head` the same",
+    f"MAC segment {SEGMENT}: `segment_len={SEGMENT}`; persistent tokens {PERSISTENT}: "
+    f"`num_persist_mem_tokens={PERSISTENT}`; no learned long-term memory tokens (`num_longterm_mem_tokens=0`)",
+    f"memory MLP depth 2, hidden {MEMORY_EXPANSION}·d_h: `MemoryMLP(dim={WIDTH // HEADS}, depth=2, "
+    f"expansion_factor={MEMORY_EXPANSION})` (theirs adds a LayerNorm + residual around it)",
+    f"chunk b = {CHUNK}: `neural_memory_segment_len={CHUNK}` (their gate/update chunk) and "
+    f"`neural_memory_batch_size={CHUNK}` (weights refresh every b tokens, as ours); the `default` row keeps "
+    "their default `batch_size=None` (a whole call uses its start weights: less sequential work)",
+    f"θ_max {THETA_MAX}: `default_step_transform_max_lr={THETA_MAX}·d_h` (their loss is a mean over features)",
+    "FFN: SwiGLU 4·d (ours), GEGLU `ff_mult=4` (theirs); plain residual: `num_residual_streams=1`",
+    "data flow differs (spec §2.6): theirs stores and retrieves from the layer input before attention, "
+    "ours retrieves → attends → stores the attention output",
+]
+
+
+def our_model(vocab: int, block: str) -> TitansLM:
+    memory = NeuralMemoryConfig(heads=HEADS, head_dim=WIDTH // HEADS, depth=2, expansion=MEMORY_EXPANSION,
+                                chunk_size=CHUNK, theta_max=THETA_MAX, surprise_clip=1.0)  # fmt: skip
+    config = TitansConfig(vocab_size=vocab, dim=WIDTH, depth=DEPTH, heads=HEADS, block=block,
+                          persistent_tokens=PERSISTENT, segment=SEGMENT, ffn_mult=4.0, memory=memory)  # fmt: skip
+    return TitansLM(config)
+
+
+def titans_pytorch_model(vocab: int, batch_size: int | None) -> nn.Module:
+    """titans-pytorch's `MemoryAsContextTransformer` per `TITANS_PYTORCH_MAPPING` (ImportError without it)."""
+    from titans_pytorch import MemoryAsContextTransformer, MemoryMLP
+
+    model = MemoryAsContextTransformer(
+        num_tokens=vocab, dim=WIDTH, depth=DEPTH, heads=HEADS, dim_head=WIDTH // HEADS, segment_len=SEGMENT,
+        num_persist_mem_tokens=PERSISTENT, num_longterm_mem_tokens=0, ff_mult=4, num_residual_streams=1,
+        neural_memory_segment_len=CHUNK, neural_memory_batch_size=batch_size,
+        neural_memory_model=MemoryMLP(dim=WIDTH // HEADS, depth=2, expansion_factor=MEMORY_EXPANSION),
+        neural_memory_kwargs=dict(heads=HEADS, dim_head=WIDTH // HEADS,
+                                  default_step_transform_max_lr=THETA_MAX * WIDTH // HEADS),
+    )  # fmt: skip
+    # Its per-head memory parameters are one storage broadcast over heads (stride 0); AdamW's in-place
+    # weight decay refuses such a tensor, so each gets its own copy (same values).
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()
+    return model
+
+
+def training_models(
+    vocab: int,
+) -> tuple[dict[str, Callable[[Tensor], Tensor]], dict[str, nn.Module], list[str]]:
+    """``{name: ids -> logits}``, the modules, and the rows skipped (with why)."""
+    torch.manual_seed(0)
+    modules: dict[str, nn.Module] = {
+        "timeloom Titans MAC": our_model(vocab, "mac"),
+        "timeloom plain transformer (yardstick)": our_model(vocab, "attention"),
+    }
+    skipped = []
+    try:
+        modules["titans-pytorch MAC (batch_size = b)"] = titans_pytorch_model(vocab, CHUNK)
+        modules["titans-pytorch MAC (default batch_size=None)"] = titans_pytorch_model(vocab, None)
+    except ImportError as error:
+        skipped.append(
+            f"titans-pytorch side by side: not installed ({error}); pip install 'timeloom-memory[compare]'"
+        )
+    logits = {
+        name: (lambda ids, m=m: m(ids)[0]) if isinstance(m, TitansLM) else (lambda ids, m=m: m(ids))
+        for name, m in modules.items()
+    }
+    return logits, modules, skipped
+
+
+def saved_bytes(loss_fn: Callable[[], Tensor], module: nn.Module) -> int | None:
+    """Bytes of the distinct tensors one forward saves for its backward (parameters excluded).
+
+    None for a model that takes gradients with `torch.func` inside (titans-pytorch): torch refuses
+    saved-tensor hooks there.
+    """
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn()
+    except RuntimeError as error:
+        if "saved tensor hooks" not in str(error):
+            raise
+        return None
+    return sum(storages.values())
+
+
+def training_flops(loss_fn: Callable[[], Tensor]) -> int | None:
+    """FLOPs of one forward+backward (the core's counter, with its CPU-attention corrections)."""
+    counter = flop_counter()
+    try:
+        with counter:
+            loss_fn().backward()
+    except RuntimeError as error:  # torch.func inside (titans-pytorch) is not countable here
+        if "functorch" not in str(error).lower() and "torch.func" not in str(error):
+            raise
+        return None
+    return counter.get_total_flops()
+
+
+def training_throughput(preset: MemoryPreset, vocab: int = 256) -> tuple[list[dict], list[str]]:
+    """Median tokens/s of a training step per model, timed round-robin on one shared batch."""
+    logits, modules, skipped = training_models(vocab)
+    ids = torch.randint(0, vocab, (preset.train_batch, preset.train_length + 1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for n, m in modules.items()}
+
+    def loss_of(name: str) -> Tensor:
+        return F.cross_entropy(logits[name](inputs).flatten(0, 1), targets.flatten())
+
+    def step(name: str) -> float:
+        start = time.perf_counter()
+        optimizers[name].zero_grad()
+        loss_of(name).backward()
+        optimizers[name].step()
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for name in modules:
+        step(name)  # warm-up
+    for _ in tqdm(range(preset.train_steps), desc="training steps (round-robin)"):
+        for name in modules:
+            times[name].append(step(name))
+    tokens = inputs.numel()
+    rows = []
+    for name, module in modules.items():
+        seconds = statistics.median(times[name])
+        saved = saved_bytes(lambda n=name: loss_of(n), module)
+        flops = training_flops(lambda n=name: loss_of(n))
+        rows.append({
+            "model": name, "tokens_per_s": tokens / seconds, "step_ms": seconds * 1e3,
+            "parameters": sum(p.numel() for p in module.parameters()),
+            "saved_bytes_per_token": None if saved is None else saved / tokens,
+            "flops_per_token": None if flops is None else flops / tokens,
+            "gflops_per_s": None if flops is None else flops / seconds / 1e9,
+            "batch": preset.train_batch, "length": preset.train_length,
+        })  # fmt: skip
+    yardstick = next(r for r in rows if "yardstick" in r["model"])
+    for row in rows:
+        row["vs_plain_transformer"] = row["tokens_per_s"] / yardstick["tokens_per_s"]
+    return rows, skipped
+
+
+def mqar_accuracy(preset: MemoryPreset, steps: int) -> dict[str, float]:
+    """Per model, MQAR accuracy at labelled positions after ``steps`` AdamW steps on the same batches."""
+    vocab, seq, pairs = preset.mqar
+    task = dict(vocab_size=vocab, seq_len=seq, num_pairs=pairs)
+    train = MQAR(length=steps * preset.mqar_batch, split="train", **task)
+    test = MQAR(length=preset.mqar_test, split="test", **task)
+    stack = lambda items, key: torch.stack([item[key] for item in items])  # noqa: E731
+    logits, modules, _ = training_models(vocab)
+    accuracy = {}
+    for name, module in modules.items():
+        optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=0.1)
+        module.train()
+        for i in tqdm(range(steps), desc=f"MQAR {name}"):
+            items = [train[j] for j in range(i * preset.mqar_batch, (i + 1) * preset.mqar_batch)]
+            ids, labels = stack(items, "input_ids"), stack(items, "labels")
+            labelled = labels != IGNORE
+            loss = F.cross_entropy(logits[name](ids)[labelled], labels[labelled])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            optimizer.step()
+        module.eval()
+        items = [test[j] for j in range(len(test))]
+        ids, labels = stack(items, "input_ids"), stack(items, "labels")
+        labelled = labels != IGNORE
+        with torch.no_grad():
+            accuracy[name] = (
+                (logits[name](ids)[labelled].argmax(-1) == labels[labelled]).float().mean().item()
+            )
+    return accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,12 +390,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--mqar-steps", type=int, default=0, help="MQAR training steps per model (0: skip)")
+    parser.add_argument("--parts", default="update,training", help="comma-separated: update, training")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if parts - {"update", "training"}:
+        parser.error(f"--parts takes update and/or training; got {args.parts!r}")
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     cells, skipped = [], []
     grid = [(h, d, b, n) for h, d in preset.shapes for b in preset.chunk_sizes for n in preset.lengths]
-    for i, (heads, head_dim, b, length) in enumerate(grid):
+    for i, (heads, head_dim, b, length) in enumerate(grid if "update" in parts else []):
         for update in UPDATES:
             limit = {"sequential": preset.sequential_max_length, "scan": preset.scan_max_length}.get(update)
             if limit is not None and length > limit:
@@ -153,12 +410,21 @@ def main(argv: list[str] | None = None) -> int:
             c = cells[-1]
             print(f"[{i + 1}/{len(grid)}] {update:10s} H×d {heads}×{head_dim} b {b} L {length}: "
                   f"{c['forward_tokens_per_s']:.0f} / {c['forward_backward_tokens_per_s']:.0f} tok/s", flush=True)  # fmt: skip
-    skipped.append("titans-pytorch side by side: not implemented yet")
-    ups = speedups(cells)
     environment = describe_environment(torch.device("cpu"), torch.float32, args.preset)
+    result = {"environment": environment, "cells": cells, "speedups": speedups(cells), "skipped": skipped}
+    if "training" in parts:
+        result["training"], missing = training_throughput(preset)
+        skipped += missing
+        for r in result["training"]:
+            print(f"{r['model']}: {r['tokens_per_s']:.0f} tok/s ({r['vs_plain_transformer']:.2f}× plain)")
+        if args.mqar_steps:
+            result.update(mqar_steps=args.mqar_steps, mqar=preset.mqar, mqar_batch=preset.mqar_batch)
+            result["mqar_accuracy"] = mqar_accuracy(preset, args.mqar_steps)
+            print("MQAR accuracy:", result["mqar_accuracy"])
+        else:
+            skipped.append("MQAR accuracy side by side: pass --mqar-steps N")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment, "cells": cells, "speedups": ups, "skipped": skipped}
     (args.out / "memory.json").write_text(json.dumps(result, indent=2))
-    (args.out / "memory.md").write_text(markdown(cells, ups, environment, skipped))
+    (args.out / "memory.md").write_text(markdown(result))
     print(f"wrote {args.out / 'memory.json'} and {args.out / 'memory.md'}")
     return 0

@@ -317,23 +317,25 @@ def dual_chunk(
     d0, c = co.read_d0.unsqueeze(-1), co.read_c.unsqueeze(-1)
     z = q
     for i, (w, s) in enumerate(zip(weights, momentum)):
-        a = d0 * (z @ w.mT) + c * (z @ s.mT) - (mix * (z @ inputs[i].mT)) @ deltas[i]
+        a = _minus_matmul(torch.addcmul(d0 * (z @ w.mT), c, z @ s.mT), mix * (z @ inputs[i].mT), deltas[i])
         z = F.silu(a) if i < len(weights) - 1 else a
-    end_d0, end_c = co.end_d0[..., None, None], co.end_c[..., None, None]
+    end_d0, end_c, end_e0 = (t[..., None, None] for t in (co.end_d0, co.end_c, co.end_E0))
+    # Σ_j coef_j δ_j ẑ_jᵀ = Δᵀ diag(coef) Ẑ (Eq. 17 as one matmul), subtracted inside the same call.
     end_w = [
-        end_d0 * w + end_c * s - _rank1_sum(co.end_C * theta, dl, zl)
+        _minus_matmul(torch.addcmul(end_d0 * w, end_c, s), (dl * (co.end_C * theta).unsqueeze(-1)).mT, zl)
         for w, s, dl, zl in zip(weights, momentum, deltas, inputs)
     ]
     end_s = [
-        co.end_E0[..., None, None] * s - _rank1_sum(co.end_E * theta, dl, zl)
+        _minus_matmul(end_e0 * s, (dl * (co.end_E * theta).unsqueeze(-1)).mT, zl)
         for s, dl, zl in zip(momentum, deltas, inputs)
     ]
     return z, end_w, end_s
 
 
-def _rank1_sum(coef: Tensor, delta: Tensor, z: Tensor) -> Tensor:
-    """``Σ_j coef_j δ_j ẑ_jᵀ = Δᵀ diag(coef) Ẑ`` (Eq. 17 as one matmul)."""
-    return (delta * coef.unsqueeze(-1)).transpose(-1, -2) @ z
+def _minus_matmul(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``base − a @ b`` as one fused call (leading dims flattened): one pass over the weight-sized output."""
+    out = torch.baddbmm(base.flatten(0, -3), a.flatten(0, -3), b.flatten(0, -3), alpha=-1)
+    return out.view(base.shape)
 
 
 def linear_scan(a: Tensor, x: Tensor, h0: Tensor) -> Tensor:
