@@ -45,6 +45,7 @@ def adapter(tmp_path_factory):
         docs.append({"video": str(path), "question": f"Question {k}: which way?", "answer": "up"})
     model = TimeloomVideoLLM(pretrained=str(folder), max_frames_num=4, batch_size=2)
     model.task_dict = {"fake": {"test": docs}}
+    model.pretrained_path = str(folder)
     return model
 
 
@@ -112,6 +113,17 @@ def test_loglikelihood_sums_the_continuation(adapter):
     item, video = item_for(adapter, docs[0], 0)
     assert results[0] == pytest.approx(continuation_logprobs(adapter.module, [item], [video], ["up"])[0])
     assert results[3][0] != pytest.approx(results[0][0])
+
+
+def test_model_arguments(adapter):
+    assert type(adapter.module.model.structure).__name__ == "Causal"
+    path = adapter.pretrained_path  # the same export, run under another structure
+    assert (
+        type(TimeloomVideoLLM(pretrained=path, structure="tc_llava").module.model.structure).__name__
+        == "TCLLaVA"
+    )
+    with pytest.raises(TypeError, match="unexpected keyword argument 'conv_template'"):
+        TimeloomVideoLLM(pretrained=path, conv_template="vicuna")
 
 
 def test_text_only_requests_and_unsupported_calls(adapter):

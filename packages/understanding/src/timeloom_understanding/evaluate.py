@@ -57,13 +57,13 @@ METHODS = ("generate", "likelihood")
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
-def load_module(checkpoint: str | Path) -> VideoLLMModule:
+def load_module(checkpoint: str | Path, device: str = "cpu") -> VideoLLMModule:
     """A trained video-LLM in eval mode: a `timeloom fit` checkpoint or a `timeloom export` folder."""
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     module = VideoLLMModule.from_pretrained(path) if path.is_dir() else VideoLLMModule.from_checkpoint(path)
-    return module.eval()
+    return module.to(device).eval()
 
 
 def media_settings(module: VideoLLMModule) -> dict[str, int]:
@@ -106,7 +106,7 @@ def _collate(module: VideoLLMModule, conversations: list[dict[str, Any]]) -> dic
         ("turn", -1),
     ):
         batch[key][rows, batch["lengths"]] = fill
-    return batch
+    return {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -423,6 +423,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="only the first N questions")
     parser.add_argument("--method", choices=METHODS, default="generate")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument(
         "--control", choices=("none", "middle_frame", "shuffled"), default="none", help="temporal_qa only"
@@ -447,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.controls and args.benchmark != "temporal_qa":
         raise SystemExit("evaluate understanding: --controls is for temporal_qa only")
     try:
-        module = load_module(args.checkpoint)
+        module = load_module(args.checkpoint, args.device)
     except FileNotFoundError as error:
         raise SystemExit(f"evaluate understanding: {error}") from error
     frames = args.frames or media_settings(module)["frames"]

@@ -29,6 +29,7 @@ from timeloom_understanding.evaluate import (
     load_module,
     media_settings,
 )
+from timeloom_understanding.layouts import make_structure
 
 try:  # the adapter registers itself where lmms-eval is installed
     from lmms_eval.api.model import lmms as _Base
@@ -49,6 +50,8 @@ class TimeloomVideoLLM(_Base):
         max_frames_num: frames sampled from each video.
         batch_size: requests per forward pass.
         device: where the model runs.
+        structure: another attention structure to run the model under (``tc_llava``, …); None keeps its own.
+        max_batch_size: passed by lmms-eval, unused.
     """
 
     def __init__(
@@ -57,10 +60,13 @@ class TimeloomVideoLLM(_Base):
         max_frames_num: int = 16,
         batch_size: int | str = 1,
         device: str = "cpu",
-        **kwargs: Any,
+        structure: str | None = None,
+        max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.module = load_module(pretrained).to(device)
+        self.module = load_module(pretrained, device)
+        if structure is not None:  # structures are pure functions of the layout: no weights change
+            self.module.model.structure = make_structure(structure)
         self.frames = int(max_frames_num)
         self.batch_size_per_gpu = int(batch_size)
         self.media = media_settings(self.module)
