@@ -1,10 +1,12 @@
 """The video-LLM (spec §2, §3.1): projectors, the HF backbone under our masks and positions, the loss."""
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from timeloom_kernels.positions import apply_rope
 from timeloom_understanding.data import ConversationCollator, TemporalQA
 from timeloom_understanding.encoders import TimmEncoder
@@ -262,3 +264,37 @@ def test_cached_greedy_decoding_equals_recomputing_the_sequence(projector, attn,
     assert cached == recomputed
     assert cached_logits.shape == logits.shape == (4, 6, model.tokenizer.vocab_size)
     torch.testing.assert_close(cached_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- paper-size configs -----------------------------------------------------------------------------------
+BASE_CONFIGS = sorted(
+    (Path(__file__).resolve().parents[2] / "configs/understanding").glob("videollm-base*.yaml")
+)
+# (visual tokens per video, LLM parameters of the published decoder it is shaped like, encoder parameters)
+PAPER_SIZES = {
+    "videollm-base-ccam": (1024, 3.82e9, 413e6),  # Phi-3-mini; SigLIP-SO400M without its pooling head
+    "videollm-base-tcllava": (16 * 144, 6.74e9, 303e6),  # Vicuna-7B; CLIP ViT-L/14
+    "videollm-base-lita": (100 + 256, 6.74e9, 303e6),  # Vicuna-7B; CLIP ViT-L/14; LITA's 356 SlowFast tokens
+}
+
+
+def test_there_is_a_base_config_per_method():
+    assert [p.stem for p in BASE_CONFIGS] == sorted(PAPER_SIZES)
+
+
+@pytest.mark.parametrize("path", BASE_CONFIGS, ids=lambda p: p.stem)
+def test_base_configs_build_paper_size_on_the_meta_device(path: Path):
+    document = yaml.safe_load(path.read_text())
+    data, config = document["data"]["init_args"], document["model"]["init_args"]["config"]
+    encoder = dict(config["encoder"], img_size=data["size"], in_chans=data["channels"])  # the ${data.…} links
+    with torch.device("meta"):
+        model = VideoLLM(VideoLLMConfig(**dict(config, encoder=encoder, llm=LLMConfig(**config["llm"]))))
+    assert all(p.is_meta for p in model.parameters())
+    count = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("encoder", "llm")}
+    tokens, llm_size, encoder_size = PAPER_SIZES[path.stem]
+    print(f"{path.stem}: {sum(p.numel() for p in model.parameters()):,} parameters, {count}")
+    assert model.visual_tokens_per_media(data["frames"], data["size"], data["size"]) == tokens
+    assert tokens + 64 <= config["max_length"]  # room for the question and the answer
+    # our vocabulary (30,626 entries) is a little smaller than the published models' 32k
+    assert abs(count["llm"] - llm_size) / llm_size < 0.01
+    assert abs(count["encoder"] - encoder_size) / encoder_size < 0.01
