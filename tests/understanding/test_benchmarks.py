@@ -300,3 +300,9 @@ def test_shown_duration_follows_bounds_and_cut(tmp_path):
     assert shown_duration(path, bounds=(1.0, 3.0)) == pytest.approx(2.0)
     assert shown_duration(path, cut_at=2.5) == pytest.approx(2.5)
     assert shown_duration(path, bounds=(1.0, 9.0), cut_at=4.0) == pytest.approx(3.0)
+
+
+def test_a_cut_before_the_bounds_shows_nothing_rather_than_the_future():
+    with pytest.raises(ValueError, match="nothing to show"):
+        frame_indices("linspace", 100, 10.0, 4, bounds=(5.0, 8.0), cut_at=2.0)
+    assert frame_indices("linspace", 10, 10.0, 2, bounds=(30.0, 40.0)) == [9, 9]  # bounds past the end

@@ -261,16 +261,18 @@ def evaluate_items(
     for chunk in _batches(items, batch_size):
         ready, videos, durations = [], [], []
         for item in chunk:
-            try:
-                if isinstance(item.video, Tensor):
-                    videos.append(item.video)
-                    durations.append(None)
-                else:
-                    videos.append(_clip(item, frames, media))
-                    durations.append(shown_duration(item.video, item.bounds, item.cut_at))
-                ready.append(item)
-            except (FileNotFoundError, ValueError) as error:
-                unreadable.append((item.id, str(error)))
+            if isinstance(item.video, Tensor):
+                video, duration = item.video, None
+            else:
+                try:
+                    video = _clip(item, frames, media)
+                except (FileNotFoundError, ValueError) as error:
+                    unreadable.append((item.id, str(error)))
+                    continue
+                duration = shown_duration(item.video, item.bounds, item.cut_at)
+            ready.append(item)
+            videos.append(video)
+            durations.append(duration)
         replies = answer_items(module, ready, videos, method, max_new_tokens, durations) if ready else []
         answers = dict(zip((i.id for i in ready), replies))
         for item in chunk:
@@ -445,8 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"evaluate understanding: --root DIR (the local copy of {args.benchmark}) is required"
         )
-    if args.controls and args.benchmark != "temporal_qa":
-        raise SystemExit("evaluate understanding: --controls is for temporal_qa only")
+    if args.controls and (args.benchmark != "temporal_qa" or args.control != "none"):
+        raise SystemExit(
+            "evaluate understanding: --controls is for temporal_qa on the full video (--control none)"
+        )
     try:
         module = load_module(args.checkpoint, args.device)
     except FileNotFoundError as error:

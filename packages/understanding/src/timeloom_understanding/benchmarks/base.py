@@ -171,11 +171,12 @@ def frame_indices(
         raise ValueError(f"need at least one frame to sample and to show; got {total} and {frames}")
     first, last = 0, total - 1
     if bounds is not None:
-        first = max(first, round(bounds[0] * fps))
-        last = min(last, round(bounds[1] * fps))
+        first = min(max(first, round(bounds[0] * fps)), last)
+        last = max(min(last, round(bounds[1] * fps)), first)
     if cut_at is not None:
         last = min(last, math.floor(cut_at * fps + 1e-6))
-    last = max(last, first)
+        if last < first:
+            raise ValueError(f"nothing to show: the cut at {cut_at} s comes before the first frame to show")
     if sampler == "uniform_mid":
         segment = (last - first) / frames
         return [min(last, int(first + segment / 2 + round(segment * k))) for k in range(frames)]
