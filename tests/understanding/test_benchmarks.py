@@ -45,9 +45,9 @@ def fake_mvbench(root: Path) -> Path:
             },
         ],
     )
-    write_json(
+    write_json(  # some annotations name a video without its suffix
         root / "json/moving_direction.json",
-        [{"video": "b.mp4", "question": "Where?", "candidates": ["up", "down"], "answer": "up"}],
+        [{"video": "b", "question": "Where?", "candidates": ["up", "down"], "answer": "up"}],
     )
     ramp_video(root / "video/star/Charades_v1_480/a.mp4")
     ramp_video(root / "video/clevrer/video_validation/b.mp4")
@@ -189,6 +189,7 @@ def test_mvbench_items_carry_the_official_prompt_letters_and_bounds(tmp_path):
     assert first.prefill == "Best option:(" and first.system.startswith("Carefully watch the video")
     assert first.bounds == (1.0, 3.0) and first.sampler == "uniform_mid"
     assert first.video == tmp_path / "video/star/Charades_v1_480/a.mp4"
+    assert items[1].video == tmp_path / "video/clevrer/video_validation/b.mp4"
     assert not missing_videos(items)
 
 

@@ -59,6 +59,17 @@ TASK_SOURCES = {
 }
 
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".webm")
+
+
+def _video(folder: Path, name: str) -> Path:
+    """``folder/name``; some annotations leave the suffix out, so the first existing suffixed file if not."""
+    path = folder / name
+    if path.exists():
+        return path
+    return next((p for p in (folder / f"{name}{s}" for s in VIDEO_SUFFIXES) if p.exists()), path)
+
+
 def load(root: Path) -> list[EvalItem]:
     """Every question of every ``json/<task>.json`` under ``root``."""
     files = sorted((root / "json").glob("*.json"))
@@ -87,7 +98,7 @@ def load(root: Path) -> list[EvalItem]:
                     id=f"mvbench/{task}/{k}",
                     benchmark="mvbench",
                     task=task,
-                    video=folder / record["video"],
+                    video=_video(folder, str(record["video"])),
                     question=record["question"],
                     options=candidates,
                     answer=LETTERS[candidates.index(str(record["answer"]))],
