@@ -73,6 +73,16 @@ def ccam_brute(q, t, n, rule):
     return allowed
 
 
+def ccam_queries_brute(q, t, rule):
+    def last(slot: int) -> int:
+        return (slot * t) // q if rule == "start" else -(-((slot + 1) * t) // q) - 1
+
+    def allowed(b, i, j, qi, kj):
+        return last(kj) <= last(qi) and qi < q and kj < q
+
+    return allowed
+
+
 def prefix_brute(p, inner, outer):
     def allowed(b, i, j, qi, kj):
         return (i < p and j < p and inner(i, j)) or (i >= p and (j < p or outer(i, j)))
@@ -98,6 +108,12 @@ VALID = [[True] * 9 + [False] * 3, [True] * 5 + [False] * 7]
 VIDEO_SPANS = [[(1, 9), (10, 12)], [(3, 11), (0, 0)]]
 CCA_SPANS = [[(2, 11), (13, 22)], [(1, 19), (0, 0)]]
 BOUNDS = ([2, 1], [6, 4], [8, 9])
+# AKI with two media items and two turns (sample 0) and one item and one turn (sample 1): each visual token's
+# limit is the first answer token after its item, 0 elsewhere; QUESTION marks the user's text.
+LIMIT = [[0, 6, 6, 0, 0, 0, 0, 0, 11, 11, 0, 0], [0, 0, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0]]
+QUESTION = [[False, False, False, True, True, False, False, True, False, False, True, False]] + [
+    [False] * 5 + [True] * 4 + [False] * 3
+]
 
 CASES = [
     Case("full", M.full, lambda b, i, j, qi, kj: True),
@@ -211,6 +227,33 @@ CASES = [
         lambda: M.same_sequence(torch.tensor(IDS)),
         lambda b, i, j, qi, kj: IDS[b][i] == IDS[b][j],
         batch=2,
+    ),
+    Case("ccam_queries", lambda: M.ccam_queries(8, 3), ccam_queries_brute(8, 3, "start"), q_len=8, kv_len=8),
+    Case(
+        "ccam_queries_one_frame",
+        lambda: M.ccam_queries(4, 1),
+        lambda b, i, j, qi, kj: True,
+        q_len=4,
+        kv_len=4,
+    ),
+    Case(
+        "ccam_queries_end_rule",
+        lambda: M.ccam_queries(4, 6, query_frame="end"),
+        ccam_queries_brute(4, 6, "end"),
+        q_len=5,
+        kv_len=5,
+    ),
+    Case(
+        "modality_mutual_tables",
+        lambda: M.modality_mutual_tables(torch.tensor(LIMIT), torch.tensor(QUESTION)),
+        lambda b, i, j, qi, kj: j <= i or (QUESTION[b][j] and i < j < LIMIT[b][i]),
+        batch=2,
+    ),
+    Case(
+        "modality_mutual_tables_cache",
+        lambda: M.modality_mutual_tables(torch.tensor(LIMIT[:1]), torch.tensor(QUESTION[:1])),
+        lambda b, i, j, qi, kj: j <= i or (QUESTION[0][j] and i < j < LIMIT[0][i]),
+        q_len=5,
     ),
 ]
 

@@ -40,6 +40,7 @@ __all__ = [
     "block_causal",
     "causal",
     "ccam",
+    "ccam_queries",
     "chunk",
     "chunk_window",
     "completed_chunks",
@@ -50,6 +51,7 @@ __all__ = [
     "full",
     "key_padding",
     "modality_mutual",
+    "modality_mutual_tables",
     "prefix",
     "ring_map",
     "same_frame",
@@ -721,6 +723,52 @@ def ccam(
         return (torch.div(j, n, rounding_mode="floor") <= last_frame) & (i < q) & (j < t * n)
 
     return Mask("ccam", (q, t, n, query_frame), predicate, coords=("slot", "slot"))
+
+
+def ccam_queries(num_queries: int, num_frames: int, query_frame: Literal["start", "end"] = "start") -> Mask:
+    """Video-CCAM query self-attention, block-causal: query slot ``i`` sees query slot ``j`` iff
+    ``g(j) ≤ g(i)``, with ``g`` the last frame a query reads (`ccam`'s rule). Without it, block ``t`` would
+    read frame ``t+1`` through the queries of block ``t+1``. Reads slots; ``T = 1`` is full attention.
+    """
+    q, t = _positive(num_queries, "num_queries"), _positive(num_frames, "num_frames")
+    if query_frame not in ("start", "end"):
+        raise ValueError(f"query_frame must be 'start' or 'end'; got {query_frame!r}")
+
+    def last_frame(slot: Tensor) -> Tensor:
+        if query_frame == "start":
+            return torch.div(slot * t, q, rounding_mode="floor")
+        return torch.div((slot + 1) * t - 1, q, rounding_mode="floor")
+
+    def predicate(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        return (last_frame(j) <= last_frame(i)) & (i < q) & (j < q)
+
+    return Mask("ccam_queries", (q, t, query_frame), predicate, coords=("slot", "slot"))
+
+
+def modality_mutual_tables(limit: Tensor | Sequence, question: Tensor | Sequence) -> Mask:
+    """AKI with several media items and turns: causal, plus ``i`` sees ``j`` when ``question(j)`` and
+    ``i < j < limit(i)``.
+
+    ``limit``: ``(L,)`` or ``(B, L)`` per position: for a visual token, the first answer token after its
+    media item (so it sees the question that follows it, never the answer or a later turn); 0 for tokens
+    that see nothing ahead. ``question``: ``(L,)`` or ``(B, L)`` bool, the user's text. `modality_mutual`
+    is the one-span special case.
+    """
+    limits = _batched(limit, "limit", 1)
+    questions = _batched(question, "question", 1, dtype=torch.bool)
+    if limits.shape[1] != questions.shape[1]:
+        raise ValueError(f"limit covers {limits.shape[1]} positions but question {questions.shape[1]}")
+
+    def predicate(b: Tensor, h: Tensor, i: Tensor, j: Tensor, limit: Tensor, question: Tensor) -> Tensor:
+        return (j <= i) | (_lookup(question, b, j) & (i < j) & (j < _lookup(limit, b, i)))
+
+    return Mask(
+        "modality_mutual_tables",
+        (),
+        predicate,
+        tables=(("limit", limits), ("question", questions)),
+        table_extent="position",
+    )
 
 
 def key_padding(valid: Tensor) -> Mask:

@@ -53,7 +53,7 @@ __all__ = [
     "ccam_cross_mask",
     "ccam_query_mask",
     "make_structure",
-    "mutual_visual_question",
+    "question_limits",
 ]
 
 TEXT, VISUAL, QUERY = 0, 1, 2  # token kinds
@@ -221,12 +221,14 @@ def _frame_groups(layout: TokenLayout) -> Tensor:
     return temporal_index(layout.frame, layout.media)
 
 
-def mutual_visual_question(layout: TokenLayout) -> Mask:
-    """AKI's extra entries: visual token ``i`` sees user text ``j`` with ``i < j < a(i)``, ``a(i)`` the first
-    assistant-role token after ``i``'s media item (the whole rest of the sequence if none).
+def question_limits(layout: TokenLayout) -> tuple[Tensor, Tensor]:
+    """AKI's tables for `masks.modality_mutual_tables`: per token, how far ahead it may look, and which
+    tokens are the user's text.
 
-    Unlike `timeloom_kernels.masks.modality_mutual` (one visual span and one question per sample) this reads
-    per-token tables, so several media items and turns work.
+    A visual token's limit ``a(i)`` is the first assistant-role token after the end of its media item (the
+    whole rest of the sequence if none), so it sees the question after it and never the answer or a later
+    turn; every other token's limit is 0. Several media items and turns per sample work (upstream: one
+    image, one turn).
     """
     batch, length = layout.shape
     index = torch.arange(length).expand(batch, -1)
@@ -234,27 +236,11 @@ def mutual_visual_question(layout: TokenLayout) -> Mask:
     # first assistant token at or after each position: a reverse cumulative minimum over assistant positions
     candidates = torch.where(assistant, index, torch.full_like(index, length))
     next_assistant = candidates.flip(-1).cummin(-1).values.flip(-1)
-    # a visual token's limit is the first assistant token after the *end* of its media item
     item_end = _media_end(layout)
     limit = torch.where(layout.visual, next_assistant.gather(1, item_end.clamp(max=length - 1)), 0)
     limit = torch.where(layout.visual & (item_end >= length), length, limit)
     user_text = (layout.kind == TEXT) & (layout.role == USER) & ~layout.pad
-
-    def predicate(b: Tensor, h: Tensor, i: Tensor, j: Tensor, limit: Tensor, user_text: Tensor) -> Tensor:
-        return _at(user_text, b, j) & (i < j) & (j < _at(limit, b, i))
-
-    return Mask(
-        "mutual_visual_question",
-        (),
-        predicate,
-        tables=(("limit", limit), ("user_text", user_text)),
-        table_extent="position",
-    )
-
-
-def _at(table: Tensor, b: Tensor, index: Tensor) -> Tensor:
-    """``table[b, index]`` for a ``(B, L)`` per-position table (a batch-1 table is shared)."""
-    return table[b, index] if table.shape[0] > 1 else table[0, index]
+    return limit, user_text
 
 
 def _media_end(layout: TokenLayout) -> Tensor:
@@ -360,7 +346,7 @@ class ModalityMutual(Structure):
     name = "modality_mutual"
 
     def mask(self, layout: TokenLayout) -> Mask:
-        return masks.causal() | mutual_visual_question(layout)
+        return masks.modality_mutual_tables(*question_limits(layout))
 
 
 class Concentric(Structure):
@@ -419,19 +405,8 @@ def ccam_blocks(num_queries: int, num_frames: int) -> Tensor:
 def ccam_query_mask(num_queries: int, num_frames: int) -> Mask:
     """Query self-attention: ``i`` sees ``j`` iff ``b(j) ≤ b(i)``, or block t would read frame t+1 through
     the queries of block t+1. Reads query slots."""
-    blocks = ccam_blocks(num_queries, num_frames).unsqueeze(0)
-
-    def predicate(b: Tensor, h: Tensor, i: Tensor, j: Tensor, blocks: Tensor) -> Tensor:
-        return _at(blocks, b, j) <= _at(blocks, b, i)
-
-    return Mask(
-        "ccam_query_blocks",
-        (num_queries, num_frames),
-        predicate,
-        tables=(("blocks", blocks),),
-        coords=("slot", "slot"),
-        table_extent="kv_slot",
-    )
+    ccam_blocks(num_queries, num_frames)  # validates T ≤ Q
+    return masks.ccam_queries(num_queries, num_frames, query_frame="start")
 
 
 def ccam_cross_mask(num_queries: int, num_frames: int, tokens_per_frame: int) -> Mask:
