@@ -140,7 +140,7 @@ def fake_tomato(root: Path) -> Path:
                 "options": ["cw", "ccw", "none"],
                 "answer": 1,
                 "motion_type": "object",
-                "variation": "normal",
+                "variation": {"zoom": 1, "first_person": 0},
                 "demonstration_type": "human",
                 "key": "clip1",
             }
@@ -220,6 +220,7 @@ def test_ovobench_backward_realtime_and_forward_probes_are_cut_at_their_time(tmp
 def test_tomato_and_temporalbench_items(tmp_path):
     (tomato,) = load_benchmark("tomato", fake_tomato(tmp_path / "t"))
     assert (tomato.answer, tomato.task, tomato.extra["demonstration_type"]) == ("B", "rotation", "human")
+    assert tomato.extra["variation"] == "zoom"
     assert tomato.video == tmp_path / "t/videos/human/clip1.mp4"
     bench = load_benchmark("temporalbench", fake_temporalbench(tmp_path / "b"))
     assert [i.answer for i in bench] == ["A", "B", "A"] and bench[0].options == ["one", "two"]

@@ -88,7 +88,17 @@ def test_tempcompass_formats_and_captioning_unscored():
 
 def test_tomato_regex_is_anchored_and_bounded_by_the_options():
     question = item("tomato", "B", options=["cw", "ccw", "none"])
-    accepted = ["Answer is: (B)", "answer is (b)", "Answer is B", "( b )", "B.", "answer is : ( b )"]
+    # upstream's pattern allows no space, so its own prompted form "Answer is: (B)" fell through to a judge
+    accepted = [
+        "Answer is: (B)",
+        "answer is (b)",
+        "Answer is B",
+        "( b )",
+        "B.",
+        "answer is : ( b )",
+        "ccw",
+        "B: ccw",
+    ]
     assert all(score(question, r).correct for r in accepted)
     assert score(question, "Answer is: (A)").correct is False
     # the letter must be alone: no answer hidden in a sentence, no letter beyond the options

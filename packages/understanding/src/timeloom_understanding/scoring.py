@@ -9,8 +9,11 @@ puts spaces around brackets (``( b )``), which `normalize` undoes. Where an upst
 wrong, ours differs on purpose:
 
 - MVBench: an empty reply is wrong (upstream's ``"" in gt_option`` test counts it right); ``n_empty``.
-- TOMATO: the ``Answer is: (X)`` regex is anchored and the letter must name an option; then a bare letter;
-  anything else is unparsed, hence wrong.
+- TOMATO: upstream's ``^Answer is:?[(]?([A-Fa-f])[)]?$`` allows no space, so the prompted
+  ``Answer is: (A)`` never matches; its exact-choice test compares an upper-cased reply with mixed-case
+  choices, so it never matches either; and what stays unparsed gets a *random* letter. Ours: the same
+  anchored pattern with spaces allowed, a bare letter, or exactly one option (``A: text`` or its text); the
+  letter must name an option; anything else is unparsed, hence wrong.
 - OVO-Bench: upstream counts a reply right when the right letter occurs in it. On lower-cased text a
   substring test would find ``a`` in almost any word, so the letter must stand alone; the strict rule (the
   first letter read) is reported beside it.
@@ -124,10 +127,16 @@ _BARE_LETTER = re.compile(r"^\(?([a-f])\)?\.?$")
 
 
 def _tomato(item: EvalItem, response: str) -> Scored:
-    """``Answer is: (X)`` (anchored), then a bare letter; the letter must name an option."""
+    """``Answer is: (X)`` (anchored), a bare letter, or exactly one option; the letter must name an option."""
     text = normalize(response).strip()
     match = _TOMATO_ANSWER.match(text) or _BARE_LETTER.match(text)
     parsed = match.group(1).upper() if match else None
+    for k, option in enumerate(item.options):
+        if text.rstrip(".") in (
+            normalize(option).rstrip("."),
+            normalize(f"{LETTERS[k]}: {option}").rstrip("."),
+        ):
+            parsed = LETTERS[k]
     if parsed is not None and LETTERS.index(parsed) >= len(item.options):
         parsed = None
     return _scored(response, parsed, item.answer)

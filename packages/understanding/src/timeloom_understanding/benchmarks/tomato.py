@@ -2,12 +2,13 @@
 
 Local layout::
 
-    ROOT/data/<reasoning_type>.json   {id: {"question", "options", "answer": int, "motion_type",
-                                            "variation", "demonstration_type"[, "key"]}}
-    ROOT/videos/<demonstration_type>/<key or id>.mp4
+    ROOT/data/<reasoning_type>.json   {id: {"question", "options", "answer": int, "key", "motion_type",
+                                            "variation": {name: 0|1}, "demonstration_type"}}
+    ROOT/videos/<demonstration_type>/<key>.mp4
 
-Frames are ``linspace`` samples (16 upstream). The model is asked to reply ``Answer is: (X)``; the scorer
-reads that with an anchored regex, then a bare letter, and counts anything else as unparsed (wrong).
+Frames are ``linspace`` samples (16 upstream). The prompt is ours (`PROMPT_VERSION`), shorter than the
+official one, and asks for ``Answer is: (X)``; the scorer reads that with an anchored regex, a bare letter
+or one option's text, and counts anything else as unparsed (wrong).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ LAYOUT = (
     '"demonstration_type"}}'
 )
 KEYS = ("question", "options", "answer", "motion_type", "demonstration_type")
+
+
+def _variation(variation: object) -> str:
+    """The variations applied to a video (``zoom+first_person``), ``none`` if none; a string as it is."""
+    if isinstance(variation, dict):
+        return "+".join(name for name, on in variation.items() if on) or "none"
+    return str(variation or "none")
 
 
 def load(root: Path) -> list[EvalItem]:
@@ -70,7 +78,7 @@ def load(root: Path) -> list[EvalItem]:
                     extra={
                         "demonstration_type": demonstration,
                         "motion_type": str(record["motion_type"]),
-                        "variation": str(record.get("variation", "")),
+                        "variation": _variation(record.get("variation")),
                     },
                 )
             )
