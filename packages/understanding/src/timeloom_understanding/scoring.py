@@ -9,7 +9,7 @@ puts spaces around brackets (``( b )``), which `normalize` undoes. Where an upst
 wrong, ours differs on purpose:
 
 - MVBench: an empty reply is wrong (upstream's ``"" in gt_option`` test counts it right); ``n_empty``.
-- TOMATO: upstream's ``^Answer is:?[(]?([A-Fa-f])[)]?$`` allows no space, so the prompted
+- TOMATO: upstream's ``^Answer is:?[(]?([A-Fa-f])[)]?$`` allows no space, so
   ``Answer is: (A)`` never matches; its exact-choice test compares an upper-cased reply with mixed-case
   choices, so it never matches either; and what stays unparsed gets a *random* letter. Ours: the same
   anchored pattern with spaces allowed, a bare letter, or exactly one option (``A: text`` or its text); the
@@ -111,10 +111,12 @@ def _tempcompass(item: EvalItem, response: str) -> Scored:
 
 
 def _ovobench(item: EvalItem, response: str) -> Scored:
-    """Options: the right letter standing alone anywhere (strict: read first); REC: the number; else yes/no."""
-    if item.format == "count":
-        numbers = re.findall(r"\d+", response)
-        return _scored(response, str(int(numbers[0])) if numbers else None, item.answer)
+    """Options: the right letter standing alone anywhere (strict: read first); REC: the reply's digits; SSR
+    and CRR: the leading yes/no (or Y/N); upstream also takes a case-sensitive ``No``/``Yes`` anywhere, which
+    reads "Not sure" as no."""
+    if item.format == "count":  # upstream joins every digit of the reply: "2 of 3" reads 23
+        digits = "".join(re.findall(r"\d", response))
+        return _scored(response, str(int(digits)) if digits else None, item.answer)
     if item.format == "yes_no":
         return _scored(response, read_yes_no(response, short=True), item.answer)
     parsed = read_letter(response, item.options)

@@ -54,8 +54,9 @@ def _forward_probe(record: dict, probe: dict, path: Path, name: str) -> tuple[st
     task = record["task"]
     if task == "REC":
         require_keys(probe, ("realtime", "count"), path, name, LAYOUT)
-        activity = record.get("activity", "the action")
-        question = f"How many times has {activity} been done so far?"
+        require_keys(record, ("activity",), path, name, LAYOUT)
+        activity = record["activity"]
+        question = f"How many times did they {activity}?"
         return question, f"{question}\nAnswer with a single number.", str(int(probe["count"]))
     require_keys(probe, ("realtime", "type"), path, name, LAYOUT)
     if task == "SSR":
