@@ -157,6 +157,7 @@ def test_temporalbench_multiple_binary_accuracy():
     report = summarize("temporalbench", items, [score(i, r) for i, r in zip(items, ["A", "A", "A", "B"])])
     assert report["accuracy"] == 0.75
     assert report["mba"] == {"short_qa": pytest.approx(2 / 3)}  # x has a wrong answer; y and z are right
+    assert report["mba_by"]["dataset"] == {"d": pytest.approx(2 / 3)}
 
 
 def test_counts_of_unparsed_empty_and_judge_only_items():

@@ -329,6 +329,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {key.replace('_', ' ')}: {_percent(report[key])}%")
     if "mba" in report:
         lines.append("- MBA: " + ", ".join(f"{task} {_percent(v)}%" for task, v in report["mba"].items()))
+        for name, values in report["mba_by"].items():
+            lines.append(f"- MBA by {name}: " + ", ".join(f"{k} {_percent(v)}%" for k, v in values.items()))
     if "unscored_message" in report:
         lines.append(f"- {report['unscored_message']}")
     if "controls" in report:

@@ -194,6 +194,15 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
+def _multiple_binary(pairs: list[tuple[EvalItem, Scored]], name: str) -> dict[str, float | None]:
+    """TemporalBench's MBA per value of ``name``: a video's questions count as one, right only if all are."""
+    videos: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    for item, result in pairs:
+        videos[(_key(item, name), str(item.extra.get("group")))].append(bool(result.correct))
+    values = sorted({value for value, _ in videos})
+    return {value: _accuracy([all(v) for (k, _), v in videos.items() if k == value]) for value in values}
+
+
 def _ovobench_overall(items: list[EvalItem], scored: list[Scored], strict: bool) -> dict[str, float | None]:
     """Mean of the three category means (each the mean of its task accuracies), and the 12-task mean."""
     per_task: dict[str, list[bool]] = defaultdict(list)
@@ -248,13 +257,8 @@ def summarize(benchmark: str, items: list[EvalItem], scored: list[Scored]) -> di
             "mean of the backward, real-time and forward means (each a mean of task accuracies)"
         )
     elif benchmark == "temporalbench":
-        by_group: dict[tuple[str, str], list[bool]] = defaultdict(list)
-        for item, result in pairs:
-            by_group[(item.task, str(item.extra.get("group")))].append(bool(result.correct))
-        report["mba"] = {
-            task: _accuracy([all(v) for (t, _), v in by_group.items() if t == task])
-            for task in sorted({t for t, _ in by_group})
-        }
+        report["mba"] = _multiple_binary(pairs, "task")
+        report["mba_by"] = {name: _multiple_binary(pairs, name) for name in ("dataset", "category")}
         report["overall_rule"] = (
             "binary accuracy (micro); MBA: a video's group right only if all its questions are"
         )

@@ -26,7 +26,6 @@ from timeloom_understanding.benchmarks.base import (
 __all__ = ["PROMPT_VERSION", "load"]
 
 PROMPT_VERSION = "temporalbench-2024.10"
-SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 LAYOUT = 'temporalbench_{short,long}_qa.json: a list of {"idx", "video_name", "question", "GT"[, "category", "dataset"]}'
 
 
@@ -57,7 +56,7 @@ def load(root: Path) -> list[EvalItem]:
                     question=question,
                     options=[text for _, text in listed_options(question)] if kind == "qa" else [],
                     answer=str(record.get("GT", "")).strip().upper(),
-                    prompt=question + (SUFFIX if kind == "qa" else ""),
+                    prompt=question,  # as upstream asks it: the question lists the options
                     format="multi_choice" if kind == "qa" else "captioning",
                     extra={
                         "group": str(record["video_name"]),
