@@ -13,7 +13,8 @@ an API key; nothing when ``WANDB_MODE=disabled``).
 
 ``temporal_qa`` rebuilds the checkpoint's own held-out test split (the data module's settings saved in the
 checkpoint) and adds chance; ``--control middle_frame|shuffled`` shows the same questions with one frame or
-shuffled frames. Evaluation is deterministic: a fixed item order and greedy choices.
+shuffled frames, and ``--controls`` reports both beside the full video. Evaluation is deterministic (a
+fixed item order, greedy choices) and batch-invariant (left padding, positions from the layout).
 """
 
 from __future__ import annotations
