@@ -20,9 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs/memory-study"
 TIMELOOM = str(Path(sys.executable).parent / "timeloom")
@@ -143,46 +140,19 @@ def sniah(model: str, minutes: float, extra: list[str]) -> None:
     fit(SNIAH_MODELS[model], RUNS / "sniah" / model, flags, minutes)
 
 
-@torch.no_grad()
-def sniah_accuracy(module, seq_len: int, items: int, batch_size: int, data_args: dict) -> dict:
-    """Exact match (whole 7-digit pass-key right) and per-digit accuracy at one test length."""
-    from timeloom_memory.tasks import SNIAH
-
-    data = SNIAH(seq_len=seq_len, length=items, split="test", **data_args)
-    exact = digits = 0.0
-    for start in range(0, items, batch_size):
-        batch = [data[i] for i in range(start, min(start + batch_size, items))]
-        batch = {key: torch.stack([item[key] for item in batch]) for key in ("input_ids", "labels")}
-        _, acc, exact_match = module.scores(batch)
-        exact += float(exact_match) * len(batch["input_ids"])
-        digits += float(acc) * len(batch["input_ids"])
-    return {"exact_match": exact / items, "digit_acc": digits / items}
-
-
-def sniah_eval(items: int) -> None:
-    """Score every trained S-NIAH run at each test length; write runs/memory-study/sniah/results.json."""
-    from timeloom_memory.module import MemoryLMModule
-
-    results = {}
+def sniah_eval(samples: int) -> None:
+    """`timeloom evaluate memory` on every trained S-NIAH run: exact match by test length and depth."""
+    lengths = ",".join(str(n) for n in SNIAH_TEST_LENGTHS)
     for model in SNIAH_MODELS:
         run_dir = RUNS / "sniah" / model
         checkpoint = run_dir / "checkpoints/last.ckpt"
         if not checkpoint.exists():
             print(f"skip {model}: no {checkpoint}")
             continue
-        module = MemoryLMModule.load_from_checkpoint(
-            checkpoint, map_location="cpu", weights_only=False
-        ).eval()
-        data = yaml.safe_load((ROOT / "configs/memory" / SNIAH_MODELS[model]).read_text())["data"][
-            "init_args"
-        ]
-        data_args = {key: data[key] for key in ("kind", "vocab_size")}
-        results[model] = {}
-        for length in SNIAH_TEST_LENGTHS:
-            start = time.time()
-            results[model][length] = sniah_accuracy(module, length, items, max(1, 8192 // length), data_args)
-            print(f"{model} @ {length}: {results[model][length]} ({time.time() - start:.0f} s)", flush=True)
-    (RUNS / "sniah/results.json").write_text(json.dumps(results, indent=2))
+        _, env = committed_memory_package()  # the code the runs trained with
+        command = [TIMELOOM, "evaluate", "memory", "--checkpoint", str(checkpoint), "--task", "sniah",
+                   f"--lengths={lengths}", f"--samples={samples}", "--batch-size=4", f"--out={run_dir}/eval"]  # fmt: skip
+        subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
 def report() -> None:
@@ -235,9 +205,13 @@ def report() -> None:
             json.dumps({k: v for k, v in summaries.items() if k.startswith("video-")}, indent=2)
         )
 
-    results_file = RUNS / "sniah/results.json"
-    if results_file.exists():
-        results = json.loads(results_file.read_text())
+    results = {}
+    for model in SNIAH_MODELS:
+        report_file = RUNS / "sniah" / model / "eval/memory-sniah.json"
+        if report_file.exists():
+            results[model] = json.loads(report_file.read_text())["by_length"]
+    if results:
+        (RUNS / "sniah/results.json").write_text(json.dumps(results, indent=2))
         figure, ax = plt.subplots(figsize=(5, 3.4))
         for model, by_length in results.items():
             lengths = sorted(by_length, key=int)
@@ -248,8 +222,8 @@ def report() -> None:
                 label=model,
             )
         ax.set(xscale="log", xlabel="test length (tokens)", ylabel="pass-key exact match", ylim=(-0.02, 1.02),
-               title="S-NIAH pass-key, trained at one length")  # fmt: skip
-        ax.set_xticks([int(n) for n in SNIAH_TEST_LENGTHS], [str(n) for n in SNIAH_TEST_LENGTHS])
+               title="S-NIAH pass-key, trained at 256 tokens")  # fmt: skip
+        ax.set_xticks(list(SNIAH_TEST_LENGTHS), [str(n) for n in SNIAH_TEST_LENGTHS])
         ax.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(ROOT / "docs/memory-sniah.png", dpi=120)
@@ -271,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("model", choices=VIDEO_MODELS)
     run.add_argument("--minutes", type=float, default=6.0)
     run = commands.add_parser("sniah-eval", help="accuracy by test length of the trained S-NIAH runs")
-    run.add_argument("--items", type=int, default=100, help="test items per length (depths cycle over them)")
+    run.add_argument("--samples", type=int, default=10, help="test sequences per (length, depth) cell")
     commands.add_parser("report", help="figures and results JSON")
     args, extra = parser.parse_known_args(argv)
     if args.command == "mqar":
@@ -281,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "video":
         video(args.model, args.minutes, extra)
     elif args.command == "sniah-eval":
-        sniah_eval(args.items)
+        sniah_eval(args.samples)
     else:
         report()
 
