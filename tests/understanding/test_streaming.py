@@ -132,3 +132,12 @@ def test_stream_errors_name_the_problem():
         stream.push(video[:, 4:5])
     with pytest.raises(ValueError, match=r"\(C, T, H, W\)"):
         stream.push(video[0])
+
+
+def test_a_stream_longer_than_the_context_raises_and_stays_usable():
+    model, video = tiny("mlp", "causal"), clip()
+    stream = OnlineStream(model, fps=FPS, max_frames=64)
+    stream.push(video[:, :2])
+    with pytest.raises(ValueError, match="more than the context of 256"):
+        stream.push(video.repeat(1, 2, 1, 1))  # 16 frames x 16 tokens
+    assert stream.frames == 2 and len(stream.ask(QUESTION, max_new_tokens=2)) == 2

@@ -121,12 +121,12 @@ class OnlineStream:
         features, grid = self.model.encoder(frames.unsqueeze(0))
         if self.grid not in (None, grid):
             raise ValueError(f"frames on a {grid} token grid after frames on {self.grid}")
-        self.features.append(features)
-        self.grid = grid
         if self.reuse_cache:  # per-frame projector: this chunk's tokens, renumbered after the earlier frames
             tokens, visual = self.model.projector(features, grid)
             visual = VisualTokens(visual.kind, visual.frame + self.frames, visual.row, visual.col)
             self._extend(tokens, LayoutBuilder().media(visual, USER, 0).build())
+        self.features.append(features)
+        self.grid = grid
         self.frames += frames.shape[1]
 
     @torch.no_grad()
