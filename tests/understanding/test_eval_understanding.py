@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timeloom_understanding.benchmarks.base import EvalItem
-from timeloom_understanding.data import ConversationCollator
+from timeloom_understanding.data import CONTROLS, ConversationCollator
 from timeloom_understanding.evaluate import (
     continuation_logprobs,
     evaluate_items,
@@ -150,7 +150,7 @@ def test_cli_temporal_qa_writes_json_markdown_and_predictions(exported, tmp_path
     both = tmp_path / "controls"
     timeloom_main([*args, "--limit", "8", "--out", str(both), "--controls"])
     controls = read_report(both)[0]["controls"]
-    assert set(controls) == {"middle_frame", "shuffled"}
+    assert set(controls) == set(CONTROLS) - {"none"}
     assert controls["middle_frame"]["overall"] == read_report(control)[0]["overall"]
     assert "| middle_frame |" in (both / "report.md").read_text()
 

@@ -12,8 +12,8 @@ prompt hash, raw output, parsed answer, correct) under ``--out``, and logs them 
 an API key; nothing when ``WANDB_MODE=disabled``).
 
 ``temporal_qa`` rebuilds the checkpoint's own held-out test split (the data module's settings saved in the
-checkpoint) and adds chance; ``--control middle_frame|shuffled`` shows the same questions with one frame or
-shuffled frames, and ``--controls`` reports both beside the full video. Evaluation is deterministic (a
+checkpoint) and adds chance; ``--control`` (`TemporalQA`'s controls: one frame, shuffled frames, …) shows
+the same questions otherwise, and ``--controls`` reports every control beside the full video. Evaluation is deterministic (a
 fixed item order, greedy choices) and batch-invariant (left padding, positions from the layout).
 """
 
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from timeloom_understanding.benchmarks import BENCHMARKS, PROMPT_VERSIONS, load_benchmark, missing_videos
 from timeloom_understanding.benchmarks.base import EvalItem, load_clip, shown_duration
 from timeloom_understanding.benchmarks.temporal_qa import items_from_conversations
-from timeloom_understanding.data import ASPECTS, FORMATS, ConversationCollator, TemporalQA, flatten_groups
+from timeloom_understanding.data import CONTROLS, ConversationCollator, TemporalQADataModule, flatten_groups
 from timeloom_understanding.module import VideoLLMModule
 from timeloom_understanding.scoring import Scored, score, summarize
 from timeloom_understanding.text import IGNORE_INDEX
@@ -204,30 +204,23 @@ def answer_items(
 def temporal_qa_items(
     checkpoint: str | Path, module: VideoLLMModule, frames: int | None, control: str, limit: int | None = None
 ) -> list[EvalItem]:
-    """The checkpoint's held-out `TemporalQA` test split, built with its data module's saved settings.
+    """The checkpoint's held-out `TemporalQA` test split: its data module rebuilt from the saved settings.
 
-    ``limit`` keeps the first questions only (whole conflict groups are rendered, then cut).
+    Always questions (no caption groups, whatever share training used); ``frames`` and ``control`` override
+    the saved settings; ``limit`` keeps the first questions only (whole conflict groups are rendered, then
+    cut). A `timeloom export` folder saves no data settings: the model's frames, size and channels are used.
     """
     saved: dict[str, Any] = {}
     if Path(checkpoint).is_file():
-        saved = dict(
-            torch.load(checkpoint, map_location="cpu", weights_only=True).get(
-                "datamodule_hyper_parameters", {}
-            )
-        )
+        checkpoint_data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = dict(checkpoint_data.get("datamodule_hyper_parameters", {}))
     media = media_settings(module)
-    settings = {
-        "size": saved.get("size", media["height"]),
-        "frames": frames or saved.get("frames", media["frames"]),
-        "glyph_size": saved.get("glyph_size", 10),
-        "aspects": tuple(saved.get("aspects", ASPECTS)),
-        "formats": tuple(saved.get("formats", FORMATS)),
-        "max_options": saved.get("max_options", 4),
-        "channels": saved.get("channels", media["channels"]),
-    }
-    dataset = TemporalQA(
-        "test", length=saved.get("test_length", 256), seed=saved.get("seed", 0), control=control, **settings
-    )
+    settings = {"size": media["height"], "frames": media["frames"], "channels": media["channels"]}
+    settings |= {key: value for key, value in saved.items() if not key.startswith("_")}
+    settings |= {"task": "qa", "control": control} | ({"frames": frames} if frames else {})
+    if "caption_share" in settings:
+        settings["caption_share"] = 0.0
+    dataset = TemporalQADataModule(**settings).build_dataset("test")
     groups = len(dataset) if limit is None else min(len(dataset), -(-limit // 2))
     return items_from_conversations(flatten_groups([dataset[k] for k in range(groups)]))[:limit]
 
@@ -431,7 +424,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument(
-        "--control", choices=("none", "middle_frame", "shuffled"), default="none", help="temporal_qa only"
+        "--control", choices=CONTROLS, default="none", help="temporal_qa only: what the model is shown"
     )
     parser.add_argument(
         "--controls",
@@ -501,7 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.controls:
         report["controls"] = {
             control: _control_summary(module, args, frames, control)
-            for control in ("middle_frame", "shuffled")
+            for control in CONTROLS
+            if control != "none"
         }
     out = args.out or Path("outputs/evaluate") / args.benchmark
     rows = write_outputs(out, report, items, responses, scored)
