@@ -2,8 +2,10 @@
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timeloom_understanding.benchmarks.base import EvalItem, load_clip
 from timeloom_understanding.evaluate import continuation_logprobs, generate_replies
 from timeloom_understanding.hf_backbone import LLMConfig
@@ -124,6 +126,31 @@ def test_model_arguments(adapter):
     )
     with pytest.raises(TypeError, match="unexpected keyword argument 'conv_template'"):
         TimeloomVideoLLM(pretrained=path, conv_template="vicuna")
+
+
+def test_images_are_one_frame_videos_and_context_placeholders_are_dropped(adapter):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    (reply,) = adapter.generate_until(
+        [
+            FakeInstance(
+                ("<image>\nWhat is shown?", {"max_new_tokens": 3}, lambda d: [image], 0, "fake", "test")
+            )
+        ]
+    )
+    video = adapter._video([image])
+    assert video.shape == (1, 1, 32, 32)
+    item = EvalItem(
+        id="i",
+        benchmark="x",
+        task="x",
+        video=video,
+        question="",
+        options=[],
+        answer="",
+        prompt="What is shown?",
+        format="captioning",
+    )
+    assert reply == generate_replies(adapter.module, [item], [video], 3)[0]
 
 
 def test_text_only_requests_and_unsupported_calls(adapter):

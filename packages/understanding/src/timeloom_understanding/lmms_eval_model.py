@@ -30,6 +30,7 @@ from timeloom_understanding.evaluate import (
     media_settings,
 )
 from timeloom_understanding.layouts import make_structure
+from timeloom_understanding.text import MEDIA_PLACEHOLDERS
 
 try:  # the adapter registers itself where lmms-eval is installed
     from lmms_eval.api.model import lmms as _Base
@@ -94,6 +95,9 @@ class TimeloomVideoLLM(_Base):
 
     @staticmethod
     def _item(name: str, context: str, video: Tensor | None) -> EvalItem:
+        """The request as an item; placeholders a task wrote into its context go (ours leads the turn)."""
+        for placeholder in MEDIA_PLACEHOLDERS:
+            context = context.replace(placeholder, "")
         return EvalItem(
             id=name,
             benchmark="lmms_eval",
