@@ -242,8 +242,13 @@ def clipped_theta(theta: Tensor, inputs: list[Tensor], deltas: list[Tensor], cli
     """θ scaled so that each token's step ``θ·u`` uses ``u·min(1, clip/‖u‖)`` (‖u‖ over all layers)."""
     if clip is None:
         return theta
-    sq_norm = sum((d * d).sum(-1) * (z * z).sum(-1) for z, d in zip(inputs, deltas))
-    return theta * torch.clamp(clip / sq_norm.clamp_min(1e-30).sqrt(), max=1.0)
+    # ‖δ ẑᵀ‖_F = ‖δ‖·‖ẑ‖ per layer; ‖u‖ is the norm of those.
+    norms = [
+        torch.linalg.vector_norm(d, dim=-1) * torch.linalg.vector_norm(z, dim=-1)
+        for z, d in zip(inputs, deltas)
+    ]
+    norm = torch.linalg.vector_norm(torch.stack(norms, -1), dim=-1)
+    return theta * torch.clamp(clip / norm.clamp_min(1e-30), max=1.0)
 
 
 def gate_coefficients(log_eta: Tensor, log_keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -320,15 +325,13 @@ def dual_chunk(
         a = _minus_matmul(torch.addcmul(d0 * (z @ w.mT), c, z @ s.mT), mix * (z @ inputs[i].mT), deltas[i])
         z = F.silu(a) if i < len(weights) - 1 else a
     end_d0, end_c, end_e0 = (t[..., None, None] for t in (co.end_d0, co.end_c, co.end_E0))
+    w_coef, s_coef = (co.end_C * theta).unsqueeze(-1), (co.end_E * theta).unsqueeze(-1)
     # Σ_j coef_j δ_j ẑ_jᵀ = Δᵀ diag(coef) Ẑ (Eq. 17 as one matmul), subtracted inside the same call.
     end_w = [
-        _minus_matmul(torch.addcmul(end_d0 * w, end_c, s), (dl * (co.end_C * theta).unsqueeze(-1)).mT, zl)
+        _minus_matmul(torch.addcmul(end_d0 * w, end_c, s), (dl * w_coef).mT, zl)
         for w, s, dl, zl in zip(weights, momentum, deltas, inputs)
     ]
-    end_s = [
-        _minus_matmul(end_e0 * s, (dl * (co.end_E * theta).unsqueeze(-1)).mT, zl)
-        for s, dl, zl in zip(momentum, deltas, inputs)
-    ]
+    end_s = [_minus_matmul(end_e0 * s, (dl * s_coef).mT, zl) for s, dl, zl in zip(momentum, deltas, inputs)]
     return z, end_w, end_s
 
 
@@ -618,13 +621,11 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_finite(tensors: Tensor | list[Tensor], what: str) -> None:
     """Raise a clear error instead of carrying a NaN/inf state forward.
 
-    One reduction per tensor: a sum is NaN/inf when any element is (or when the values are so large that
-    they overflow, which is an exploded state too).
+    One reduction per tensor, in its own dtype: a sum is NaN/inf when any element is (or when the values are
+    so large that they overflow, which is an exploded state too).
     """
     with torch.no_grad():
-        total = sum(
-            t.detach().sum(dtype=torch.float64) for t in (tensors if isinstance(tensors, list) else [tensors])
-        )
+        total = sum(t.detach().sum() for t in (tensors if isinstance(tensors, list) else [tensors]))
     if not torch.isfinite(total):
         raise FloatingPointError(
             f"{what} holds NaN or inf; lower theta_max, set surprise_clip, or clip gradients"
