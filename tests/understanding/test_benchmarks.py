@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from timeloom_understanding.benchmarks import (
     BenchmarkLayoutError,
     frame_indices,
@@ -13,6 +14,10 @@ from timeloom_understanding.benchmarks import (
     missing_videos,
 )
 from timeloom_understanding.benchmarks.base import listed_options, shown_duration
+from timeloom_understanding.evaluate import main as evaluate_main
+from timeloom_understanding.hf_backbone import LLMConfig
+from timeloom_understanding.model import VideoLLMConfig
+from timeloom_understanding.module import VideoLLMModule
 
 from timeloom.video_io import write_video
 
@@ -308,3 +313,57 @@ def test_a_cut_before_the_bounds_shows_nothing_rather_than_the_future():
     with pytest.raises(ValueError, match="nothing to show"):
         frame_indices("linspace", 100, 10.0, 4, bounds=(5.0, 8.0), cut_at=2.0)
     assert frame_indices("linspace", 10, 10.0, 2, bounds=(30.0, 40.0)) == [9, 9]  # bounds past the end
+
+
+# -- every layout end to end -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random tiny video-LLM (grey 32 px) saved as a `timeloom export` folder."""
+    torch.manual_seed(0)
+    encoder = {
+        "model_name": "vit_tiny_patch16_224",
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "in_chans": 1,
+        "class_token": False,
+    }
+    config = VideoLLMConfig(encoder=encoder, llm=LLMConfig(hidden_size=32, layers=1, heads=4), max_length=512)
+    folder = tmp_path_factory.mktemp("videollm")
+    VideoLLMModule(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(FAKES))
+def test_evaluate_runs_every_layout_and_reports_its_rule(exported, tmp_path, name):
+    root, out = FAKES[name](tmp_path / "data"), tmp_path / "out"
+    items = load_benchmark(name, root)
+    status = evaluate_main(
+        [
+            "--checkpoint",
+            str(exported),
+            "--benchmark",
+            name,
+            "--root",
+            str(root),
+            "--frames",
+            "2",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "2",
+        ]
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert status == 0 and report["n"] == len(items) and report["n_missing"] == 0
+    assert report["n_unscored_judge"] == sum(i.format == "captioning" for i in items)
+    assert report["n_scored"] + report["n_unscored_judge"] == len(items)
+    expected = {
+        "ovobench": "backward_mean",
+        "temporalbench": "mba",
+        "mvbench": "task_mean",
+        "tempcompass": "match_rate",
+    }
+    assert name not in expected or expected[name] in report
