@@ -11,6 +11,7 @@ from timeloom_understanding.data import (
     ConversationCollator,
     ConversationDataset,
     TemporalQA,
+    TemporalQADataModule,
     write_llava_json,
 )
 from timeloom_understanding.text import TextTokenizer
@@ -145,6 +146,19 @@ def test_caption_task_describes_the_temporal_fact():
         assert item["answer"] in item["caption"]
 
 
+def test_caption_share_mixes_captions_into_training_only():
+    data = TemporalQA(length=200, caption_share=0.5, seed=2)
+    captioned = [item for i in range(200) for item in data[i] if item["format"] == "caption"]
+    assert 150 < len(captioned) < 250  # half of 400 items, in whole groups
+    for item in captioned:
+        assert item["conversations"][1]["value"] == item["caption"]
+    module = TemporalQADataModule(caption_share=0.5, train_length=50, val_length=50, test_length=50)
+    assert module.build_dataset("train").caption_share == 0.5
+    assert module.build_dataset("test").caption_share == 0.0
+    with pytest.raises(ValueError, match="caption_share"):
+        TemporalQA(caption_share=1.5)
+
+
 def test_controls_show_less_time_but_ask_the_same():
     full = TemporalQA(length=3, seed=8)
     middle, shuffled = (TemporalQA(length=3, seed=8, control=c) for c in ("middle_frame", "shuffled"))
@@ -154,6 +168,78 @@ def test_controls_show_less_time_but_ask_the_same():
             assert torch.equal(m["video"], a["video"][:, 4:5])
             assert frame_multiset(s["video"]) == frame_multiset(a["video"])
     assert any(not torch.equal(s["video"], a["video"]) for a, s in zip(full[0], shuffled[0]))
+
+
+def shown_indices(shown: torch.Tensor, video: torch.Tensor) -> list[int]:
+    """Indices of the frames of ``video`` equal to the single frame ``shown`` (C, 1, H, W)."""
+    return [t for t in range(video.shape[1]) if torch.equal(video[:, t], shown[:, 0])]
+
+
+@pytest.mark.parametrize("aspect", ["direction", "order", "count", "when"])
+def test_one_random_frame_cannot_tell_twins_apart(aspect):
+    """The single-frame baseline: a frame drawn uniformly says nothing about the answer.
+
+    Twins share their frame multiset, so the chance that the shown frame holds the digit (or, for order, the
+    answer's digit) is the same whatever the answer; the shown index covers the whole video.
+    """
+    groups = 300
+    full = TemporalQA(length=groups, aspects=[aspect], seed=5)
+    single = TemporalQA(length=groups, aspects=[aspect], seed=5, control="random_frame")
+    indices, telling = Counter(), Counter()
+    for i in range(groups):
+        for whole, one in zip(full[i], single[i]):
+            assert one["video"].shape[1] == 1 and one["conversations"] == whole["conversations"]
+            candidates = shown_indices(one["video"], whole["video"])
+            assert candidates, one["id"]
+            t = candidates[0]
+            indices[t] += 1
+            visible = whole["meta"]["visible"][t]
+            labels = [str(int(x)) for x in whole["meta"]["labels"]]
+            if aspect == "order":  # does the frame show the digit that comes first?
+                telling[("first", bool(visible[labels.index(whole["answer"])]))] += 1
+            else:
+                telling[(whole["answer"], bool(visible[0]))] += 1
+    if aspect == "direction":  # every frame differs there, so the shown index is known
+        assert set(indices) == set(range(8))
+    answers = {answer for answer, _ in telling}
+    rates = {a: telling[(a, True)] / (telling[(a, True)] + telling[(a, False)]) for a in answers}
+    if aspect == "direction":
+        assert min(rates.values()) == 1.0  # the digit is always in view; its place is tested below
+    elif aspect == "order":
+        assert abs(rates["first"] - 0.5) < 0.07, telling  # either digit, as often
+    else:
+        assert max(rates.values()) - min(rates.values()) < 0.12, telling  # visibility ignores the answer
+
+
+def test_random_frame_position_says_nothing_about_direction():
+    """Where a moving digit sits in one random frame is as likely left of centre for 'left' as for 'right'."""
+    groups = 400
+    full = TemporalQA(length=groups, aspects=["direction"], seed=6)
+    single = TemporalQA(length=groups, aspects=["direction"], seed=6, control="random_frame")
+    left_half = Counter()
+    for i in range(groups):
+        for whole, one in zip(full[i], single[i]):
+            if whole["answer"] in ("left", "right"):
+                t = shown_indices(one["video"], whole["video"])[0]
+                x = whole["meta"]["trajectory"][t, 0, 0]
+                left_half[(whole["answer"], x < 15.5)] += 1
+    share = {
+        a: left_half[(a, True)] / (left_half[(a, True)] + left_half[(a, False)]) for a in ("left", "right")
+    }
+    assert abs(share["left"] - share["right"]) < 0.1, share
+
+
+def test_the_middle_frame_gives_order_away():
+    """Why the baseline is a random frame: the middle frame shows the order scene's *second* digit."""
+    data, middle = (
+        TemporalQA(length=50, aspects=["order"], seed=7),
+        TemporalQA(length=50, aspects=["order"], seed=7, control="middle_frame"),
+    )
+    for i in range(50):
+        for whole, one in zip(data[i], middle[i]):
+            labels = [str(int(x)) for x in whole["meta"]["labels"]]
+            assert not whole["meta"]["visible"][4][labels.index(whole["answer"])]
+            assert torch.equal(one["video"], whole["video"][:, 4:5])
 
 
 def test_bad_arguments_name_them():

@@ -52,7 +52,7 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 COUNTS = ("once", "twice", "three times")
 MOMENTS = ("at the start", "in the middle", "at the end")
 LETTERS = "ABCD"
-CONTROLS = ("none", "middle_frame", "shuffled")
+CONTROLS = ("none", "middle_frame", "random_frame", "shuffled")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -127,9 +127,14 @@ class TemporalQA(Dataset):
         formats: which question formats to use (drawn per group).
         max_options: at most this many multiple-choice options (2–4).
         task: ``qa`` (questions) or ``caption`` (describe the video: the stage-1 alignment task).
+        caption_share: with ``task="qa"``, the share of groups (drawn by the item seed) asked for a caption
+            instead: a training lever, the caption names the temporal fact with no option to match.
         control: what the model sees, for the controls that show a question needs time: ``none`` (the
-            video), ``middle_frame`` (only the middle frame, ``T = 1``) or ``shuffled`` (frames in an order
-            drawn from the item's seed).
+            video), ``middle_frame`` (only the middle frame, ``T = 1``), ``random_frame`` (one frame at an
+            index drawn from the item's seed) or ``shuffled`` (frames in an order drawn from the item's seed).
+            ``random_frame`` is the single-frame baseline: every frame is equally likely, so twins with the
+            same frame multiset look alike. The middle frame is not neutral: it shows the second digit of an
+            order scene and the digit of a "when … in the middle" scene.
         seed: base seed.
         channels: 1 (grey) or 3.
     """
@@ -145,12 +150,16 @@ class TemporalQA(Dataset):
         formats: Sequence[str] = FORMATS,
         max_options: int = 4,
         task: str = "qa",
+        caption_share: float = 0.0,
         control: str = "none",
         seed: int = 0,
         channels: int = 1,
     ) -> None:
         if task not in ("qa", "caption"):
             raise ValueError(f"task must be 'qa' or 'caption'; got {task!r}")
+        if not 0 <= caption_share <= 1:
+            raise ValueError(f"caption_share must lie in [0, 1]; got {caption_share}")
+        self.caption_share = caption_share
         if control not in CONTROLS:
             raise ValueError(f"control must be one of {CONTROLS}; got {control!r}")
         self.control = control
@@ -184,7 +193,9 @@ class TemporalQA(Dataset):
         metas, reversed_twin = getattr(self, f"_scene_{aspect}")(rng)
         answers = [derive_answer(aspect, meta) for meta in metas]
         prompt, options, replies = self._question(aspect, fmt, metas[0]["labels"], answers, rng)
-        if self.task == "caption":
+        captioned = self.task == "caption" or (self.caption_share > 0 and rng.random() < self.caption_share)
+        if captioned:
+            fmt = "caption"
             prompt, replies = (
                 "Describe the video.",
                 [_caption(aspect, meta["labels"], a) for meta, a in zip(metas, answers)],
@@ -227,6 +238,9 @@ class TemporalQA(Dataset):
         if self.control == "middle_frame":
             middle = self.frames // 2
             return video[:, middle : middle + 1]
+        if self.control == "random_frame":
+            shown = int(rng.integers(self.frames))
+            return video[:, shown : shown + 1]
         if self.control == "shuffled":
             return video[:, torch.from_numpy(rng.permutation(self.frames))]
         return video
@@ -565,6 +579,7 @@ class TemporalQADataModule(TimeloomDataModule):
         formats: tuple[str, ...] = FORMATS,
         max_options: int = 4,
         task: str = "qa",
+        caption_share: float = 0.0,
         control: str = "none",
         channels: int = 1,
         train_length: int = 10_000,
@@ -589,7 +604,11 @@ class TemporalQADataModule(TimeloomDataModule):
             control=control,
             channels=channels,
         )
-        TemporalQA(length=0, **self.dataset_args)  # reject a bad configuration now, not at the first batch
+        self.caption_share = caption_share
+        TemporalQA(length=0, caption_share=caption_share, **self.dataset_args)  # fail now, not at a batch
 
     def build_dataset(self, split: str) -> TemporalQA:
-        return TemporalQA(split, length=self.lengths[split], seed=self.seed, **self.dataset_args)
+        share = self.caption_share if split == "train" else 0.0  # held-out splits ask questions only
+        return TemporalQA(
+            split, length=self.lengths[split], seed=self.seed, caption_share=share, **self.dataset_args
+        )
