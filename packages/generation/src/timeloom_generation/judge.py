@@ -7,7 +7,7 @@ MovingDigits clips of its own seed, disjoint from the generator's, with noise, b
 blurry generated frames are still judged; its accuracy on clips of another seed and the test glyphs is stored
 beside it as the ceiling of every score.
 
-    python -m timeloom_generation.judge --out runs/judge            # trains in 1-2 minutes on one core
+    python -m timeloom_generation.judge --out runs/judge            # trains in about 3 minutes on one core
     judge = DigitsJudge.load("runs/judge")
     verdict = judge.judge(videos)                                 # videos (B, C, T, H, W) in [-1, 1]
 """
@@ -79,15 +79,19 @@ class DigitsJudge(nn.Module):
         def stage(inputs: int, outputs: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(inputs, outputs, 3, stride, 1), nn.GroupNorm(8, outputs), nn.SiLU()]
 
-        self.trunk = nn.Sequential(
-            *stage(config.channels, w, 1),
-            *stage(w, w, 2),
-            *stage(w, 2 * w, 2),
-            *stage(2 * w, 4 * w, 2),
-            nn.Flatten(),  # flattening (not pooling) keeps where the digit is
-            nn.Linear(4 * w * (config.size // 8) ** 2, config.features),
-            nn.SiLU(),
-        )
+        def trunk() -> nn.Sequential:  # flattening (not pooling) keeps the glyph's layout
+            return nn.Sequential(
+                *stage(config.channels, w, 1),
+                *stage(w, w, 2),
+                *stage(w, 2 * w, 2),
+                *stage(2 * w, 4 * w, 2),
+                nn.Flatten(),
+                nn.Linear(4 * w * (config.size // 8) ** 2, config.features),
+                nn.SiLU(),
+            )
+
+        # Two trunks, each read by its own heads: with one, the centre regression kept the identity at chance.
+        self.what, self.where = trunk(), trunk()
         self.identity = nn.Linear(config.features, 10)
         self.centre = nn.Linear(config.features, 2)  # (x, y) / size
         self.motion = nn.Sequential(
@@ -104,16 +108,19 @@ class DigitsJudge(nn.Module):
             )
 
     def frame_features(self, videos: Tensor) -> Tensor:
-        """``φ`` per frame: ``(B, C, T, H, W) -> (B, T, features)``."""
+        """``φ`` per frame: ``(B, C, T, H, W) -> (B, T, 2·features)`` (where, what)."""
         self.check_frames(videos)
         batch, _, frames = videos.shape[:3]
         flat = videos.transpose(1, 2).flatten(0, 1)
-        return self.trunk(flat).view(batch, frames, -1)
+        return torch.cat((self.where(flat), self.what(flat)), dim=-1).view(batch, frames, -1)
 
     def heads(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Identity logits ``(B, T, 10)``, centres ``(B, T, 2)`` in pixels, motion logits ``(B, T−1, M)``."""
-        pairs = torch.cat((features[:, :-1], features[:, 1:] - features[:, :-1]), dim=-1)
-        return self.identity(features), self.centre(features) * self.config.size, self.motion(pairs)
+        where, what = features.split(
+            (self.config.features, features.shape[-1] - self.config.features), dim=-1
+        )
+        pairs = torch.cat((where[:, :-1], where[:, 1:] - where[:, :-1]), dim=-1)
+        return self.identity(what), self.centre(where) * self.config.size, self.motion(pairs)
 
     @torch.no_grad()
     def judge(self, videos: Tensor, batch_size: int = 64) -> dict[str, Tensor]:
@@ -362,7 +369,7 @@ def train_judge(
     *,
     clips: int = 2048,
     frames: int = 9,
-    steps: int = 600,
+    steps: int = 1000,
     batch_size: int = 32,
     window: int = 4,
     lr: float = 2e-3,
@@ -416,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/judge"), help="where the judge is saved")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--clips", type=int, default=2048)
     args = parser.parse_args(argv)
     config = JudgeConfig(size=args.size, channels=args.channels)
