@@ -13,7 +13,8 @@ from timeloom_understanding.module import VideoLLMModule
 from timeloom.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs/understanding").glob("*.yaml"))
+# the tiny configs train on a CPU; the paper-size ones are built on the meta device in test_videollm.py
+CONFIGS = sorted((ROOT / "configs/understanding").glob("*-tiny*.yaml"))
 ENCODER = {
     "model_name": "vit_tiny_patch16_224",
     "img_size": 32,
