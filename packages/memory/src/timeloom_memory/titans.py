@@ -134,13 +134,16 @@ class Attention(nn.Module):
         ``memory (B, L, d)``: token i also sees ``memory_j`` for j ≤ i (MAC's retrieved vectors); ``cache``:
         the last ``window − 1`` keys and values of the stream, read and then updated."""
         b, n, _ = x.shape
+        h = self.heads
         positions = torch.arange(start, start + n, device=x.device)
         q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
-        q, k = apply_rope(q, positions), apply_rope(k, positions)
+        if memory is None:
+            q, k = apply_rope(torch.cat([q, k], 1), positions).split(h, 1)  # one rotation for both
+        else:
+            _, mk, mv = (self._split(t) for t in self.qkv(memory).chunk(3, dim=-1))
+            q, k, mk = apply_rope(torch.cat([q, k, mk], 1), positions).split(h, 1)
         q_pos = kv_pos = positions
         if memory is not None:
-            _, mk, mv = (self._split(t) for t in self.qkv(memory).chunk(3, dim=-1))
-            mk = apply_rope(mk, positions)
             # Interleave h_0 x_0 h_1 x_1 …: at positions 2j and 2j+1 a plain causal mask shows query x_i
             # exactly h_j and x_j for j ≤ i.
             k = torch.stack([mk, k], 3).flatten(2, 3)
