@@ -159,7 +159,7 @@ class VideoLLM(nn.Module):
         and the positions ``(B, L)`` of the whole sequence. Without a cache, ``n`` is the whole layout.
         Reusing a cache is exact only when appending tokens changes neither the positions nor the mask rows
         of the earlier ones, which holds for every structure when text is appended, and for media tokens
-        under the structures that allow streaming (`streaming.reuses_cache`).
+        under the structures that allow streaming (`streaming.why_no_cache_reuse`).
         """
         new = embeds.shape[1]
         positions = self.structure.position_ids(layout).to(embeds.device)
@@ -232,6 +232,8 @@ class VideoLLM(nn.Module):
     def greedy(self, logits: Tensor, advance, max_new_tokens: int) -> tuple[list[list[int]], Tensor]:
         """Greedy decoding from the first token's ``logits (B, V)``; ``advance(ids)`` feeds the chosen ids
         and returns the next hidden states ``(B, D)``. Stops when every sample has said ``<|end|>``."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
         replies: list[list[int]] = [[] for _ in range(logits.shape[0])]
         finished = torch.zeros(logits.shape[0], dtype=torch.bool)
         history = []
