@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     parser.add_argument("--prompt", action="append", help="a caption; repeat for several")
     parser.add_argument("--length-factor", type=int, default=4, help="video length / training length")
-    parser.add_argument("--count", type=int, default=16, help="rollouts the evaluation judges")
+    parser.add_argument("--count", type=int, default=8, help="rollouts the evaluation judges")
     parser.add_argument("--judge", type=Path, default=evaluate.DEFAULT_JUDGE)
     parser.add_argument("--out", type=Path, default=Path("outputs/generation-demo"))
     args = parser.parse_args(argv)

@@ -166,6 +166,7 @@ def score(
         },
         "prompt_whole": {k: v.mean().item() for k, v in prompt_scores(verdict, prompts, motions).items()},
         "identity_vs_prompt": {
+            "mean": curves["prompt"].mean().item(),
             "start": curves["prompt"][first].mean().item(),
             "end": curves["prompt"][last].mean().item(),
             "curve": curves["prompt"].tolist(),
@@ -299,6 +300,19 @@ def prompted_markdown(report: dict) -> list[str]:
         "Prompt scores are over the first training-length window; *direction* is the first judged step, "
         "*axis* the share of steps on the prompted axis (MovingDigits bounces).",
     ]
+    plain = report["settings"]["plain"]
+    for name, entry in report["settings"].items():
+        if name in ("plain", "real (judge ceiling)"):
+            continue
+        motion = entry["motion_px"]["mean"] / max(plain["motion_px"]["mean"], 1e-8)
+        identity = 100 * (entry["identity_vs_prompt"]["mean"] - plain["identity_vs_prompt"]["mean"])
+        consistency = 100 * (
+            entry["identity_vs_first_frame"]["end"] - plain["identity_vs_first_frame"]["end"]
+        )
+        lines.append(
+            f"- {name} vs plain: motion x{motion:.2f}, identity vs prompt (whole rollout) {identity:+.1f} points, "
+            f"vs frame 0 at the end {consistency:+.1f} points."
+        )
     return lines
 
 
