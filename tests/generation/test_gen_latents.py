@@ -48,3 +48,4 @@ def test_cached_latents_give_the_loss_of_encoding_the_pixels(kl_tokenizer, tmp_p
     from_cache, from_pixels = module.batch_latents(cached), module.batch_latents(pixels)
     assert torch.allclose(from_cache, from_pixels, atol=1e-5)
     assert module.count_tokens(cached) == module.count_tokens(pixels) == 3 * 5 * 16
+    assert module.count_samples(cached) == module.count_samples(pixels) == 3

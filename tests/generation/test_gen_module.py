@@ -181,6 +181,8 @@ data:
     batch_size: 4
     train_length: 12
     val_length: 2
+throughput:
+  log_every_n_batches: 1  # the throughput callback counts cached-latent batches too
 trainer:
   max_steps: 3
   callbacks: []

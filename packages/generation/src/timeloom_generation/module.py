@@ -222,6 +222,9 @@ class CausalVDM(TimeloomModule):
         )
 
     # -- throughput -----------------------------------------------------------------------------------------
+    def count_samples(self, batch: Any) -> int:
+        return len(batch["latents"] if "latents" in batch else batch["video"])
+
     def count_tokens(self, batch: Any) -> int:
         """Latent tokens of the training clips (each sample's frames beyond its chunk included)."""
         if "latents" in batch:
