@@ -13,6 +13,7 @@ def test_tiny_bench_writes_json_and_markdown(tmp_path):
     assert cells["mlp", 4]["visual_tokens"] == 2 * cells["mlp", 2]["visual_tokens"] == 64  # 16 per frame
     assert cells["ccam", 2]["visual_tokens"] == cells["ccam", 4]["visual_tokens"] == 64  # Q whatever T
     assert all(cell[key] > 0 for cell in cells.values() for key in ("prefill_ms", "decode_ms_per_token"))
-    stream = result["streaming"]
-    assert stream["questions"] == 2 and stream["speedup"] == stream["rebuild_s"] / stream["cached_s"]
-    assert "Streaming-cache speed-up" in (tmp_path / "understanding.md").read_text()
+    streams = result["streaming"]
+    assert [stream["answer_tokens"] for stream in streams] == [1, 2]
+    assert all(s["questions"] == 2 and s["speedup"] == s["rebuild_s"] / s["cached_s"] for s in streams)
+    assert "cache reused across questions" in (tmp_path / "understanding.md").read_text()
