@@ -195,3 +195,10 @@ def test_mvbench_task_mean_and_temporal_qa_chance():
     ]
     chance = summarize("temporal_qa", qa, [score(i, "A") for i in qa])["chance"]
     assert chance == pytest.approx((1 / 2 + 1 / 2 + 1 / 4) / 3)
+    twins = [
+        item("temporal_qa", a, options=["x", "y"], task=t, group=g)
+        for a, t, g in (("A", "order", 0), ("B", "order", 0), ("A", "when", 1), ("B", "when", 1))
+    ]
+    report = summarize("temporal_qa", twins, [score(i, r) for i, r in zip(twins, ["A", "B", "A", "A"])])
+    assert report["accuracy"] == 0.75 and report["group_accuracy"] == 0.5  # the 'when' twins got one answer
+    assert report["group_accuracy_by_task"] == {"order": 1.0, "when": 0.0}

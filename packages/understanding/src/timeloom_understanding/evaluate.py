@@ -318,7 +318,15 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- method {meta['method']}, {meta['frames']} frames, prompt {meta['prompt_version']}, "
         f"{meta['seconds']:.1f} s",
     ]
-    for key in ("chance", "task_mean", "match_rate", "backward_mean", "realtime_mean", "forward_mean"):
+    for key in (
+        "chance",
+        "group_accuracy",
+        "task_mean",
+        "match_rate",
+        "backward_mean",
+        "realtime_mean",
+        "forward_mean",
+    ):
         if report.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: {_percent(report[key])}%")
     if "mba" in report:

@@ -180,7 +180,7 @@ GROUPS = {
 
 
 def _key(item: EvalItem, name: str) -> str:
-    if name in ("task", "format"):
+    if name in ("benchmark", "task", "format"):
         return getattr(item, name)
     return str(item.extra.get(name, ""))
 
@@ -195,7 +195,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _multiple_binary(pairs: list[tuple[EvalItem, Scored]], name: str) -> dict[str, float | None]:
-    """TemporalBench's MBA per value of ``name``: a video's questions count as one, right only if all are."""
+    """Per value of ``name``: each ``group`` (a TemporalBench video, a TemporalQA conflict group) counts once,
+    right only if all its questions are (TemporalBench's multiple binary accuracy)."""
     videos: dict[tuple[str, str], list[bool]] = defaultdict(list)
     for item, result in pairs:
         videos[(_key(item, name), str(item.extra.get("group")))].append(bool(result.correct))
@@ -265,4 +266,7 @@ def summarize(benchmark: str, items: list[EvalItem], scored: list[Scored]) -> di
     elif benchmark == "temporal_qa":
         chance = [1 / len(item.candidates) for item, _ in pairs if item.candidates]
         report["chance"] = _mean(chance)
+        # both videos of a conflict group right: a model blind to what differs between them cannot be
+        report["group_accuracy"] = _multiple_binary(pairs, "benchmark")["temporal_qa"]
+        report["group_accuracy_by_task"] = _multiple_binary(pairs, "task")
     return report
