@@ -196,7 +196,7 @@ def markdown(result: dict) -> str:
             vocab, seq, pairs = result["mqar"]
             lines += ["", f"MQAR: vocab {vocab}, seq {seq}, {pairs} pairs, batch {result['mqar_batch']}, "
                       "AdamW lr 3e-3, clip 1.0, the same batches for every model."]  # fmt: skip
-    lines += [""] + [f"Skipped: {s}" for s in skipped]
+    lines += [""] + [f"Skipped: {s}" for s in dict.fromkeys(skipped)]  # once per reason
     return "\n".join(lines) + "\n"
 
 
