@@ -71,7 +71,7 @@ def tiny_module(block: str) -> MemoryLMModule:
     return MemoryLMModule(config).eval()
 
 
-@pytest.mark.parametrize("block", ["mac", "swa", "mag"])
+@pytest.mark.parametrize("block", ["mac", "mag", "mal", "lmm", "hcam", "swa", "attention"])
 def test_streamed_pieces_equal_one_pass(block):
     model = tiny_module(block).model
     ids = torch.randint(0, 128, (2, 72))
