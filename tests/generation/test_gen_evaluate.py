@@ -47,7 +47,7 @@ def test_evaluate_writes_every_setting_side_by_side(tmp_path, untrained_judge):
     )  # fmt: skip
     assert status == 0
     report = json.loads((out / "results.json").read_text())
-    assert list(report["settings"]) == ["real (judge ceiling)", "plain", "broadway"]
+    assert list(report["settings"]) == ["real (judge ceiling)", "real, codec round trip", "plain", "broadway"]
     plain = report["settings"]["plain"]
     assert plain["videos"] == 2 and plain["frames"] == report["frames"] == 9
     assert len(plain["identity_vs_prompt"]["curve"]) == 9 and len(plain["motion_curve"]) == 8

@@ -302,7 +302,7 @@ def prompted_markdown(report: dict) -> list[str]:
     ]
     plain = report["settings"]["plain"]
     for name, entry in report["settings"].items():
-        if name in ("plain", "real (judge ceiling)"):
+        if name == "plain" or name.startswith("real"):
             continue
         motion = entry["motion_px"]["mean"] / max(plain["motion_px"]["mean"], 1e-8)
         identity = 100 * (entry["identity_vs_prompt"]["mean"] - plain["identity_vs_prompt"]["mean"])
@@ -414,6 +414,11 @@ def prompted_study(
     real = torch.stack([real_data[i]["video"] for i in tqdm(range(args.count), desc="render real clips")])
     real_features = extractor(real)
     results = {"real (judge ceiling)": score(real, prompts, judge, window, extractor, real_features)}
+    # What the codec alone costs: real clips encoded and decoded (the ceiling of decoded generations).
+    round_trip = torch.cat(
+        [module.codec.decode(module.codec.encode(clips)).cpu() for clips in real.split(args.batch_size)]
+    )
+    results["real, codec round trip"] = score(round_trip, prompts, judge, window, extractor, real_features)
     for name, video in videos.items():
         results[name] = score(video, prompts, judge, window, extractor, real_features)
     samples = {name: (video[0], captions[0]) for name, video in videos.items()}
