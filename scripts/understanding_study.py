@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from timeloom.module import TimeloomModule
 
+CAPTION_ANSWERS = {"direction": 4, "speed": 10, "order": 10, "count": 3, "when": 3}  # possible answers
+
 
 def first_token_correct(module: VideoLLMModule, items: list[dict]) -> torch.Tensor:
     """Per item: is the first supervised token (the deciding one) the greedy choice?"""
@@ -39,18 +41,37 @@ def first_token_correct(module: VideoLLMModule, items: list[dict]) -> torch.Tens
     return logits[first].argmax(-1) == targets[first]
 
 
+def caption_answer_correct(module: VideoLLMModule, items: list[dict]) -> list[bool]:
+    """Per caption item: are the answer's tokens inside the caption all the greedy choice (teacher forced)?
+
+    The answer is the caption's temporal fact ("right", "twice", "in the middle", the first digit), found as
+    the first run of its tokens in the reply; chance is about 1 / number of possible answers.
+    """
+    batch = module.collate(items)
+    logits, targets, samples = module.model.supervised_logits(batch)
+    right = logits.argmax(-1) == targets
+    results = []
+    for index, item in enumerate(items):
+        reply, hit = targets[samples == index].tolist(), right[samples == index]
+        answer = module.model.tokenizer.encode(item["answer"])
+        start = next(k for k in range(len(reply)) if reply[k : k + len(answer)] == answer)
+        results.append(bool(hit[start : start + len(answer)].all()))
+    return results
+
+
 def score_run(checkpoint: str, frames: int | None, control: str, groups: int, batch_groups: int) -> dict:
     """Accuracy table of one checkpoint on the test split (optionally at another frame count or control)."""
     overrides = {"frames": frames} if frames else {}
     module = TimeloomModule.from_checkpoint(checkpoint, **overrides).eval()
     hp = module.hparams
+    channels = module.model.config.encoder.get("in_chans", 1)
     dataset = TemporalQA(
         "test",
         length=groups,
         size=hp["height"],
         frames=hp["frames"],
         control=control,
-        channels=module.model.config.encoder.get("in_chans", 1),
+        channels=channels,
     )
     tallies: dict[str, list[float]] = defaultdict(list)
     pairs: dict[str, list[float]] = defaultdict(list)
@@ -72,6 +93,17 @@ def score_run(checkpoint: str, frames: int | None, control: str, groups: int, ba
                 both = correct[2 * g] and correct[2 * g + 1]
                 pairs["pair/all"].append(both)
                 pairs[f"pair/{chunk[g][0]['aspect']}"].append(both)
+    if control == "none":  # the open-ended probe: does the caption state the fact?
+        captions = TemporalQA(
+            "test", length=groups, size=hp["height"], frames=hp["frames"], task="caption", channels=channels
+        )
+        with torch.no_grad():
+            for start in range(0, groups, batch_groups):
+                items = flatten_groups([captions[i] for i in range(start, min(start + batch_groups, groups))])
+                for item, right in zip(items, caption_answer_correct(module, items)):
+                    for key in (f"caption/{item['aspect']}", "caption/all"):
+                        tallies[key].append(right)
+                        tallies[f"chance:{key}"].append(1 / CAPTION_ANSWERS[item["aspect"]])
     table = {key: sum(v) / len(v) for key, v in {**tallies, **pairs}.items()}
     table["count:all"] = len(tallies["all"])
     table["seconds"] = time.perf_counter() - started
@@ -110,25 +142,48 @@ def figure(args: argparse.Namespace) -> None:
 
     results = json.loads(Path(args.results).read_text())
     names = args.names or list(results)
-    columns = [f"aspect/{a}" for a in ASPECTS] + ["reversed", "all"]
+    panels = {
+        "questions (first token decides)": [f"aspect/{a}" for a in ASPECTS] + ["reversed", "all"],
+        "caption probe (answer words, teacher forced)": [f"caption/{a}" for a in ASPECTS] + ["caption/all"],
+    }
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2, 4))
-    for k, name in enumerate(names):
-        values = [results[name].get(c, float("nan")) for c in columns]
-        ax.bar([i + k * width for i in range(len(columns))], values, width, label=name)
-    chance = [results[names[0]].get(f"chance:{c}", float("nan")) for c in columns]
-    for i, level in enumerate(chance):
-        ax.hlines(level, i - width / 2, i + 0.8 - width / 2, colors="black", linestyles="dashed")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))])
-    ax.set_xticklabels([c.removeprefix("aspect/") for c in columns])
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("held-out accuracy (first token)")
-    ax.set_title("Tiny video-LLMs on built-in temporal QA (dashed: chance)")
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.2), gridspec_kw={"width_ratios": [7, 6]})
+    for ax, (title, columns) in zip(axes, panels.items()):
+        for k, name in enumerate(names):
+            values = [results[name].get(c, float("nan")) for c in columns]
+            ax.bar([i + k * width for i in range(len(columns))], values, width, label=name)
+        for i, c in enumerate(columns):
+            level = results[names[0]].get(f"chance:{c}", float("nan"))
+            ax.hlines(level, i - width / 2, i + 0.8 - width / 2, colors="black", linestyles="dashed")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))])
+        ax.set_xticklabels([c.split("/")[-1] for c in columns])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"held-out {title}; dashed: chance", fontsize=9)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle("Tiny video-LLMs on built-in temporal QA (MovingDigits, CPU)")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print("wrote", args.out)
+
+
+def table(args: argparse.Namespace) -> None:
+    """The results as a Markdown table: accuracy per aspect, reversed twins, pairs, overall; chance below."""
+    results = json.loads(Path(args.results).read_text())
+    columns = [f"aspect/{a}" for a in ASPECTS] + ["reversed", "all", "pair/all"]
+    columns += [f"caption/{a}" for a in ASPECTS] if args.captions else []
+    header = ["run"] + [c.removeprefix("aspect/") for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in args.names or list(results):
+        row = results[name]
+        lines.append(
+            f"| {name} | " + " | ".join(f"{100 * row.get(c, float('nan')):.1f}" for c in columns) + " |"
+        )
+    first = results[(args.names or list(results))[0]]
+    chance = [first.get(f"chance:{c}", float("nan")) for c in columns]
+    lines.append("| chance | " + " | ".join(f"{100 * c:.1f}" for c in chance).replace("nan", "–") + " |")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -147,6 +202,11 @@ def main() -> None:
     plotting.add_argument("--names", nargs="*")
     plotting.add_argument("--out", default="docs/understanding-accuracy.png")
     plotting.set_defaults(handler=figure)
+    tabling = commands.add_parser("table", help="the results as a Markdown table")
+    tabling.add_argument("results")
+    tabling.add_argument("--names", nargs="*")
+    tabling.add_argument("--captions", action="store_true", help="add the caption-probe columns")
+    tabling.set_defaults(handler=table)
     args = parser.parse_args()
     args.handler(args)
 
