@@ -272,11 +272,13 @@ class Structure:
         """The structure's mask over the whole (padded) sequence, before padding is applied."""
         return masks.causal()
 
-    def allowed(self, layout: TokenLayout) -> Tensor:
-        """Dense bool ``(B, 1, L, L)``: pad keys masked, every query keeps its diagonal."""
+    def allowed(self, layout: TokenLayout, extra: Mask | None = None) -> Tensor:
+        """Dense bool ``(B, 1, L, L)``: pad keys masked, every query keeps its diagonal. ``extra`` entries
+        are allowed too (PINE's options seeing each other)."""
         batch, length = layout.shape
         diagonal = masks.sliding_window(1)  # j = i
-        mask = (self.mask(layout) & masks.key_padding(~layout.pad)) | diagonal
+        mask = self.mask(layout) if extra is None else self.mask(layout) | extra
+        mask = (mask & masks.key_padding(~layout.pad)) | diagonal
         return mask.dense(batch, 1, length, length)
 
     def attention_mask(self, layout: TokenLayout, dtype: torch.dtype = torch.float32) -> Tensor:

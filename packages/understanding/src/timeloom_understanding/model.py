@@ -258,7 +258,7 @@ class VideoLLM(nn.Module):
         embeds, layout, source = self._splice(batch, side)
         positions = self.structure.position_ids(layout).to(embeds.device)
         spans = OptionSpans(self.spread_text(segments, source, -1), positions, self.structure.decode_step())
-        allowed = self.structure.allowed(layout).to(embeds.device)
+        allowed = self.structure.allowed(layout, spans.options_mask().to(layout.pad.device)).to(embeds.device)
         return self.llm.lm_head(pine_hidden_states(self.llm, embeds, allowed, spans))
 
     def render_replies(

@@ -21,6 +21,8 @@ drives the Hugging Face Llama/Qwen2 layers' own projections, norms and MLPs. Inf
 from __future__ import annotations
 
 import torch
+from timeloom_kernels import masks
+from timeloom_kernels.masks import Mask
 from timeloom_kernels.positions import rope_angles
 from torch import Tensor, nn
 
@@ -68,11 +70,16 @@ class OptionSpans:
         self.base = torch.where(inside, end - (own_length - offset) * step, positions)
         self.step = step
 
+    def options_mask(self) -> Mask:
+        """Causal, plus tokens of different options see each other (the kernels' PINE mask)."""
+        return masks.segment_bidirectional(self.segment + 1)  # its ids start at 1; 0 is "no option"
+
 
 def pine_hidden_states(llm: nn.Module, embeds: Tensor, allowed: Tensor, spans: OptionSpans) -> Tensor:
     """Final hidden states ``(B, L, D)`` of a Hugging Face Llama/Qwen2 under PINE.
 
-    ``allowed (B, 1, L, L)`` is the structure's bool mask (pads and the prefix's own structure); ``spans``
+    ``allowed (B, 1, L, L)`` is the structure's bool mask with the options seeing each other in full
+    (`timeloom_kernels.masks.segment_bidirectional` over the option ids: `OptionSpans.options_mask`); ``spans``
     holds the options and the structure's positions. Prefix tokens must not see the options.
     """
     if (allowed[:, 0] & spans.prefix.unsqueeze(2) & ~spans.prefix.unsqueeze(1)).any():
@@ -84,9 +91,6 @@ def pine_hidden_states(llm: nn.Module, embeds: Tensor, allowed: Tensor, spans: O
     }
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"PINE supports plain RoPE; the LLM uses {rope['rope_type']!r}")
-    other_option = spans.inside.unsqueeze(2) & spans.inside.unsqueeze(1)
-    other_option &= spans.segment.unsqueeze(2) != spans.segment.unsqueeze(1)
-    allowed = (allowed[:, 0] | other_option).unsqueeze(1)  # options see each other in full
     x = embeds
     for layer in llm.model.layers:
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), allowed, spans, rope["rope_theta"])
