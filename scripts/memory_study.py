@@ -178,7 +178,13 @@ def report() -> None:
                 continue
             summaries[f"{model}-{setting}"] = json.loads((run_dir / "summary.json").read_text())
             curve = read_curve(run_dir)
-            ax.plot(curve["val_step"], curve["val_acc"], marker=".", label=model)
+            ax.plot(
+                curve["val_step"],
+                curve["val_acc"],
+                marker=".",
+                color=f"C{list(MODELS).index(model)}",
+                label=model,
+            )
         ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
         ax.set(title=f"MQAR seq {task['seq_len']} / {task['num_pairs']} pairs / V {task['vocab_size']}",
                xlabel="training step (batch 64)", ylabel="validation accuracy", ylim=(0, 1.02))  # fmt: skip
@@ -195,14 +201,14 @@ def report() -> None:
     }
     if video_runs:
         figure, ax = plt.subplots(figsize=(5, 3.4))
-        for model, run_dir in video_runs.items():
+        for colour, (model, run_dir) in enumerate(video_runs.items()):
             curve = read_curve(run_dir)
             for question, style in (("first", "-"), ("last", ":")):
                 steps, values = curve["val"].get(f"val/acc_{question}", ([], []))
-                ax.plot(steps, values, style, marker=".", label=f"{model}: {question}")
+                ax.plot(steps, values, style, color=f"C{colour}", marker=".", label=f"{model}: {question}")
             summaries[f"video-{model}"] = {**json.loads((run_dir / "summary.json").read_text()),
                                            **{name: values[-1] for name, (_, values) in curve["val"].items()}}  # fmt: skip
-        ax.axhline(0.1, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.1, color="grey", lw=0.8, ls="--")  # chance: 10 digits
         ax.set(xlabel="training step (batch 32)", ylabel="validation accuracy", ylim=(0, 1.02),
                title="Long-video recall: which digit appeared first / last?")  # fmt: skip
         ax.legend(fontsize=8)
