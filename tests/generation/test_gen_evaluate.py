@@ -41,13 +41,20 @@ def test_evaluate_writes_every_setting_side_by_side(tmp_path, untrained_judge):
             "--count", "2",
             "--length-factor", "1",
             "--broadway",
+            "--broadway-with", "beta0=10,active_fraction=0.4",
             "--vstar", "the digit 3 moves left; the digit 3 moves up",
             "--out", str(out),
         ]
     )  # fmt: skip
     assert status == 0
     report = json.loads((out / "results.json").read_text())
-    assert list(report["settings"]) == ["real (judge ceiling)", "real, codec round trip", "plain", "broadway"]
+    assert list(report["settings"]) == [
+        "real (judge ceiling)",
+        "real, codec round trip",
+        "plain",
+        "broadway",
+        "broadway beta0=10, active_fraction=0.4",
+    ]
     plain = report["settings"]["plain"]
     assert plain["videos"] == 2 and plain["frames"] == report["frames"] == 9
     assert len(plain["identity_vs_prompt"]["curve"]) == 9 and len(plain["motion_curve"]) == 8

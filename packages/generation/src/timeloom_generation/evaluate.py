@@ -1,7 +1,8 @@
 """`timeloom evaluate generation`: how well a trained `CausalVDM` follows prompts over long rollouts (spec §9).
 
     timeloom evaluate generation --checkpoint CKPT_OR_EXPORT [--judge runs/judge] [--count 64]
-        [--length-factor 4] [--broadway] [--tar] [--vstar "the digit 3 moves left; the digit 3 moves up"]
+        [--length-factor 4] [--broadway] [--broadway-with "beta0=10,active_fraction=0.4" ...] [--tar]
+        [--vstar "the digit 3 moves left; the digit 3 moves up"]
         [--study all|prompts|two-part] [--from-real-frame] [--features judge|pixels] [--steps S]
         [--guidance W] [--seed 0] [--out DIR]
 
@@ -71,7 +72,7 @@ class Setting:
 
     name: str
     prompts: list[str | list[str]]
-    broadway: bool = False
+    broadway: dict[str, float] | None = None  # `BroadWay` arguments beside the depth; None: off
     tar: bool = False
 
 
@@ -98,8 +99,8 @@ def attach(module: CausalVDM, setting: Setting) -> None:
     """Exactly the setting's plug-ins on the denoiser's temporal layers (none left from an earlier setting)."""
     denoiser = module.model["denoiser"]
     clear_processors(denoiser)
-    if setting.broadway:
-        BroadWay(depth=module.config.depth).attach(denoiser)
+    if setting.broadway is not None:
+        BroadWay(depth=module.config.depth, **setting.broadway).attach(denoiser)
     if setting.tar:
         set_processor(denoiser, "blocks.*.temporal.attend", TemporalAttentionRegularization())
 
@@ -339,6 +340,18 @@ def two_part_markdown(study: dict) -> list[str]:
     return lines
 
 
+def broadway_arguments(text: str) -> dict[str, float]:
+    """``"beta0=10,active_fraction=0.4"`` -> ``{"beta0": 10.0, "active_fraction": 0.4}`` (BroadWay's floats)."""
+    known = ("alpha", "beta0", "active_fraction")
+    arguments = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise argparse.ArgumentTypeError(f"unknown BroadWay argument {key!r} in {text!r}; known: {known}")
+        arguments[key] = float(value)
+    return arguments
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="timeloom evaluate generation", description=__doc__.split("\n\n")[0]
@@ -348,7 +361,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, default=64, help="rollouts per setting")
     parser.add_argument("--length-factor", type=int, default=4, help="rollout length / training length")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--broadway", action="store_true", help="add a setting with ByTheWay")
+    parser.add_argument("--broadway", action="store_true", help="add a setting with ByTheWay's defaults")
+    parser.add_argument(
+        "--broadway-with",
+        action="append",
+        default=[],
+        type=broadway_arguments,
+        help="add a ByTheWay setting with these arguments, e.g. 'beta0=10,active_fraction=0.4' (repeatable)",
+    )
     parser.add_argument(
         "--tar", action="store_true", help="add a setting with VSTAR's attention regularisation"
     )
@@ -404,7 +424,10 @@ def prompted_study(
         given = module.codec.encode(torch.stack([real_data[i]["video"][:, :1] for i in range(args.count)]))
     settings = [Setting("plain", captions)]
     if args.broadway:
-        settings.append(Setting("broadway", captions, broadway=True))
+        settings.append(Setting("broadway", captions, broadway={}))
+    for arguments in args.broadway_with:
+        name = "broadway " + ", ".join(f"{key}={value:g}" for key, value in arguments.items())
+        settings.append(Setting(name, captions, broadway=arguments))
     if args.tar:
         settings.append(Setting("tar", captions, tar=True))
     videos = {setting.name: rollouts(module, setting, given=given, **common) for setting in settings}
