@@ -1,6 +1,7 @@
 """`timeloom evaluate understanding` (spec §7): answering paths against full-logit references, batch invariance,
 determinism, reports, the manifest check before compute, and the CLI."""
 
+import dataclasses
 import json
 
 import pytest
@@ -115,6 +116,29 @@ def test_likelihood_ranking_is_the_best_candidate_token_at_the_reply_start(modul
         assert chosen[b] == item.candidates[int(last[b, ids].argmax())]
 
 
+def test_pine_ranking_ignores_the_order_of_the_option_lines(module, qa_items):
+    item = next(i for i in qa_items if len(i.options) == 3)
+    question, *options, instruction = item.prompt.splitlines()
+    swapped = dataclasses.replace(item, prompt="\n".join([question, *reversed(options), instruction]))
+
+    def letter_scores(pine):
+        return torch.tensor(
+            [
+                [
+                    score
+                    for score, _ in continuation_logprobs(
+                        module, [it] * 3, [it.video] * 3, it.candidates, pine
+                    )
+                ]
+                for it in (item, swapped)
+            ]
+        )
+
+    plain, pine = letter_scores(False), letter_scores(True)
+    torch.testing.assert_close(pine[0], pine[1], rtol=0, atol=1e-5)
+    assert (plain[0] - plain[1]).abs().max() > 10 * (pine[0] - pine[1]).abs().max()
+
+
 def test_greedy_evaluation_is_batch_invariant_and_deterministic(module, qa_items):
     one, scored_one, _ = evaluate_items(module, qa_items, 8, batch_size=1, max_new_tokens=4, progress=False)
     four, scored_four, _ = evaluate_items(module, qa_items, 8, batch_size=5, max_new_tokens=4, progress=False)
@@ -131,7 +155,7 @@ def read_report(folder):
 def test_cli_temporal_qa_writes_json_markdown_and_predictions(exported, tmp_path, capsys):
     out = tmp_path / "qa"
     args = ["evaluate", "understanding", "--checkpoint", str(exported), "--benchmark", "temporal_qa"]
-    timeloom_main([*args, "--limit", "8", "--out", str(out), "--method", "likelihood"])
+    timeloom_main([*args, "--limit", "8", "--out", str(out), "--method", "pine"])
     report, predictions = read_report(out)
     assert report["n"] == 8 and report["n_unscored_judge"] == 0 and report["n_unparsed"] == 0
     assert 0 <= report["overall"] <= 1 and 0.25 <= report["chance"] <= 0.5

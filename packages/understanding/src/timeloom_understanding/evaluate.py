@@ -1,11 +1,13 @@
 """`timeloom evaluate understanding`: a trained video-LLM on the built-in temporal QA or a benchmark's local copy.
 
     timeloom evaluate understanding --checkpoint CKPT --benchmark {temporal_qa,mvbench,tempcompass,ovobench,
-        tomato,temporalbench} [--root DIR] [--frames N] [--out DIR] [--limit N] [--method generate|likelihood]
+        tomato,temporalbench} [--root DIR] [--frames N] [--out DIR] [--limit N]
+        [--method generate|likelihood|pine]
 
 Each question is answered with the benchmark's prompt and frame sampling, either by greedy decoding read
 by the benchmark's rule (``generate``, the default) or by ranking the candidate letters (or yes/no) by
-their summed log-probability in one batched forward pass (``likelihood``). Missing videos are listed
+their summed log-probability in one batched forward pass (``likelihood``), optionally with PINE's
+position-invariant reading of the option lines (``pine``: option order cannot sway the choice). Missing videos are listed
 before any compute. Writes ``report.json`` (accuracy per task/aspect/format, the benchmark's overall rule,
 ``n``, ``n_unparsed``, ``n_unscored_judge``, ``n_missing``), ``report.md`` and ``predictions.jsonl`` (id,
 prompt hash, raw output, parsed answer, correct) under ``--out``, and logs them to W&B (offline without
@@ -34,10 +36,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from timeloom_understanding.benchmarks import BENCHMARKS, PROMPT_VERSIONS, load_benchmark, missing_videos
-from timeloom_understanding.benchmarks.base import EvalItem, load_clip, shown_duration
+from timeloom_understanding.benchmarks.base import EvalItem, load_clip, option_lines, shown_duration
 from timeloom_understanding.benchmarks.temporal_qa import items_from_conversations
 from timeloom_understanding.data import CONTROLS, ConversationCollator, TemporalQADataModule, flatten_groups
 from timeloom_understanding.module import VideoLLMModule
+from timeloom_understanding.pine import option_segments
 from timeloom_understanding.scoring import Scored, score, summarize
 from timeloom_understanding.text import IGNORE_INDEX
 
@@ -54,7 +57,7 @@ __all__ = [
 ]
 
 CHOICES = ("temporal_qa", *BENCHMARKS)
-METHODS = ("generate", "likelihood")
+METHODS = ("generate", "likelihood", "pine")
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
@@ -136,16 +139,23 @@ def continuation_logprobs(
     items: list[EvalItem],
     videos: list[Tensor | None],
     continuations: list[str],
+    pine: bool = False,
 ) -> list[tuple[float, bool]]:
     """``(Σ log p(continuation | prompt, prefill), whether greedy decoding would write it)`` per item.
 
-    One forward pass for the whole list; only the continuation's tokens count, not the prefill's.
+    One forward pass for the whole list; only the continuation's tokens count, not the prefill's. With
+    ``pine`` the option lines of each prompt are read position-invariantly (PINE), so their order cannot
+    sway the answer.
     """
     tokenizer = module.model.tokenizer
     batch = _collate(
         module, [_conversation(i, v, i.prefill + c) for i, v, c in zip(items, videos, continuations)]
     )
-    logits, targets, samples = module.model.supervised_logits(batch)
+    segments = None
+    if pine:
+        options = [option_lines(item.prompt) for item in items]
+        segments = option_segments(tokenizer, batch["input_ids"], batch["lengths"], options)
+    logits, targets, samples = module.model.supervised_logits(batch, segments)
     token_logprob = F.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
     greedy = logits.argmax(-1) == targets
     results = []
@@ -157,10 +167,12 @@ def continuation_logprobs(
     return results
 
 
-def rank_candidates(module: VideoLLMModule, items: list[EvalItem], videos: list[Tensor]) -> list[str]:
+def rank_candidates(
+    module: VideoLLMModule, items: list[EvalItem], videos: list[Tensor], pine: bool = False
+) -> list[str]:
     """Each item's candidate (option letter or yes/no) with the highest summed log-probability."""
     expanded = [(i, v, c) for i, v in zip(items, videos) for c in i.candidates]
-    scores = continuation_logprobs(module, *map(list, zip(*expanded)))
+    scores = continuation_logprobs(module, *map(list, zip(*expanded)), pine=pine)
     chosen, start = [], 0
     for item in items:
         values = [s for s, _ in scores[start : start + len(item.candidates)]]
@@ -177,12 +189,21 @@ def answer_items(
     max_new_tokens: int,
     durations: list[float | None] | None = None,
 ) -> list[str]:
-    """Responses to a batch: likelihood ranking where the item has candidates and it is asked for, else greedy."""
+    """Responses to a batch: likelihood ranking (plain or PINE) where the item has candidates and it is asked
+    for, else greedy."""
     responses: list[str | None] = [None] * len(items)
-    if method == "likelihood":
-        ranked = [k for k, item in enumerate(items) if item.candidates]
-        if ranked:
-            chosen = rank_candidates(module, [items[k] for k in ranked], [videos[k] for k in ranked])
+    if method in ("likelihood", "pine"):
+        # PINE reads the option lines, the same number in every sample of a pass; items without them are
+        # ranked plainly (as is a lone option)
+        groups: dict[int, list[int]] = {}
+        for k, item in enumerate(items):
+            if item.candidates:
+                lines = len(option_lines(item.prompt)) if method == "pine" else 0
+                groups.setdefault(lines, []).append(k)
+        for lines, ranked in groups.items():
+            chosen = rank_candidates(
+                module, [items[k] for k in ranked], [videos[k] for k in ranked], pine=lines > 1
+            )
             for k, choice in zip(ranked, chosen):
                 responses[k] = choice
     rest = [k for k, r in enumerate(responses) if r is None]

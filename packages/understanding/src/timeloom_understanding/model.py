@@ -249,17 +249,24 @@ class VideoLLM(nn.Module):
         return replies, torch.stack(history, dim=1)
 
     @torch.no_grad()
-    def pine_logits(self, batch: dict[str, Any], segments: Tensor, side: str = "left") -> Tensor:
-        """Logits ``(B, L, V)`` under PINE's position-invariant option order (inference only, see `pine`).
+    def position_invariant_hidden_states(
+        self, batch: dict[str, Any], segments: Tensor, side: str = "left"
+    ) -> tuple[Tensor, Tensor]:
+        """Final hidden states ``(B, L, D)`` under PINE's position-invariant option order, and ``labels (B, L)``.
 
         ``segments (B, L_text)`` gives each text token's option index (−1 elsewhere), aligned with
-        ``batch["input_ids"]``; `pine.option_segments` finds them from the option strings.
+        ``batch["input_ids"]``; `pine.option_segments` finds them from the option strings. Inference only.
         """
         embeds, layout, source = self._splice(batch, side)
         positions = self.structure.position_ids(layout).to(embeds.device)
         spans = OptionSpans(self.spread_text(segments, source, -1), positions, self.structure.decode_step())
         allowed = self.structure.allowed(layout, spans.options_mask().to(layout.pad.device)).to(embeds.device)
-        return self.llm.lm_head(pine_hidden_states(self.llm, embeds, allowed, spans))
+        hidden = pine_hidden_states(self.llm, embeds, allowed, spans)
+        return hidden, self.spread_text(batch["labels"], source, IGNORE_INDEX)
+
+    def pine_logits(self, batch: dict[str, Any], segments: Tensor, side: str = "left") -> Tensor:
+        """Logits ``(B, L, V)`` under PINE's position-invariant option order (see `position_invariant_hidden_states`)."""
+        return self.llm.lm_head(self.position_invariant_hidden_states(batch, segments, side)[0])
 
     def render_replies(
         self, replies: list[list[int]], durations: list[float] | None = None
@@ -283,13 +290,19 @@ class VideoLLM(nn.Module):
                 answers.append(render(raw, durations[number]))
         return answers
 
-    def supervised_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    def supervised_logits(
+        self, batch: dict[str, Any], pine_segments: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Logits ``(S, V)`` that predict the ``S`` supervised tokens, those tokens ``(S,)`` and their sample.
 
         The LM head runs only there: a full ``(B, L, V)`` logit tensor would be costly with a 30k vocabulary.
-        Rows come in sequence order, sample by sample.
+        Rows come in sequence order, sample by sample. With ``pine_segments`` (see `pine_logits`) the options
+        are read position-invariantly (PINE).
         """
-        hidden, _, labels = self.hidden_states(batch)
+        if pine_segments is None:
+            hidden, _, labels = self.hidden_states(batch)
+        else:
+            hidden, labels = self.position_invariant_hidden_states(batch, pine_segments)
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
         samples = torch.nonzero(supervised)[:, 0]

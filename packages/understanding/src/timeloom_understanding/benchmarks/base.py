@@ -142,6 +142,11 @@ def listed_options(text: str) -> list[tuple[str, str]]:
     return [((m.group(1) or m.group(2)).upper(), m.group(3).strip()) for m in matches if m]
 
 
+def option_lines(text: str) -> list[str]:
+    """The option lines of ``text`` as written (``(A) left``): the spans PINE reads position-invariantly."""
+    return [line.strip() for line in text.splitlines() if _OPTION_LINE.match(line)]
+
+
 def missing_videos(items: list[EvalItem]) -> list[tuple[str, Path]]:
     """``(item id, path)`` of every item whose video file (or frame folder) does not exist."""
     return [
