@@ -1,12 +1,13 @@
 """Causal video diffusion (ViD-GPT) with frame prompts and a temporal KV cache, plus the training-free
 temporal plug-ins BroadWay (ByTheWay) and VSTAR's attention regularisation.
 
-Importing this package registers its LightningModules with the `timeloom` CLI (entry point group
+Importing this package registers its LightningModules and data modules with the `timeloom` CLI (entry point group
 `timeloom.packages`).
 """
 
 from timeloom_generation.broadway import BroadWay
 from timeloom_generation.codec import PixelCodec, TokenizerCodec
+from timeloom_generation.latents import MovingDigitsLatentsDataModule
 from timeloom_generation.model import CausalSTDiT, CausalSTDiTConfig
 from timeloom_generation.module import CausalVDM
 from timeloom_generation.sampling import ARSampler, NoiseSource
@@ -20,6 +21,7 @@ __all__ = [
     "CausalSTDiTConfig",
     "CausalVDM",
     "MiniLMTextEncoder",
+    "MovingDigitsLatentsDataModule",
     "NoiseSource",
     "PixelCodec",
     "TemporalAttentionRegularization",
