@@ -465,6 +465,7 @@ def two_part_study(module: CausalVDM, judge: DigitsJudge, parts: list[str], coun
     return results, samples
 
 
+@torch.no_grad()
 def main(argv: list[str]) -> int:
     """`timeloom evaluate generation`: see the module docstring. Returns the exit status."""
     args = _parser().parse_args(argv)
@@ -486,7 +487,6 @@ def main(argv: list[str]) -> int:
     judge = load_judge(args.judge)
     module = load_vdm(args.checkpoint)
     check_sizes(module, judge)
-    torch.set_grad_enabled(False)
     latent_frames = args.length_factor * module.clip_frames
     sampler = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
     common = dict(
