@@ -156,6 +156,10 @@ def sniah_eval(samples: int) -> None:
         if not checkpoint.exists():
             print(f"skip {model}: no {checkpoint}")
             continue
+        scored = run_dir / "eval/memory-sniah.json"
+        if scored.exists() and scored.stat().st_mtime > checkpoint.stat().st_mtime:
+            print(f"skip {model}: {scored} is newer than its checkpoint")
+            continue
         _, env = committed_memory_package()  # the code the runs trained with
         command = [TIMELOOM, "evaluate", "memory", "--checkpoint", str(checkpoint), "--task", "sniah",
                    f"--lengths={lengths}", f"--samples={samples}", "--batch-size=4", f"--out={run_dir}/eval"]  # fmt: skip
