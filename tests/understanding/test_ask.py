@@ -5,6 +5,7 @@ import torch
 from timeloom_understanding.benchmarks.base import EvalItem, shown_duration
 from timeloom_understanding.commands import ask
 from timeloom_understanding.data import TemporalQA
+from timeloom_understanding.encoders import vit_options
 from timeloom_understanding.evaluate import generate_replies, load_module
 from timeloom_understanding.hf_backbone import LLMConfig
 from timeloom_understanding.model import VideoLLMConfig
@@ -13,16 +14,7 @@ from timeloom_understanding.module import VideoLLMModule
 from timeloom.cli import main as timeloom_main
 from timeloom.video_io import write_video
 
-ENCODER = {
-    "model_name": "vit_tiny_patch16_224",
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 2,
-    "in_chans": 1,
-    "class_token": False,
-}
+ENCODER = vit_options()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from timeloom_understanding.benchmarks import (
     missing_videos,
 )
 from timeloom_understanding.benchmarks.base import listed_options, shown_duration
+from timeloom_understanding.encoders import vit_options
 from timeloom_understanding.evaluate import main as evaluate_main
 from timeloom_understanding.hf_backbone import LLMConfig
 from timeloom_understanding.model import VideoLLMConfig
@@ -320,16 +321,7 @@ def test_a_cut_before_the_bounds_shows_nothing_rather_than_the_future():
 def exported(tmp_path_factory):
     """A random tiny video-LLM (grey 32 px) saved as a `timeloom export` folder."""
     torch.manual_seed(0)
-    encoder = {
-        "model_name": "vit_tiny_patch16_224",
-        "img_size": 32,
-        "patch_size": 8,
-        "embed_dim": 32,
-        "depth": 1,
-        "num_heads": 2,
-        "in_chans": 1,
-        "class_token": False,
-    }
+    encoder = vit_options()
     config = VideoLLMConfig(encoder=encoder, llm=LLMConfig(hidden_size=32, layers=1, heads=4), max_length=512)
     folder = tmp_path_factory.mktemp("videollm")
     VideoLLMModule(config).save_pretrained(folder)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from timeloom_understanding.benchmarks.base import EvalItem, load_clip
+from timeloom_understanding.encoders import vit_options
 from timeloom_understanding.evaluate import continuation_logprobs, generate_replies
 from timeloom_understanding.hf_backbone import LLMConfig
 from timeloom_understanding.lmms_eval_model import TimeloomVideoLLM
@@ -15,16 +16,7 @@ from timeloom_understanding.module import VideoLLMModule
 
 from timeloom.video_io import write_video
 
-ENCODER = {
-    "model_name": "vit_tiny_patch16_224",
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 2,
-    "in_chans": 1,
-    "class_token": False,
-}
+ENCODER = vit_options()
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from timeloom_understanding.benchmarks.base import EvalItem
 from timeloom_understanding.data import CONTROLS, ConversationCollator
+from timeloom_understanding.encoders import vit_options
 from timeloom_understanding.evaluate import (
     continuation_logprobs,
     evaluate_items,
@@ -24,16 +25,7 @@ from timeloom_understanding.module import VideoLLMModule
 from timeloom.cli import main as timeloom_main
 from timeloom.video_io import write_video
 
-ENCODER = {
-    "model_name": "vit_tiny_patch16_224",
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 2,
-    "in_chans": 1,
-    "class_token": False,
-}
+ENCODER = vit_options()
 
 
 @pytest.fixture(scope="module")

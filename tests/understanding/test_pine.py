@@ -7,21 +7,13 @@ import pytest
 import torch
 from timeloom_kernels.positions import apply_rope
 from timeloom_understanding.data import ConversationCollator, TemporalQA
+from timeloom_understanding.encoders import vit_options
 from timeloom_understanding.hf_backbone import LLMConfig
 from timeloom_understanding.layouts import make_structure
 from timeloom_understanding.model import VideoLLM, VideoLLMConfig
 from timeloom_understanding.pine import option_segments
 
-ENCODER = {
-    "model_name": "vit_tiny_patch16_224",
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 2,
-    "in_chans": 1,
-    "class_token": False,
-}
+ENCODER = vit_options()
 OPTIONS = ["(A) the 4 moves left", "(B) right", "(C) it moves up and then down", "(D) no motion"]
 
 

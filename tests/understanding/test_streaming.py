@@ -6,21 +6,13 @@ import functools
 import pytest
 import torch
 from timeloom_understanding.data import ConversationCollator, TemporalQA
+from timeloom_understanding.encoders import vit_options
 from timeloom_understanding.hf_backbone import LLMConfig
 from timeloom_understanding.layouts import make_structure
 from timeloom_understanding.model import VideoLLM, VideoLLMConfig
 from timeloom_understanding.streaming import OnlineStream, why_no_cache_reuse
 
-ENCODER = {
-    "model_name": "vit_tiny_patch16_224",
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 2,
-    "in_chans": 1,
-    "class_token": False,
-}
+ENCODER = vit_options()
 QUESTION = "Which way does the 4 move?\n(A) left\n(B) right"
 FPS = 2.0
 

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from timeloom_understanding.encoders import vit_options
 from timeloom_understanding.hf_backbone import LLMConfig
 from timeloom_understanding.layouts import LayoutBuilder, make_structure
 from timeloom_understanding.model import VideoLLM, VideoLLMConfig
@@ -42,16 +43,7 @@ def test_rendered_answers_come_back_in_seconds():
     assert event(1.0, 3.0, "the 4 moves left", duration=9.9) == "<t10> <t30> the 4 moves left"
 
 
-ENCODER = {
-    "model_name": "vit_tiny_patch16_224",
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 2,
-    "in_chans": 1,
-    "class_token": False,
-}
+ENCODER = vit_options()
 
 
 def test_video_llm_replies_render_time_tokens():

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from timeloom_understanding.data import TemporalQA
+from timeloom_understanding.encoders import vit_options
 from timeloom_understanding.hf_backbone import LLMConfig
 from timeloom_understanding.model import VideoLLMConfig
 from timeloom_understanding.module import VideoLLMModule
@@ -15,16 +16,7 @@ from timeloom.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 # the tiny configs train on a CPU; the paper-size ones are built on the meta device in test_videollm.py
 CONFIGS = sorted((ROOT / "configs/understanding").glob("*-tiny*.yaml"))
-ENCODER = {
-    "model_name": "vit_tiny_patch16_224",
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 2,
-    "in_chans": 1,
-    "class_token": False,
-}
+ENCODER = vit_options()
 
 
 def tiny_module(tie_embeddings: bool = True, **kwargs) -> VideoLLMModule:

@@ -6,7 +6,29 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["TimmEncoder"]
+__all__ = ["TimmEncoder", "vit_options"]
+
+
+def vit_options(
+    img_size: int = 32,
+    patch_size: int = 8,
+    embed_dim: int = 32,
+    depth: int = 1,
+    num_heads: int = 2,
+    in_chans: int = 1,
+) -> dict[str, Any]:
+    """`TimmEncoder` options for a small randomly initialised timm ViT without a class token (the defaults
+    are the smallest useful one: tests and smoke runs)."""
+    return {
+        "model_name": "vit_tiny_patch16_224",
+        "img_size": img_size,
+        "patch_size": patch_size,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "in_chans": in_chans,
+        "class_token": False,
+    }
 
 
 def _import_timm():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timeloom_understanding.encoders import TimmEncoder
+from timeloom_understanding.encoders import TimmEncoder, vit_options
 from timeloom_understanding.hf_backbone import LLMConfig, build_causal_lm, decoder_hidden_states, new_cache
 from timeloom_understanding.layouts import ASSISTANT, LayoutBuilder, TokenLayout, make_structure
 from timeloom_understanding.pine import OptionSpans, pine_hidden_states
@@ -28,19 +28,6 @@ from timeloom_understanding.text import IGNORE_INDEX, MEDIA_PLACEHOLDERS, TextTo
 from timeloom_understanding.time_tokens import TimedAnswer, render
 
 __all__ = ["VideoLLM", "VideoLLMConfig"]
-
-
-def _tiny_vit() -> dict[str, Any]:
-    return {
-        "model_name": "vit_tiny_patch16_224",
-        "img_size": 32,
-        "patch_size": 4,
-        "embed_dim": 64,
-        "depth": 2,
-        "num_heads": 4,
-        "in_chans": 1,
-        "class_token": False,
-    }
 
 
 @dataclass
@@ -57,7 +44,9 @@ class VideoLLMConfig:
         max_length: the context, in tokens, visual ones included.
     """
 
-    encoder: dict[str, Any] = field(default_factory=_tiny_vit)
+    encoder: dict[str, Any] = field(
+        default_factory=lambda: vit_options(patch_size=4, embed_dim=64, depth=2, num_heads=4)
+    )
     projector: str = "mlp"
     projector_options: dict[str, Any] = field(default_factory=dict)
     llm: LLMConfig = field(default_factory=LLMConfig)
