@@ -1,4 +1,4 @@
-"""Long-term memory for sequence models: Titans (LMM, MAC, MAG, MAL), HCAM, and recall tasks.
+"""Long-term memory for sequence models: Titans (LMM, MAC, MAG, MAL), HCAM, a video memory, and recall tasks.
 
 Importing this package registers its LightningModules and DataModules with the `timeloom` CLI (entry point
 group `timeloom.packages`).
@@ -16,12 +16,16 @@ from timeloom_memory.tasks import (
     SNIAHDataModule,
 )
 from timeloom_memory.titans import TitansConfig, TitansLM
+from timeloom_memory.video import VideoMemory, VideoMemoryConfig, VideoRecallModule
+from timeloom_memory.video_tasks import LongVideoRecall, LongVideoRecallDataModule
 
 __all__ = [
     "MQAR",
     "SNIAH",
     "HCAMAttention",
     "HCAMState",
+    "LongVideoRecall",
+    "LongVideoRecallDataModule",
     "MQARDataModule",
     "MemoryLMModule",
     "NeuralMemory",
@@ -32,6 +36,9 @@ __all__ = [
     "SelectiveCopyingDataModule",
     "TitansConfig",
     "TitansLM",
+    "VideoMemory",
+    "VideoMemoryConfig",
+    "VideoRecallModule",
 ]
 
 __version__ = "0.1.0"
