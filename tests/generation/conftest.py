@@ -30,20 +30,7 @@ def random_model():
 def kl_tokenizer(tmp_path_factory) -> Path:
     """A random micro KL tokenizer (4 latent channels, patch 4, 2 frames per tubelet), saved like `timeloom export`."""
     torch.manual_seed(0)
-    config = OmniTokenizerConfig(
-        channels=1,
-        patch=4,
-        temporal_patch=2,
-        dim=32,
-        heads=2,
-        head_dim=16,
-        encoder_spatial="t",
-        encoder_temporal_depth=1,
-        decoder_temporal_depth=1,
-        decoder_spatial_depth=1,
-        latent_dim=4,
-        quantizer="kl",
-    )
+    config = OmniTokenizerConfig.micro(quantizer="kl")
     directory = tmp_path_factory.mktemp("kl-tokenizer")
     OmniTokenizerModule(config).save_pretrained(directory)
     return directory

@@ -29,26 +29,13 @@ from timeloom.cli import main as timeloom_main
 from timeloom.module import StateDictMismatchError
 from timeloom.video_io import read_image, to_uint8, write_video
 
-# H and W must be multiples of 8 (patch 4 × window 2); videos need 1 + 2k frames.
-MICRO = dict(
-    patch=4,
-    temporal_patch=2,
-    dim=32,
-    heads=2,
-    head_dim=16,
-    encoder_spatial="tw",
-    window=2,
-    encoder_temporal_depth=1,
-    decoder_temporal_depth=1,
-    decoder_spatial_depth=1,
-    latent_dim=4,
-    codebook_size=64,
-)
-
 
 def micro_module(quantizer: str = "kl", channels: int = 1) -> OmniTokenizerModule:
+    # H and W must be multiples of 8 (patch 4 × window 2); videos need 1 + 2k frames.
     torch.manual_seed(0)
-    module = OmniTokenizerModule(OmniTokenizerConfig(channels=channels, quantizer=quantizer, **MICRO))
+    module = OmniTokenizerModule(
+        OmniTokenizerConfig.micro(channels=channels, quantizer=quantizer, encoder_spatial="tw", window=2)
+    )
     if quantizer == "vq":  # initialise the codebook from data, as the first training batch would
         module.model.train()(torch.rand(2, channels, 5, 16, 16) * 2 - 1)
     return module.eval()

@@ -16,20 +16,7 @@ from timeloom.data import MovingDigitsDataModule
 
 ROOT = Path(__file__).resolve().parents[2]
 VIDEO_VQ = ROOT / "configs/tokenizer/omnitokenizer-tiny-vq.yaml"
-MICRO = OmniTokenizerConfig(
-    channels=1,
-    patch=4,
-    temporal_patch=2,
-    dim=32,
-    heads=2,
-    head_dim=16,
-    encoder_spatial="t",
-    encoder_temporal_depth=1,
-    decoder_temporal_depth=1,
-    decoder_spatial_depth=1,
-    latent_dim=4,
-    codebook_size=64,
-)
+MICRO = OmniTokenizerConfig.micro()
 
 
 def snapshot(parameters) -> list[torch.Tensor]:

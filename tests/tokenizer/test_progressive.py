@@ -20,24 +20,10 @@ from timeloom_tokenizer.model import OmniTokenizer, patchify, unpatchify
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs/tokenizer"
 TIMELOOM = str(Path(sys.executable).parent / "timeloom")
-MICRO = dict(
-    channels=3,
-    patch=4,
-    temporal_patch=2,
-    dim=32,
-    heads=2,
-    head_dim=16,
-    encoder_spatial="t",
-    encoder_temporal_depth=1,
-    decoder_temporal_depth=1,
-    decoder_spatial_depth=1,
-    latent_dim=4,
-    codebook_size=64,
-)
 
 
 def module(**overrides) -> OmniTokenizerModule:
-    config = OmniTokenizerConfig(**{**MICRO, **overrides.pop("config", {})})
+    config = OmniTokenizerConfig.micro(channels=3, **overrides.pop("config", {}))
     overrides.setdefault("loss", TokenizerLossConfig(image_gan_weight=0.0))
     return OmniTokenizerModule(config, **overrides)
 

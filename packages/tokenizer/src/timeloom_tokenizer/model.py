@@ -20,7 +20,7 @@ covers input frames ``1 + (j−1)·t … j·t``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,26 @@ class OmniTokenizerConfig:
     kl_weight: float = 1e-6
     lfq_entropy_weight: float = 0.1
     dropout: float = 0.0
+
+    @classmethod
+    def micro(cls, **overrides: Any) -> OmniTokenizerConfig:
+        """The smallest useful tokenizer (1 channel, width 32, one layer per stack, 4 latent channels), for tests
+        and smoke runs; ``overrides`` replace any field."""
+        sizes = dict(
+            channels=1,
+            patch=4,
+            temporal_patch=2,
+            dim=32,
+            heads=2,
+            head_dim=16,
+            encoder_spatial="t",
+            encoder_temporal_depth=1,
+            decoder_temporal_depth=1,
+            decoder_spatial_depth=1,
+            latent_dim=4,
+            codebook_size=64,
+        )
+        return cls(**{**sizes, **overrides})
 
     def __post_init__(self) -> None:
         sizes = ("channels", "patch", "temporal_patch", "dim", "heads", "head_dim", "window", "latent_dim")
