@@ -14,6 +14,7 @@ from timeloom_memory.neural_memory import (
     NeuralMemory,
     NeuralMemoryConfig,
     NeuralMemoryState,
+    clipped_theta,
     dual_chunk,
     linear_scan,
     mlp_forward,
@@ -303,3 +304,19 @@ def test_long_streams_stay_finite_in_float32():
     with torch.no_grad():
         y, state = frictionless(1.0)(x)
     assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in state.tensors().values())
+
+
+def test_the_surprise_clip_keeps_gradients_finite_for_tiny_surprises():
+    # 1/‖u‖² overflows float32 for ‖u‖ near 1e-20; the clip's backward pass must not form it (it turned MAC's
+    # weights into NaN after about 100 S-NIAH steps)
+    theta = torch.full((1, 1, 3), 0.1, requires_grad=True)
+    inputs = [torch.randn(1, 1, 3, 4, requires_grad=True)]
+    deltas = torch.randn(1, 1, 3, 4)
+    deltas[..., 1, :] = 1e-20
+    deltas.requires_grad_(True)
+    scaled = clipped_theta(theta, inputs, [deltas], 1.0)
+    scaled.sum().backward()
+    for grad in (theta.grad, inputs[0].grad, deltas.grad):
+        assert torch.isfinite(grad).all()
+    norms = deltas.detach().norm(dim=-1) * inputs[0].detach().norm(dim=-1)
+    torch.testing.assert_close(scaled.detach(), 0.1 * torch.clamp(1.0 / norms, max=1.0))

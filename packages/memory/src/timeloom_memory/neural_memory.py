@@ -248,7 +248,9 @@ def clipped_theta(theta: Tensor, inputs: list[Tensor], deltas: list[Tensor], cli
         for z, d in zip(inputs, deltas)
     ]
     norm = torch.linalg.vector_norm(torch.stack(norms, -1), dim=-1)
-    return theta * torch.clamp(clip / norm.clamp_min(1e-30), max=1.0)
+    # min(1, clip/‖u‖) with a denominator ≥ clip: a tiny ‖u‖ (1e-25) would underflow ‖u‖² in the backward
+    # pass and turn the gradient into NaN
+    return theta * (clip / norm.clamp_min(clip))
 
 
 def gate_coefficients(log_eta: Tensor, log_keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -398,8 +400,8 @@ def sequential_chunk(
             grads = torch.autograd.grad(loss, start, create_graph=outer_graph)
         step = theta[:, :, t, None, None]
         if surprise_clip is not None:
-            norm = torch.sqrt(sum(g.pow(2).sum((-1, -2)) for g in grads)).clamp_min(1e-30)
-            step = step * torch.clamp(surprise_clip / norm, max=1.0)[..., None, None]
+            squared = sum(g.pow(2).sum((-1, -2)) for g in grads)
+            step = step * (surprise_clip / squared.clamp_min(surprise_clip**2).sqrt())[..., None, None]
         if read == "before":
             outputs.append(mlp_forward(w, q[:, :, t : t + 1]))
         eta, keep = log_eta[:, :, t, None, None].exp(), log_keep[:, :, t, None, None].exp()
