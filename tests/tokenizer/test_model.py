@@ -15,20 +15,14 @@ PATCH, TUBELET, SIZE, FRAMES = 4, 2, 16, 5  # 5×16² pixels → 3×4×4 latents
 
 
 def micro(quantizer: str = "vq", **overrides) -> OmniTokenizer:
-    config = OmniTokenizerConfig(
+    config = OmniTokenizerConfig.micro(
+        channels=3,
         patch=PATCH,
         temporal_patch=TUBELET,
-        dim=32,
-        heads=2,
-        head_dim=16,
         encoder_spatial="tw",
         window=2,
-        encoder_temporal_depth=1,
-        decoder_temporal_depth=1,
-        decoder_spatial_depth=1,
         latent_dim=6 if quantizer == "lfq" else 8,
         quantizer=quantizer,
-        codebook_size=64,
         **overrides,
     )
     torch.manual_seed(0)
