@@ -141,3 +141,34 @@ class Throughput(pl.Callback):
         if self.flops_per_batch and self.peak_flops:
             metrics["train/mfu"] = self.flops_per_batch / seconds / self.peak_flops
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+
+class CpuTimeBudget(pl.Callback):
+    """Stops training once this process has used ``minutes`` of CPU time since ``fit`` began.
+
+    A wall-clock limit (``Trainer(max_time=...)``) gives a run on a shared machine fewer steps than the same run
+    alone; CPU time does not, so budgets such as "30 CPU-minutes per run" compare across runs. It counts every
+    thread of the process (validation and data loading in the main process included), so with one compute thread
+    it is close to the wall time of an unshared run. Logs ``train/cpu_minutes`` at each check.
+    """
+
+    def __init__(self, minutes: float, check_every_n_batches: int = 10):
+        if minutes <= 0:
+            raise ValueError(f"CpuTimeBudget minutes must be positive, got {minutes}")
+        self.minutes = minutes
+        self.check_every_n_batches = check_every_n_batches
+        self._start = 0.0
+
+    def used_minutes(self) -> float:
+        return (time.process_time() - self._start) / 60
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx % self.check_every_n_batches:
+            return
+        used = self.used_minutes()
+        pl_module.log("train/cpu_minutes", used, on_step=True, on_epoch=False)
+        if used >= self.minutes:
+            trainer.should_stop = True

@@ -2,13 +2,14 @@
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 from timeloom.logging import WandbLogger, wandb_has_api_key
 from timeloom.models import VideoAutoencoder, VideoAutoencoderConfig
 from timeloom.module import StateDictMismatchError, TimeloomModule, WarmupCosine, load_state_dict_checked
-from timeloom.throughput import measure_matmul_peak
+from timeloom.throughput import CpuTimeBudget, measure_matmul_peak
 
 
 def tiny_module(**kwargs) -> VideoAutoencoder:
@@ -142,3 +143,19 @@ def test_from_checkpoint_with_overrides_rebuilds_and_loads(tmp_path):
     loaded = TimeloomModule.from_checkpoint(path, log_video_every_n_epochs=5)
     assert loaded.log_video_every_n_epochs == 5
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
+
+
+def test_cpu_time_budget_stops_training_once_spent_and_not_before():
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    def steps_taken(minutes: float) -> int:
+        trainer = pl.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0,
+                             callbacks=[CpuTimeBudget(minutes, check_every_n_batches=4)])  # fmt: skip
+        trainer.fit(BoringModel())
+        return trainer.global_step
+
+    assert steps_taken(1e-9) == 1  # spent at the first check (batch 0): stops after that batch
+    assert steps_taken(60) == 12  # an hour is never spent by 12 tiny steps
+    with pytest.raises(ValueError, match="positive"):
+        CpuTimeBudget(0)
