@@ -396,7 +396,8 @@ def test_keys_and_repr():
     assert M.block_causal(2).key != M.block_causal(3).key
     ids = torch.tensor([0, 0, 1])
     assert M.same_sequence(ids).key == M.same_sequence(ids).key
-    assert M.same_sequence(ids).key != M.same_sequence(ids.clone()).key
+    assert M.same_sequence(ids).key == M.same_sequence(ids.clone()).key  # small CPU tables: keyed by value
+    assert M.same_sequence(ids).key != M.same_sequence(torch.tensor([0, 1, 1])).key
     assert repr(M.causal() | M.chunk(4)) == "(causal() | chunk(4, False))"
 
 
@@ -508,3 +509,20 @@ def test_chunk_window_sees_its_chunk_causally_and_a_bounded_past():
     assert torch.equal(batched[1, 0], torch.ones(7, 7, dtype=torch.bool).tril())  # one chunk: plain causal
     with pytest.raises(ValueError, match="window must be >= 0"):
         M.chunk_window(starts, -1)
+
+
+def test_cache_keys_small_cpu_positions_by_value():
+    # Models build `torch.arange` positions on every call: equal values must hit the cache, new values must not.
+    mask = M.sliding_window(3)
+    first = mask.dense(1, 1, 6, 6, torch.arange(6), torch.arange(6))
+    assert mask.dense(1, 1, 6, 6, torch.arange(6), torch.arange(6)) is first
+    shifted = mask.dense(1, 1, 6, 6, torch.arange(6) + 2, torch.arange(6))
+    assert shifted is not first and not torch.equal(shifted, first)
+    positions = torch.arange(6)
+    before = mask.dense(1, 1, 6, 6, positions, positions)
+    positions.mul_(2)  # the same tensor, edited in place: a new entry, never the stale one
+    assert torch.equal(
+        mask.dense(1, 1, 6, 6, positions, positions),
+        M.sliding_window(3).dense(1, 1, 6, 6, 2 * torch.arange(6), 2 * torch.arange(6)),
+    )
+    assert not torch.equal(mask.dense(1, 1, 6, 6, positions, positions), before)

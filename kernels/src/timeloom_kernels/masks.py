@@ -84,10 +84,19 @@ def _cached(key: tuple, pins: tuple, build: Callable[[], Any]) -> Any:
     return value
 
 
+_CONTENT_KEY_MAX_ELEMENTS = 4096
+
+
 def _tensor_key(t: Tensor | None) -> tuple | None:
-    """Identity of a tensor's contents: its storage, view and version (views of one tensor agree)."""
+    """Identity of a tensor's contents: its storage, view and version (views of one tensor agree).
+
+    A small CPU tensor is keyed by its values instead, so a model that builds ``torch.arange`` positions on
+    every call still hits the cache (reading them is cheaper than rebuilding a mask; on CUDA it would sync).
+    """
     if t is None:
         return None
+    if t.device.type == "cpu" and t.numel() <= _CONTENT_KEY_MAX_ELEMENTS:
+        return ("values", tuple(t.shape), t.dtype, t.detach().contiguous().numpy().tobytes())
     storage = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.stride()))
     # Inference tensors keep no version counter; they also cannot be written outside inference mode.
     version = -1 if t.is_inference() else t._version
@@ -210,7 +219,7 @@ class Mask:
     # ---- identity ----------------------------------------------------------------------------------------
     @property
     def key(self) -> tuple:
-        """Hashable identity: constructor, parameters, metadata tensor identities and children."""
+        """Hashable identity: constructor, parameters, metadata tensors (see `_tensor_key`) and children."""
         tables = tuple((n, _tensor_key(t)) for n, t in self.tables)
         return (self.name, self.params, self.coords, tables, tuple(c.key for c in self.children))
 
