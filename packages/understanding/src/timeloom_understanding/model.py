@@ -36,7 +36,8 @@ class VideoLLMConfig:
 
     Args:
         encoder: `TimmEncoder` arguments (a timm ViT name plus overrides; random init).
-        projector: ``mlp``, ``ccam`` or ``slowfast``; ``projector_options`` go to its constructor.
+        projector: ``mlp``, ``ccam``, ``slowfast`` or ``memory`` (a window of recent frames plus a neural
+            memory of the earlier ones); ``projector_options`` go to its constructor.
         llm: the language model.
         structure: ``causal``, ``tad_rope``, ``frame_block_causal``, ``tc_llava``, ``modality_mutual`` or
             ``concentric``; ``structure_options`` go to its constructor (e.g. ``gamma``).

@@ -205,7 +205,11 @@ PROJECTORS: dict[str, type[nn.Module]] = {
 
 
 def make_projector(name: str, in_dim: int, out_dim: int, **options) -> nn.Module:
-    """A projector by name (``mlp``, ``ccam`` or ``slowfast``) with its options."""
+    """A projector by name (``mlp``, ``ccam``, ``slowfast`` or ``memory``) with its options."""
+    if name == "memory":  # imported here: it wraps the MLP and needs the optional timeloom-memory package
+        from timeloom_understanding.memory_projector import MemoryProjector
+
+        return MemoryProjector(in_dim, out_dim, **options)
     if name not in PROJECTORS:
-        raise ValueError(f"unknown projector {name!r}; choose one of {sorted(PROJECTORS)}")
+        raise ValueError(f"unknown projector {name!r}; choose one of {sorted([*PROJECTORS, 'memory'])}")
     return PROJECTORS[name](in_dim, out_dim, **options)

@@ -19,7 +19,8 @@ cache back. That needs visual tokens and LLM states that never change when later
   read the question after them, so they change with each question.
 
 Otherwise the stream rebuilds at every question from ``video[0, t]`` (the offline cut protocol), reusing only
-the per-frame encoder features. Frame eviction for unbounded streams is left to `timeloom_memory`.
+the per-frame encoder features. With the ``memory`` projector the stream keeps the neural memory's state
+across questions: frames are written once, as they leave the projector's window.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from timeloom_understanding.layouts import (
     TokenLayout,
     VisualTokens,
 )
+from timeloom_understanding.memory_projector import MemoryProjector, MemoryStreamState
 from timeloom_understanding.model import VideoLLM
 from timeloom_understanding.projectors import MLPProjector
 from timeloom_understanding.text import ASSISTANT_HEADER, END, USER_HEADER, encode_conversation
@@ -94,6 +96,7 @@ class OnlineStream:
         self.features: list[Tensor] = []  # per pushed chunk: encoder tokens (1, T, h·w, C_v)
         self.grid: tuple[int, int] | None = None
         self.frames = 0
+        self.memory: MemoryStreamState | None = None  # the memory projector's state (frames left its window)
         if self.reuse_cache:
             self.cache = new_cache(model.llm)
             self.layout: TokenLayout | None = None
@@ -189,7 +192,7 @@ class OnlineStream:
     # ---- the rebuild path: the offline protocol on video[0, t] -----------------------------------------------
     def _rebuild(self, question: str, visible: int, max_new_tokens: int) -> tuple[list[int], Tensor]:
         features = torch.cat(self.features, dim=1)[:, :visible]
-        media = self.model.projector(features, self.grid)
+        media = self._project(features)
         item = {
             "id": "stream",
             "video": "stream",
@@ -211,3 +214,16 @@ class OnlineStream:
         batch |= {"lengths": torch.tensor([len(encoded)]), "media_tokens": media}
         replies, logits = self.model.generate(batch, max_new_tokens, return_logits=True)
         return replies[0], logits[0]
+
+    def _project(self, features: Tensor) -> tuple[Tensor, VisualTokens]:
+        """The projector on the visible frames; the memory projector writes only frames not yet written."""
+        projector = self.model.projector
+        if not isinstance(projector, MemoryProjector):
+            return projector(features, self.grid)
+        past = max(features.shape[1] - projector.window_frames, 0)
+        if self.memory is not None and self.memory.written > past:  # asked about an earlier time: start over
+            stream = projector.write_past(features[:, :past], self.grid, None)
+        else:
+            written = 0 if self.memory is None else self.memory.written
+            stream = self.memory = projector.write_past(features[:, written:past], self.grid, self.memory)
+        return projector(features, self.grid, stream)
