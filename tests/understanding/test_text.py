@@ -1,8 +1,22 @@
 """Tokenizer and labels (spec §4): the bundled WordPiece, special tokens whole, labels hide everything but answers."""
 
 import pytest
+import torch
+from timeloom_understanding.data import TemporalQA, temporal_qa_vocabulary
+from timeloom_understanding.encoders import vit_options
+from timeloom_understanding.hf_backbone import LLMConfig
 from timeloom_understanding.layouts import ASSISTANT, USER
-from timeloom_understanding.text import IGNORE_INDEX, SPECIAL_TOKENS, TextTokenizer, encode_conversation
+from timeloom_understanding.model import VideoLLMConfig
+from timeloom_understanding.module import VideoLLMModule
+from timeloom_understanding.text import (
+    IGNORE_INDEX,
+    SPECIAL_TOKENS,
+    TextTokenizer,
+    encode_conversation,
+    resolve_tokenizer_path,
+)
+
+from timeloom.module import TimeloomModule
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +123,39 @@ def test_generation_prompt_ends_with_the_assistant_header(tokenizer):
 def test_bad_conversations_name_the_item(tokenizer, item, message):
     with pytest.raises(ValueError, match=message):
         encode_conversation(item, tokenizer, visual_tokens_per_media=16, max_length=48)
+
+
+def test_the_temporal_qa_vocabulary_is_the_one_trained_on_the_corpus():
+    shipped = resolve_tokenizer_path("temporal_qa")
+    assert shipped.read_text() == temporal_qa_vocabulary()  # the file is reproducible from the generator
+
+
+def test_the_temporal_qa_vocabulary_holds_every_word_of_held_out_questions_whole():
+    small = TextTokenizer("temporal_qa")
+    assert small.vocab_size - len(SPECIAL_TOKENS) < 200  # MiniLM: 30,522
+    dataset = TemporalQA("test", length=200, caption_share=0.5)
+    words = set()
+    for index in range(len(dataset)):
+        for item in dataset[index]:
+            for turn in item["conversations"]:
+                words.update(turn["value"].replace("<video>", "").lower().split())
+    pieces = {p for word in words for p in small._tokenizer.encode(word, add_special_tokens=False).tokens}
+    assert "[UNK]" not in pieces and not any(p.startswith("##") for p in pieces), sorted(pieces)
+    # text from elsewhere still encodes, letter by letter, and decodes back (uncased)
+    ids = small.encode("Zebra crossing! <video>")
+    assert small.decode(ids) == "zebra crossing! <video>" and small.id("[UNK]") not in ids
+
+
+def test_a_model_on_a_bundled_vocabulary_reloads_with_it(tmp_path):
+    torch.manual_seed(0)
+    config = VideoLLMConfig(
+        encoder=vit_options(), llm=LLMConfig(hidden_size=32, layers=1, heads=2), tokenizer_path="temporal_qa"
+    )
+    module = VideoLLMModule(config)
+    assert module.model.llm.get_input_embeddings().weight.shape[0] == module.model.tokenizer.vocab_size < 300
+    restored = TimeloomModule.from_pretrained(module.save_pretrained(tmp_path))
+    assert restored.model.tokenizer.path == module.model.tokenizer.path
+    batch = module.collate(TemporalQA("test", length=1)[0])
+    torch.testing.assert_close(restored.model.logits(batch), module.model.logits(batch), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="'temporal-qa' is neither a file nor a bundled vocabulary"):
+        resolve_tokenizer_path("temporal-qa")

@@ -32,6 +32,7 @@ from timeloom_understanding.text import (
     TextTokenizer,
     encode_conversation,
     media_of,
+    train_wordpiece,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "TemporalQADataModule",
     "derive_answer",
     "flatten_groups",
+    "temporal_qa_vocabulary",
     "write_llava_json",
 ]
 
@@ -418,6 +420,22 @@ def _caption(aspect: str, labels, answer: str) -> str:
     if aspect == "order":
         return f"The {answer} appears before the {_other(labels, answer)}."
     return f"The {subject} appears {answer}."
+
+
+def temporal_qa_vocabulary(groups: int = 1000) -> str:
+    """The bundled ``temporal_qa`` vocabulary (`text.BUNDLED_VOCABULARIES`): a WordPiece holding every word
+    `TemporalQA` writes (questions of each format, their replies and the captions) over ``groups`` training
+    groups, as ``tokenizer.json`` text. About 200 entries instead of MiniLM's 30,522 make the tiny LM's tied
+    embedding a few percent of its parameters instead of most of them. Regenerate the shipped file with
+    ``python -c "from timeloom_understanding.data import temporal_qa_vocabulary as v; print(v(), end='')" >
+    packages/understanding/src/timeloom_understanding/vocabularies/temporal_qa.json``.
+    """
+    texts = []
+    for task in ("qa", "caption"):
+        dataset = TemporalQA("train", length=groups, task=task)
+        for index in range(groups):
+            texts += [turn["value"] for item in dataset[index] for turn in item["conversations"]]
+    return train_wordpiece(texts)
 
 
 def flatten_groups(groups: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -13,6 +13,8 @@ included) and the assistant header; the answers and their ``<|end|>`` are superv
 from __future__ import annotations
 
 import importlib
+import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ __all__ = [
     "encode_conversation",
     "media_of",
     "minilm_tokenizer_path",
+    "resolve_tokenizer_path",
+    "train_wordpiece",
 ]
 
 IGNORE_INDEX = -100
@@ -38,6 +42,9 @@ MEDIA_PLACEHOLDERS = ("<video>", "<image>")
 USER_HEADER, ASSISTANT_HEADER, END = "<|user|>", "<|assistant|>", "<|end|>"
 TIME_TOKENS = tuple(f"<t{k}>" for k in range(100))  # LITA's relative time tokens
 SPECIAL_TOKENS = (*MEDIA_PLACEHOLDERS, USER_HEADER, ASSISTANT_HEADER, END, *TIME_TOKENS)
+# Vocabularies shipped in this package, by name (`tokenizer_path: temporal_qa` in a config): a name travels
+# with a checkpoint's config and resolves to the same file wherever the package is installed.
+BUNDLED_VOCABULARIES = {"temporal_qa": "vocabularies/temporal_qa.json"}
 
 
 def minilm_tokenizer_path() -> Path:
@@ -52,17 +59,54 @@ def minilm_tokenizer_path() -> Path:
     return Path(package.get_model_path()) / "tokenizer.json"
 
 
+def resolve_tokenizer_path(path: str | Path | None) -> Path:
+    """A ``tokenizer.json``: None is the MiniLM WordPiece, a `BUNDLED_VOCABULARIES` name its file here."""
+    if path is None:
+        return minilm_tokenizer_path()
+    if str(path) in BUNDLED_VOCABULARIES:
+        return Path(__file__).parent / BUNDLED_VOCABULARIES[str(path)]
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"tokenizer {str(path)!r} is neither a file nor a bundled vocabulary ({sorted(BUNDLED_VOCABULARIES)})"
+        )
+    return Path(path)
+
+
+def train_wordpiece(texts: Iterable[str]) -> str:
+    """An uncased WordPiece holding every word of ``texts`` whole, as ``tokenizer.json`` text.
+
+    The vocabulary is ``[PAD]``, ``[UNK]``, every printable ASCII character (alone and as a ``##``
+    continuation, so text outside the corpus still encodes letter by letter instead of becoming ``[UNK]``),
+    then the corpus's words, sorted: the same texts always give the same file (`tokenizers`' own
+    WordPiece trainer breaks frequency ties differently from run to run).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = {word for text in texts for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))}
+    alphabet = sorted(set(string.printable.lower()) - set(string.whitespace))
+    entries = ["[PAD]", "[UNK]", *alphabet, *(f"##{c}" for c in alphabet), *sorted(words - set(alphabet))]
+    tokenizer = Tokenizer(models.WordPiece({entry: k for k, entry in enumerate(entries)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = (
+        normalizer,
+        splitter,
+        decoders.WordPiece(),
+    )
+    return tokenizer.to_str(pretty=True)
+
+
 class TextTokenizer:
     """A `tokenizers` WordPiece with our special tokens, no truncation, no padding, no ``[CLS]/[SEP]``.
 
     Args:
-        path: a ``tokenizer.json``; defaults to the MiniLM vocabulary (`minilm_tokenizer_path`).
+        path: a ``tokenizer.json`` or a `BUNDLED_VOCABULARIES` name; defaults to the MiniLM vocabulary
+            (`minilm_tokenizer_path`).
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
         from tokenizers import AddedToken, Tokenizer
 
-        self.path = Path(path) if path is not None else minilm_tokenizer_path()
+        self.path = resolve_tokenizer_path(path)
         self._tokenizer = Tokenizer.from_file(str(self.path))
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
