@@ -13,19 +13,24 @@ def test_primitives_take_turns_after_warming_up():
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, torch.device("cpu")
     )
     assert calls == ["a", "b"] * 5  # two warm-up rounds, then three timed ones
-    assert [len(v) for v in times.values()] == [3, 3]
+    assert {clock: [len(v) for v in values.values()] for clock, values in times.items()} == {
+        "wall": [3, 3],
+        "cpu": [3, 3],
+    }
 
 
 def test_a_cell_times_both_paths_and_reports_the_ideal(random_model):
     model = random_model()
-    row = time_chunk(model, prefix=7, chunk=2, steps=20, grid=(8, 8), batch=1, rounds=1)
+    row = time_chunk(model, prefix=7, chunk=2, steps=20, grid=(8, 8), batch=2, rounds=1)
     assert round(row["ideal"], 2) == 4.29  # spec §7.5: P = 7, C = 2, S = 20
-    for statistic in ("best", "median"):
+    assert row["batch"] == 2
+    for statistic in ("best", "median", "best_cpu"):
         cell = row[statistic]
         assert cell["cached_chunk_s"] > 0 and cell["window_chunk_s"] > 0
         assert cell["speedup"] == cell["window_chunk_s"] / cell["cached_chunk_s"]
         assert cell["of_ideal"] == cell["speedup"] / row["ideal"]
         assert cell["cached_chunk_s"] == (20 * cell["read_ms"] + cell["write_ms"]) / 1e3
+        assert cell["cache_overhead"] == cell["read_ms"] / cell["chunk_only_ms"] - 1
     assert round(time_chunk(model, 25, 8, 100, (8, 8), 1, rounds=1)["ideal"], 2) == 4.08
 
 
@@ -35,9 +40,22 @@ def test_the_command_writes_json_and_markdown(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "GRID", [(3, 2, 2)])
     threads = torch.get_num_threads()
     try:
-        assert main(["--out", str(tmp_path), "--size", "8", "--rounds", "1", "--device", "cpu"]) == 0
+        argv = [
+            "--out",
+            str(tmp_path),
+            "--size",
+            "8",
+            "--rounds",
+            "1",
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "2",
+        ]
+        assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)  # the command pins one thread
     result = json.loads((tmp_path / "generation.json").read_text())
-    assert result["environment"]["threads"] == 1 and len(result["rows"]) == 1
-    assert "| 3 | 2 | 2 |" in (tmp_path / "generation.md").read_text()
+    assert result["environment"]["threads"] == 1 and [r["batch"] for r in result["rows"]] == [1, 2]
+    assert "| 2 | 3 | 2 | 2 |" in (tmp_path / "generation.md").read_text()

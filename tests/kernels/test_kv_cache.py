@@ -292,3 +292,55 @@ def test_stack_size_freeze_and_state():
     assert all(c.length == 2 for c in copy)
     stack.reset()
     assert all(c.length == 0 for c in stack) and stack[0].next_positions(1).tolist() == [[0]]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"store": "pre_rope"}, {"store": "pre_rope", "position_mode": "window"}, {"pinned": 2}],
+    ids=["post_rope", "pre_rope", "window", "pinned"],
+)
+def test_fetch_with_equals_fetch_then_the_new_entries_and_leaves_the_cache_alone(settings):
+    _, k, v = _qkv(20, seed=8)
+    cache = _cache(max_len=8 if settings.get("pinned") else 9, unit=3, **settings)
+    rotate = settings.get("store") == "pre_rope"
+
+    def expected(start: int, end: int) -> tuple:  # what `fetch` would return after appending the new entries
+        held = cache.fetch()
+        positions = torch.arange(start, end).expand(B, -1)
+        if settings.get("position_mode") == "window":
+            positions = torch.arange(cache.length, cache.length + end - start).expand(B, -1)
+        new_k = apply_rope(k[:, :, start:end], positions) if rotate else k[:, :, start:end]
+        return (
+            torch.cat((held.k, new_k), 2),
+            torch.cat((held.v, v[:, :, start:end]), 2),
+            torch.cat((held.positions, positions), 1),
+        )
+
+    for start in (0, 3, 6, 9, 12):  # the ring fills, then wraps (fetch gathers)
+        end = start + 3
+        before = cache.state_dict()
+        with cache.frozen():
+            for _ in range(2):  # the second call reuses the staged entries
+                view = cache.fetch_with(k[:, :, start:end], v[:, :, start:end], torch.arange(start, end))
+                for actual, wanted in zip(view, expected(start, end)):
+                    assert torch.equal(actual, wanted)
+                assert view.valid.all() and view.valid.shape == view.positions.shape
+        after = cache.state_dict()
+        assert all(torch.equal(before[name], after[name]) for name in ("k", "v", "positions", "valid"))
+        cache.append(k[:, :, start:end], v[:, :, start:end], torch.arange(start, end))
+    cache.reset()  # a change the staging must notice, as appends and load_state_dict
+    assert torch.equal(cache.fetch_with(k[:, :, :2], v[:, :, :2], torch.arange(2)).v, v[:, :, :2])
+
+
+def test_fetch_with_passes_gradients_to_the_new_entries():
+    _, k, v = _qkv(6, seed=9)
+    cache = _cache(6)
+    cache.append(k[:, :, :4], v[:, :, :4], torch.arange(4))
+    new_k, new_v = k[:, :, 4:].clone().requires_grad_(), v[:, :, 4:].clone().requires_grad_()
+    keys, values, _, _ = cache.fetch_with(new_k, new_v, torch.arange(4, 6))
+    (keys.sum() + 2 * values.sum()).backward()
+    assert torch.equal(new_k.grad, torch.ones_like(new_k)) and torch.equal(
+        new_v.grad, 2 * torch.ones_like(new_v)
+    )
+    with pytest.raises(ValueError, match="expected k of shape"):
+        cache.fetch_with(k[:1, :, 4:], v[:1, :, 4:], torch.arange(4, 6))

@@ -8,6 +8,13 @@ Storage is a preallocated ring buffer per layer: `k (B, Hkv, S_max, D)`, `v (B, 
 needs no particular slot order (masks and RoPE read positions) and eviction never moves data. `fetch()` still
 returns the entries oldest first, as views when they are contiguous in the buffer.
 
+`fetch_with(k, v, positions)` returns the held entries followed by new ones that are not stored: what a
+query chunk attends over when it reads the cache without writing it (a VDM's denoising steps read the same
+held entries with new keys at every step). It copies the held entries, oldest first, into a staging buffer
+once per change of the cache (a second copy of the held keys and values, allocated on first use and not
+counted in `nbytes`), and each call copies only the new entries behind them, where concatenating would copy
+everything at every call.
+
 Position modes:
 - `absolute`: keys keep their positions. Since RoPE and ALiBi scores depend only on `i - j`, keys may be cached
   after RoPE (`store="post_rope"`) or before it (`store="pre_rope"`, rotated at fetch).
@@ -109,6 +116,11 @@ class KVCache:
         self.length = 0  # entries held, pinned ones included
         self.ring_start = 0  # offset (within the ring region) of the oldest unpinned entry
         self._frozen = False
+        # Every change of the held entries bumps the version; `fetch_with` restages them only then. The
+        # buffers are written only by `append`, `reset` and `load_state_dict`.
+        self._version = 0
+        self._stage: CacheView | None = None  # raw entries, oldest first, then room for new ones
+        self._staged_version = -1
 
     # ---- shape bookkeeping ---------------------------------------------------------------------------------
     @property
@@ -140,7 +152,10 @@ class KVCache:
         return torch.cat((torch.arange(pinned_held, device=self.k.device), ring))
 
     # ---- writing -------------------------------------------------------------------------------------------
-    def _check_append(self, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+    def _check_entries(
+        self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Shapes and dtypes of new entries; returns their positions ``(B, L)`` int64 and valid mask."""
         batch, heads, _, dim = self.k.shape
         length = k.shape[2] if k.dim() == 4 else -1
         if k.dim() != 4 or k.shape[:2] != (batch, heads) or k.shape[3] != dim:
@@ -159,7 +174,20 @@ class KVCache:
             raise ValueError(
                 f"expected positions of shape ({length},) or ({batch}, {length}), got {tuple(positions.shape)}"
             )
+        if valid is None:
+            valid = torch.ones_like(positions, dtype=torch.bool)
+        elif valid.shape != positions.shape or valid.dtype != torch.bool:
+            raise ValueError(
+                f"expected a bool valid mask of shape {tuple(positions.shape)}, got {tuple(valid.shape)}"
+            )
         positions = positions.to(device=self.positions.device, dtype=torch.int64)
+        return positions, valid.to(self.valid.device)
+
+    def _check_append(
+        self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        positions, valid = self._check_entries(k, v, positions, valid)
+        length = k.shape[2]
         increasing = (positions[:, 1:] > positions[:, :-1]).all()
         if self.length and length:
             newest = self.positions[:, self._newest_slot()]
@@ -168,7 +196,7 @@ class KVCache:
             raise ValueError(
                 "positions must strictly increase per sample, within the new tokens and after the cache"
             )
-        return positions
+        return positions, valid
 
     def _newest_slot(self) -> int:
         if self.length <= self.pinned:
@@ -207,14 +235,8 @@ class KVCache:
         """
         if self._frozen:
             raise RuntimeError("append on a frozen KVCache: leave the `frozen()` block first")
-        positions = self._check_append(k, v, positions)
+        positions, valid = self._check_append(k, v, positions, valid)
         length = k.shape[2]
-        if valid is None:
-            valid = torch.ones_like(positions, dtype=torch.bool)
-        elif valid.shape != positions.shape or valid.dtype != torch.bool:
-            raise ValueError(
-                f"expected a bool valid mask of shape {tuple(positions.shape)}, got {tuple(valid.shape)}"
-            )
         to_pinned = max(0, min(length, self.pinned - self.length))
         evicted = self._evict_for(length - to_pinned)
         ring_held = self.length - min(self.length, self.pinned)
@@ -228,14 +250,16 @@ class KVCache:
         self.k[:, :, slots] = k.detach()
         self.v[:, :, slots] = v.detach()
         self.positions[:, slots] = positions
-        self.valid[:, slots] = valid.to(self.valid.device)
+        self.valid[:, slots] = valid
         self.length += length
+        self._version += 1
         return evicted
 
     def reset(self) -> None:
         """Forget every entry (buffers stay allocated)."""
         self.valid.zero_()
         self.length = self.ring_start = 0
+        self._version += 1
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[KVCache]:
@@ -255,18 +279,79 @@ class KVCache:
         The tensors may be views of the cache's buffers (no copy while the ring has not wrapped): use them
         before the next `append`, or clone them, since an append can overwrite those slots in place.
         """
+        return self._present(self._held())
+
+    def fetch_with(self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor | None = None) -> CacheView:
+        """The held entries, oldest first, followed by `k (B, Hkv, L, D)`, `v (B, Hkv, L, Dv)`, not stored.
+
+        Equals `fetch()` concatenated with the new entries, given as `append` takes them (`positions (L,)` or
+        `(B, L)`, `valid (B, L)`; `pre_rope` keys unrotated). `window` mode numbers the result `0..S+L-1`.
+        Nothing is evicted and the cache is unchanged, so it works inside `frozen()`. Without autograd the
+        result views a staging buffer that the next `fetch_with` overwrites: use it before then (an `append`
+        does not touch it). With a gradient to the new entries, it concatenates instead.
+        """
+        positions, valid = self._check_entries(k, v, positions, valid)
+        held, total = self.length, self.length + k.shape[2]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            entries = zip(self._held(), (k, v, positions, valid), (2, 2, 1, 1))
+            return self._present(CacheView(*(torch.cat((old, new), dim) for old, new, dim in entries)))
+        stage = self._staging(total)
+        stage.k[:, :, held:total] = k
+        stage.v[:, :, held:total] = v
+        stage.positions[:, held:total] = positions
+        stage.valid[:, held:total] = valid
+        return self._present(
+            CacheView(
+                stage.k[:, :, :total],
+                stage.v[:, :, :total],
+                stage.positions[:, :total],
+                stage.valid[:, :total],
+            )
+        )
+
+    def _held(self) -> CacheView:
+        """The held entries as stored (no re-basing, no rotation), oldest first."""
         slots = self._ordered_slots()
         if isinstance(slots, slice):
-            k, v = self.k[:, :, slots], self.v[:, :, slots]
-            positions, valid = self.positions[:, slots], self.valid[:, slots]
-        else:
-            k, v = self.k.index_select(2, slots), self.v.index_select(2, slots)
-            positions, valid = self.positions.index_select(1, slots), self.valid.index_select(1, slots)
+            return CacheView(
+                self.k[:, :, slots], self.v[:, :, slots], self.positions[:, slots], self.valid[:, slots]
+            )
+        return CacheView(
+            self.k.index_select(2, slots),
+            self.v.index_select(2, slots),
+            self.positions.index_select(1, slots),
+            self.valid.index_select(1, slots),
+        )
+
+    def _present(self, view: CacheView) -> CacheView:
+        """Stored entries as attention reads them: `window` mode re-bases positions, `pre_rope` rotates keys."""
+        k, v, positions, valid = view
         if self.position_mode == "window":
-            positions = torch.arange(self.length, device=positions.device).expand_as(positions)
+            positions = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
         if self.store == "pre_rope":
             k = self.rotate(k, positions)
         return CacheView(k, v, positions, valid)
+
+    def _staging(self, total: int) -> CacheView:
+        """Buffers with room for ``total`` entries whose first `length` hold the entries of this version."""
+        stage = self._stage
+        if stage is None or stage.k.shape[2] < total:
+            batch, heads, _, dim = self.k.shape
+            stage = CacheView(
+                self.k.new_empty(batch, heads, total, dim),
+                self.v.new_empty(batch, heads, total, self.v.shape[3]),
+                self.positions.new_empty(batch, total),
+                self.valid.new_empty(batch, total),
+            )
+            self._stage, self._staged_version = stage, -1
+        if self._staged_version != self._version:
+            held = self._held()
+            stage.k[:, :, : self.length] = held.k
+            stage.v[:, :, : self.length] = held.v
+            stage.positions[:, : self.length] = held.positions
+            stage.valid[:, : self.length] = held.valid
+            self._staged_version = self._version
+        return stage
 
     def next_positions(self, count: int) -> Tensor:
         """Positions `(B, count)` for `count` new tokens right after the cache, in this cache's position mode.
@@ -305,6 +390,7 @@ class KVCache:
                 )
             current.copy_(given)
         self.length, self.ring_start = int(state["length"]), int(state["ring_start"])
+        self._version += 1
 
 
 class KVCacheStack:

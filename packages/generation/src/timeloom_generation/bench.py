@@ -6,14 +6,17 @@ A steady-state chunk (the cache already full with ``P`` frames) costs, for ``S``
 - windowed recompute (OS-Fix): ``S`` forwards of the last ``P`` clean frames plus the ``C`` chunk frames.
 
 With per-frame work ``a`` and attention ``b`` per query–key pair the ideal speedup is
-``S(P + C) / ((S + 1)C)`` whatever ``a`` and ``b``. Each cell times the primitives on the same model and
-inputs, **interleaved** (read, write, window, chunk-only, then again, for ``--rounds`` rounds), so load on a
-shared machine hits all of them alike; the speedup is computed from each primitive's best call (best of N,
-the least disturbed) and, as a check, from the medians. The chunk-only forward (the same C frames with no
-cache) is the floor of a cached read: ``read / chunk-only - 1`` is what the cache itself costs. CPU runs use
-one thread unless ``--threads`` says otherwise. Text encoding and decoding are excluded. Output:
-``generation.json`` and ``generation.md`` under ``--out``. Mind the machine's load (recorded): compare only
-runs on the same device.
+``S(P + C) / ((S + 1)C)`` whatever ``a`` and ``b``. The cache is in a rollout's steady state: filled with
+``P`` frames, then ``C`` more that evicted the oldest, so its ring has wrapped. The primitives (read, write,
+window, chunk-only) of every cell and batch size are timed **interleaved**, one call each per round for
+``--rounds`` rounds, so load on a shared machine hits all of them alike. The speedup is computed from each
+primitive's best call (best of N, the least disturbed), and as checks from the medians and from the best
+thread CPU time (on CPU, what the call computed, whatever else ran). The chunk-only forward (the same C frames
+with no cache) is the floor of a cached read: ``read / chunk-only - 1`` is what the cache itself costs, and
+``S·window / ((S + 1)·chunk-only)`` over the ideal is the most a free cache could reach (a forward's fixed
+costs do not shrink with its frames). CPU runs use one thread unless ``--threads`` says otherwise. Text
+encoding and decoding are excluded. Output: ``generation.json`` and ``generation.md`` under ``--out``. Mind
+the machine's load (recorded): compare only runs on the same device.
 """
 
 from __future__ import annotations
@@ -32,27 +35,104 @@ from tqdm.auto import tqdm
 
 from timeloom_generation.model import CausalSTDiT, CausalSTDiTConfig
 
-__all__ = ["interleaved_times", "main", "time_chunk"]
+__all__ = ["chunk_primitives", "chunk_row", "interleaved_times", "main", "time_chunk"]
 
 TINY = CausalSTDiTConfig(in_channels=1, patch=4, width=96, depth=4, heads=4, text_tokens=16)
 # (P, C, S): the tiny config's steady state, and the issue's P = 24, C = 8 at two step counts.
 GRID = [(7, 2, 20), (24, 8, 20), (24, 8, 50)]
+PRIMITIVES = ("read", "write", "window", "chunk_only")
 
 
 def interleaved_times(
     primitives: dict[str, Callable[[], None]], rounds: int, device
-) -> dict[str, list[float]]:
-    """Seconds of every call, ``rounds`` calls each, the primitives taking turns (after two warm-up rounds)."""
-    times: dict[str, list[float]] = {name: [] for name in primitives}
-    for index in range(rounds + 2):
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds of every call, ``rounds`` calls each, the primitives taking turns (after two warm-up rounds):
+    ``{"wall": {name: [...]}, "cpu": {name: [...]}}``, the CPU time being this thread's (CPU devices only)."""
+    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
+    for clock in times.values():
+        clock.update({name: [] for name in primitives})
+    for index in tqdm(range(rounds + 2), desc="rounds", leave=False):
         for name, primitive in primitives.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.thread_time()
             primitive()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if index >= 2:
-                times[name].append(time.perf_counter() - start)
+                times["wall"][name].append(time.perf_counter() - wall)
+                times["cpu"][name].append(time.thread_time() - cpu)
+    if device.type != "cpu":
+        times.pop("cpu")
     return times
+
+
+def chunk_primitives(
+    model: CausalSTDiT, prefix: int, chunk: int, grid: tuple[int, int], batch: int
+) -> dict[str, Callable[[], None]]:
+    """The four timed calls of a steady-state chunk (inference mode is entered by each call)."""
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(batch, config.in_channels, prefix + 2 * chunk, *grid, generator=generator)
+    frames = frames.to(device, dtype)
+    text = torch.randn(batch, config.text_tokens, config.width, generator=generator).to(device, dtype)
+    clean = torch.zeros(batch, prefix, device=device, dtype=dtype)
+    noisy = torch.full((batch, chunk), 0.5, device=device, dtype=dtype)
+    cache = model.new_cache(batch, grid, prefix, device, dtype)
+    chunk_frames = frames[:, :, prefix + chunk :]
+    chunk_positions = torch.arange(prefix + chunk, prefix + 2 * chunk, device=device)
+    window_frames = frames[:, :, chunk:]  # the P frames the cache holds, then the chunk
+    window_levels = torch.cat((clean, noisy), dim=1)
+    with torch.inference_mode():
+        model(frames[:, :, :prefix], clean, text, cache=cache, write=True)
+        written = torch.arange(prefix, prefix + chunk, device=device)  # evicts C frames: the ring wraps
+        model(frames[:, :, prefix : prefix + chunk], noisy * 0, text, written, cache=cache, write=True)
+        state = cache.state_dict()
+
+    @torch.inference_mode()
+    def read() -> None:
+        with cache.frozen():
+            model(chunk_frames, noisy, text, positions=chunk_positions, cache=cache)
+
+    @torch.inference_mode()
+    def write() -> None:  # appends C frames and evicts C: restore the full cache for the next call
+        model(chunk_frames, noisy * 0, text, positions=chunk_positions, cache=cache, write=True)
+        cache.load_state_dict(state)
+
+    @torch.inference_mode()
+    def window() -> None:
+        model(window_frames, window_levels, text)
+
+    @torch.inference_mode()
+    def chunk_only() -> None:
+        model(chunk_frames, noisy, text, positions=chunk_positions)
+
+    return {"read": read, "write": write, "window": window, "chunk_only": chunk_only}
+
+
+def chunk_row(
+    times: dict[str, dict[str, list[float]]], prefix: int, chunk: int, steps: int, batch: int
+) -> dict:
+    """Speedups of one ``(P, C, S)`` cell from its primitives' times (see `interleaved_times`)."""
+    ideal = steps * (prefix + chunk) / ((steps + 1) * chunk)
+    rounds = len(times["wall"]["read"])
+    row = {"prefix": prefix, "chunk": chunk, "steps": steps, "batch": batch, "rounds": rounds, "ideal": ideal}
+    statistics_ = [("best", "wall", min), ("median", "wall", statistics.median)]
+    if "cpu" in times:
+        statistics_.append(("best_cpu", "cpu", min))
+    for statistic, clock, reduce in statistics_:
+        ms = {name: reduce(times[clock][name]) * 1e3 for name in PRIMITIVES}
+        cached_s, window_s = (steps * ms["read"] + ms["write"]) / 1e3, steps * ms["window"] / 1e3
+        row[statistic] = {
+            **{f"{name}_ms": value for name, value in ms.items()},
+            "cached_chunk_s": cached_s,
+            "window_chunk_s": window_s,
+            "speedup": window_s / cached_s,
+            "of_ideal": window_s / cached_s / ideal,
+            "cache_overhead": ms["read"] / ms["chunk_only"] - 1,
+            "free_cache_of_ideal": window_s / ((steps + 1) * ms["chunk_only"] / 1e3) / ideal,
+        }
+    return row
 
 
 def time_chunk(
@@ -65,53 +145,9 @@ def time_chunk(
     rounds: int = 15,
 ) -> dict:
     """Seconds per steady-state chunk, cached and windowed, for one ``(P, C, S)`` cell."""
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    config = model.config
-    generator = torch.Generator().manual_seed(0)
-    frames = torch.randn(batch, config.in_channels, prefix + chunk, *grid, generator=generator).to(
-        device, dtype
-    )
-    text = torch.randn(batch, config.text_tokens, config.width, generator=generator).to(device, dtype)
-    levels = torch.cat((torch.zeros(batch, prefix), torch.full((batch, chunk), 0.5)), dim=1).to(device, dtype)
-    cache = model.new_cache(batch, grid, prefix, device, dtype)
-    with torch.inference_mode():
-        model(frames[:, :, :prefix], levels[:, :prefix], text, cache=cache, write=True)
-        state = cache.state_dict()
-        chunk_frames, chunk_levels = frames[:, :, prefix:], levels[:, prefix:]
-        chunk_positions = torch.arange(prefix, prefix + chunk, device=device)
-
-        def read() -> None:
-            with cache.frozen():
-                model(chunk_frames, chunk_levels, text, positions=chunk_positions, cache=cache)
-
-        def write() -> None:  # appends C frames and evicts C: restore the full cache for the next call
-            model(chunk_frames, chunk_levels * 0, text, positions=chunk_positions, cache=cache, write=True)
-            cache.load_state_dict(state)
-
-        def window() -> None:
-            model(frames, levels, text)
-
-        def chunk_only() -> None:
-            model(chunk_frames, chunk_levels, text, positions=chunk_positions)
-
-        times = interleaved_times(
-            {"read": read, "write": write, "window": window, "chunk_only": chunk_only}, rounds, device
-        )
-    ideal = steps * (prefix + chunk) / ((steps + 1) * chunk)
-    row = {"prefix": prefix, "chunk": chunk, "steps": steps, "rounds": rounds, "ideal": ideal}
-    for statistic, reduce in (("best", min), ("median", statistics.median)):
-        ms = {name: reduce(values) * 1e3 for name, values in times.items()}
-        cached_s, window_s = (steps * ms["read"] + ms["write"]) / 1e3, steps * ms["window"] / 1e3
-        row[statistic] = {
-            **{f"{name}_ms": value for name, value in ms.items()},
-            "cached_chunk_s": cached_s,
-            "window_chunk_s": window_s,
-            "speedup": window_s / cached_s,
-            "of_ideal": window_s / cached_s / ideal,
-            "cache_overhead": ms["read"] / ms["chunk_only"] - 1,
-        }
-    return row
+    primitives = chunk_primitives(model, prefix, chunk, grid, batch)
+    device = next(model.parameters()).device
+    return chunk_row(interleaved_times(primitives, rounds, device), prefix, chunk, steps, batch)
 
 
 def main(argv: list[str]) -> int:
@@ -119,7 +155,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8], help="batch sizes, timed together")
     parser.add_argument("--size", type=int, default=32, help="latent grid side (pixels with the tiny config)")
     parser.add_argument("--rounds", type=int, default=15, help="timed calls per primitive, interleaved")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (one: least disturbed by load)")
@@ -129,33 +165,58 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = CausalSTDiT(TINY).to(device, dtype).eval()
-    rows = [
-        time_chunk(model, p, c, s, (args.size, args.size), args.batch, args.rounds)
-        for p, c, s in tqdm(GRID, desc="cells")
-    ]
-    environment = {**describe_environment(device, dtype, "tiny"), "load_average": os.getloadavg()}
+    grid = (args.size, args.size)
+    shapes = sorted({(p, c) for p, c, _ in GRID})
+    # every primitive of every (P, C, batch) takes its turn in each round: one load for all rows
+    primitives = {
+        (p, c, batch, name): call
+        for batch in args.batch
+        for p, c in shapes
+        for name, call in chunk_primitives(model, p, c, grid, batch).items()
+    }
+    load_before = os.getloadavg()
+    times = interleaved_times(primitives, args.rounds, device)
+    rows = []
+    for batch in args.batch:
+        for p, c, s in GRID:
+            cell = {
+                clock: {n: values[(p, c, batch, n)] for n in PRIMITIVES} for clock, values in times.items()
+            }
+            rows.append(chunk_row(cell, p, c, s, batch))
+    environment = {
+        **describe_environment(device, dtype, "tiny"),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generation.json").write_text(
         json.dumps({"environment": environment, "rows": rows}, indent=2)
     )
     lines = [
-        f"Steady-state chunk, tiny CausalSTDiT, batch {args.batch}, {args.size}² grid, {environment['device_name']}, "
-        f"{environment['threads']} threads, load {environment['load_average'][0]:.1f}; best of {args.rounds} "
-        "interleaved calls per primitive (median in brackets)",
+        f"Steady-state chunk (cache full, ring wrapped), tiny CausalSTDiT, {args.size}² grid, "
+        f"{environment['device_name']}, {environment['threads']} threads, load "
+        f"{load_before[0]:.1f} → {environment['load_average_after'][0]:.1f}; {args.rounds} rounds, every "
+        "primitive of every row interleaved; times are the best call's wall time",
         "",
-        "| P | C | S | read ms | write ms | window ms | cached s/chunk | windowed s/chunk | speedup | ideal "
-        "| of ideal | cache overhead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | P | C | S | read ms | write ms | chunk-only ms | window ms | speedup | ideal "
+        "| of ideal | median | CPU time | free-cache ceiling | cache overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        best, median = r["best"], r["median"]
+        best, median, cpu = r["best"], r["median"], r.get("best_cpu")
         lines.append(
-            f"| {r['prefix']} | {r['chunk']} | {r['steps']} | {best['read_ms']:.1f} | {best['write_ms']:.1f} "
-            f"| {best['window_ms']:.1f} | {best['cached_chunk_s']:.3f} | {best['window_chunk_s']:.3f} "
-            f"| {best['speedup']:.2f} ({median['speedup']:.2f}) | {r['ideal']:.2f} "
-            f"| **{best['of_ideal']:.2f}** ({median['of_ideal']:.2f}) "
-            f"| {best['cache_overhead']:+.0%} ({median['cache_overhead']:+.0%}) |"
+            f"| {r['batch']} | {r['prefix']} | {r['chunk']} | {r['steps']} | {best['read_ms']:.1f} "
+            f"| {best['write_ms']:.1f} | {best['chunk_only_ms']:.1f} | {best['window_ms']:.1f} "
+            f"| {best['speedup']:.2f} | {r['ideal']:.2f} | **{best['of_ideal']:.2f}** | {median['of_ideal']:.2f} "
+            f"| {'-' if cpu is None else format(cpu['of_ideal'], '.2f')} | {best['free_cache_of_ideal']:.2f} "
+            f"| {best['cache_overhead']:+.0%} |"
         )
+    lines += [
+        "",
+        "*of ideal*: measured speedup / ideal from each primitive's best wall time; *median*: the same from "
+        "median wall times; *CPU time*: from the best thread CPU time; *free-cache ceiling*: what a cache costing "
+        "nothing (read = chunk-only) would reach; *cache overhead*: read / chunk-only − 1.",
+    ]
     (args.out / "generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

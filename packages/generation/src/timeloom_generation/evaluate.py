@@ -4,7 +4,7 @@
         [--length-factor 4] [--broadway] [--broadway-with "beta0=10,active_fraction=0.4" ...] [--tar]
         [--vstar "the digit 3 moves left; the digit 3 moves up"]
         [--study all|prompts|two-part] [--from-real-frame] [--features judge|pixels] [--steps S]
-        [--guidance W] [--seed 0] [--out DIR]
+        [--guidance W] [--seed 0] [--prompt-seed 4242] [--out DIR]
 
 The prompts are the captions of ``--count`` MovingDigits test clips (one digit, the judge's directions) and
 every rollout is ``--length-factor`` times the VDM's training length. Each setting (the plain sampler, then
@@ -63,6 +63,7 @@ __all__ = ["Setting", "check_sizes", "main", "rollouts", "score"]
 
 DEFAULT_JUDGE = Path("runs/judge")
 # Real clips come from this seed of the test split: the VDM's configs train on seed 0, the judge on 90210/1.
+# Another `--prompt-seed` gives a disjoint prompt set (e.g. to choose plug-in settings on one, report on this).
 REAL_SEED = 4242
 
 
@@ -267,7 +268,8 @@ def markdown(report: dict) -> str:
         "",
         f"Checkpoint `{report['checkpoint']}`, judge `{report['judge']}` (held-out: {json.dumps(held_out)}).",
         f"{report['count']} rollouts per setting of {report['latent_frames']} latent frames "
-        f"({report['length_factor']}x the training length), seed {report['seed']}, sampler {report['sampler']}.",
+        f"({report['length_factor']}x the training length), noise seed {report['seed']}, prompts from test clips "
+        f"of seed {report['prompt_seed']}, sampler {report['sampler']}.",
     ]
     if "settings" in report:
         lines += prompted_markdown(report)
@@ -385,7 +387,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", choices=("judge", "pixels"), default="judge", help="Fréchet features")
     parser.add_argument("--steps", type=int, help="Euler steps per chunk (default: the model's)")
     parser.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument(
+        "--prompt-seed", type=int, default=REAL_SEED, help="seed of the real test clips whose captions prompt"
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluate-generation"))
     parser.add_argument("--wandb", action="store_true", help="log the results to W&B (offline without a key)")
     return parser
@@ -413,7 +418,7 @@ def prompted_study(
         directions=list(judge.config.directions),
         speed=judge.config.speed,
         length=args.count,
-        seed=REAL_SEED,
+        seed=args.prompt_seed,
         split="test",
         channels=judge.config.channels,
     )
@@ -501,6 +506,7 @@ def main(argv: list[str]) -> int:
         "length_factor": args.length_factor,
         "latent_frames": latent_frames,
         "seed": args.seed,
+        "prompt_seed": args.prompt_seed,
         "sampler": sampler,
         "features": extractor.name,
     }

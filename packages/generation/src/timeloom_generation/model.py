@@ -4,7 +4,7 @@ Latents ``(B, C, F, H, W)`` become ``n_s = (H/p)·(W/p)`` tokens per frame. Ever
 
     spatial attention   within one frame            (B·F, heads, n_s, d)   adaLN-modulated, gated
     temporal attention  causal over frames          (B·n_s, heads, F, d)   RMS qk-norm, 1-D RoPE on frame index
-    cross-attention     frame tokens -> text tokens (B·F, heads, n_s, L)
+    cross-attention     frame tokens -> text tokens (B, heads, F·n_s, L), or (B·F, heads, n_s, L) per frame
     MLP                 per token                                          adaLN-modulated, gated
 
 Unlike STDiT, the temporal and cross-attention inputs are layer-normalised (without affine terms): the
@@ -16,9 +16,10 @@ plus a learned table per block), so clean prompt frames (``tau = 0``) and noisy 
 Causality: only the temporal attention mixes frames, and it is causal, so the output at frame ``t`` depends
 only on the inputs (values, tau, text, positions) of frames ``<= t``. The KV cache rests on this: a clean
 frame's temporal keys and values, once written, are the same at every later step. With ``cache`` given, the
-temporal layers attend over ``[cached frames; these frames]`` and, when ``write`` is set, append these frames'
-keys and values (after qk-norm; keys rotated by their absolute frame index, which never changes, so the cache
-needs no re-rotation and no re-basing).
+temporal layers attend over ``[cached frames; these frames]`` (`KVCache.fetch_with`, which copies only these
+frames' keys at each denoising step) and, when ``write`` is set, append these frames' keys and values (after
+qk-norm; keys rotated by their absolute frame index, which never changes, so the cache needs no re-rotation
+and no re-basing). What is the same for every block (RoPE angles, text rows) is computed once per forward.
 
 Every attention goes through a named `timeloom_kernels.Attend` (``blocks.{i}.spatial.attend``,
 ``blocks.{i}.temporal.attend``, ``blocks.{i}.cross.attend``), so sampling-time processors can hook them.
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from timeloom_kernels import Attend, KVCache, KVCacheStack, Mask, masks, name_attention_layers
-from timeloom_kernels.positions import apply_rope
+from timeloom_kernels.positions import apply_rotary, rope_angles
 from torch import Tensor, nn
 
 __all__ = ["CausalSTDiT", "CausalSTDiTConfig"]
@@ -134,26 +135,35 @@ class TemporalAttention(nn.Module):
         self.attend = Attend()
 
     def forward(
-        self, x: Tensor, positions: Tensor, mask: Mask, cache: KVCache | None = None, write: bool = False
+        self,
+        x: Tensor,
+        positions: Tensor,
+        angles: Tensor,
+        mask: Mask,
+        cache: KVCache | None = None,
+        write: bool = False,
     ) -> Tensor:
-        """``x (B·n_s, F, d)``; ``positions (F,)`` absolute frame indices; ``mask`` over frame indices."""
+        """``x (B·n_s, F, d)``; ``positions (F,)`` absolute frame indices and their RoPE ``angles``;
+        ``mask`` over frame indices."""
         q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        keys, values, key_positions = apply_rope(k, positions), v, positions
+        q, k = apply_rotary(self.q_norm(q), angles), apply_rotary(self.k_norm(k), angles)
+        keys, values, key_positions = k, v, positions
         if cache is not None:
-            held = cache.fetch()  # may view the buffers: concatenate before appending evicts slots
-            new_keys = keys
-            keys, values = torch.cat((held.k, keys), dim=2), torch.cat((held.v, values), dim=2)
-            key_positions = torch.cat((held.positions[0], positions))
+            # a staging buffer, not the cache's slots: the append below cannot overwrite what we attend to
+            keys, values, key_positions, _ = cache.fetch_with(k, v, positions)
+            key_positions = key_positions[0]
             if write:  # rotated by absolute frame index once: no denoising step re-rotates the cache
-                cache.append(new_keys, v, positions)
-        q = apply_rope(q, positions)
+                cache.append(k, v, positions)
         out = self.attend(q, keys, values, mask, q_pos=positions, kv_pos=key_positions)
         return self.out(out.transpose(1, 2).flatten(2))
 
 
 class CrossAttention(nn.Module):
-    """Each frame's tokens attend to that frame's text context."""
+    """Each frame's tokens attend to that frame's text context.
+
+    A context shared by all frames is projected once per video, and the video's ``F·n_s`` tokens query it as
+    one sequence (the same result as per frame, without F copies of the text's keys and values).
+    """
 
     def __init__(self, config: CausalSTDiTConfig) -> None:
         super().__init__()
@@ -165,10 +175,13 @@ class CrossAttention(nn.Module):
         self.attend = Attend()
 
     def forward(self, x: Tensor, text: Tensor) -> Tensor:
-        """``x (B·F, n_s, d)``, ``text (B·F, L, d)``."""
-        q = self.q(self.norm(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        k, v = self.kv(text).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        return self.out(self.attend(q, k, v).transpose(1, 2).flatten(2))
+        """``x (B, F, n_s, d)``; ``text (B, L, d)`` shared by the frames or ``(B, F, L, d)`` per frame."""
+        queries = x.flatten(1, 2) if text.dim() == 3 else x.flatten(0, 1)
+        q = self.q(self.norm(queries)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        k, v = (
+            self.kv(text.flatten(0, text.dim() - 3)).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        )
+        return self.out(self.attend(q, k, v).transpose(1, 2).flatten(2)).view_as(x)
 
 
 class MLP(nn.Module):
@@ -202,19 +215,20 @@ class Block(nn.Module):
         time: Tensor,
         text: Tensor,
         positions: Tensor,
+        angles: Tensor,
         mask: Mask,
         cache: KVCache | None = None,
         write: bool = False,
     ) -> Tensor:
-        """``x (B, F, n_s, d)``; ``time (B, F, 6, d)``; ``text (B·F, L, d)``."""
+        """``x (B, F, n_s, d)``; ``time (B, F, 6, d)``; ``text (B, L, d)`` or ``(B, F, L, d)``."""
         batch, frames, tokens, width = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = (time + self.modulation).unsqueeze(3).unbind(2)
         spatial = self.spatial(modulate(self.norm1(x), shift1, scale1).flatten(0, 1))
         x = x + gate1 * spatial.view_as(x)
         # temporal layout: one sequence of frames per spatial location
-        temporal = self.temporal(x.transpose(1, 2).flatten(0, 1), positions, mask, cache, write)
+        temporal = self.temporal(x.transpose(1, 2).flatten(0, 1), positions, angles, mask, cache, write)
         x = x + gate1 * temporal.view(batch, tokens, frames, width).transpose(1, 2)
-        x = x + self.cross(x.flatten(0, 1), text).view_as(x)
+        x = x + self.cross(x, text)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -301,12 +315,13 @@ class CausalSTDiT(nn.Module):
         tokens = tokens + sincos_2d(h, w, d).to(tokens)
         time = self.time_embed(timestep_embedding(tau, d).to(tokens))  # (B, F, d)
         block_time = self.time_modulation(time).unflatten(-1, (6, d))
-        if text.dim() == 3:
-            text = text.unsqueeze(1).expand(-1, frames, -1, -1)
-        text = text.reshape(batch * frames, *text.shape[2:])
+        # what `apply_rope` would compute in every block: the angles in the rotation's dtype
+        angles = rope_angles(
+            positions.to(torch.promote_types(tokens.dtype, torch.float32)), d // self.config.heads // 2
+        )
         for index, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[index]
-            tokens = block(tokens, block_time, text, positions, mask, layer_cache, write)
+            tokens = block(tokens, block_time, text, positions, angles, mask, layer_cache, write)
         shift, scale = (time.unsqueeze(2) + self.final_modulation).unsqueeze(3).unbind(2)
         out = self.final(modulate(self.final_norm(tokens), shift, scale))
         out = out.view(batch, frames, h, w, channels, p, p).permute(0, 4, 1, 2, 5, 3, 6)
