@@ -4,8 +4,9 @@ throughput side by side with titans-pytorch.
 Part 1, the update: for every cell (update kernel × heads × chunk size b × length L) it times the
 `NeuralMemory` layer forward (no grad) and forward+backward, reports tokens/s and the speed-up of each chunk
 kernel over `sequential` (the definition), plus the state's bytes per sample (constant in L, so per token it
-falls as 1/L) and the per-token weights `scan` materialises per chunk. Timing reuses the kernels suite
-(warm-up, then the inter-quartile mean).
+falls as 1/L) and the per-token weights `scan` materialises per chunk. The kernels of a cell are timed in
+turns (one call of each per round, after a warm-up round), so a shared machine's load hits them alike; the
+inter-quartile mean of the wall times, and of this thread's CPU times beside them.
 
 Part 2, training: tokens/s of one AdamW step of our `TitansLM` (MAC), of titans-pytorch's
 `MemoryAsContextTransformer` at the closest equal configuration (`TITANS_PYTORCH_MAPPING`) and of a plain
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timeloom_kernels.bench import describe_environment, measure
+from timeloom_kernels.bench import describe_environment, iqr_mean
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -51,11 +52,9 @@ class MemoryPreset:
     chunk_sizes: tuple[int, ...]
     sequential_max_length: int  # the token loop is slow: longer cells skip it
     scan_max_length: int  # under autograd `scan` keeps every token's weights (O(L·|W|) memory)
-    warmup_s: float = 0.05
-    budget_s: float = 0.5
-    min_runs: int = 3
+    budget_s: float = 0.5  # per kernel and cell: rounds go on until min_runs and this budget are both spent
+    min_runs: int = 5
     max_runs: int = 10
-    max_call_s: float = 5.0
     # Part 2, training side by side.
     train_batch: int = 16
     train_length: int = 256
@@ -95,34 +94,63 @@ PRESETS = {
 UPDATES = ("sequential", "scan", "dual")
 
 
-def run_cell(preset: MemoryPreset, update: str, heads: int, head_dim: int, b: int, length: int) -> dict:
-    torch.manual_seed(0)
-    dim = heads * head_dim
-    config = NeuralMemoryConfig(dim=dim, heads=heads, head_dim=head_dim, depth=2, expansion=4, chunk_size=b,
-                                update=update)  # fmt: skip
-    memory = NeuralMemory(config)
-    x = torch.randn(preset.batch, length, dim)
+def interleaved_ms(calls: dict[str, Callable[[], None]], preset: MemoryPreset) -> dict[str, dict[str, float]]:
+    """Inter-quartile mean ms of each call, wall and this thread's CPU time, the calls taking turns (one
+    call of each per round, after a first call and a warm-up round), so a shared machine's load hits all alike."""
+    for call in calls.values():
+        call()
+        call()
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    deadline = time.perf_counter() + preset.budget_s * len(calls)
+    rounds = 0
+    while rounds < preset.max_runs and (rounds < preset.min_runs or time.perf_counter() < deadline):
+        for name, call in calls.items():
+            start_wall, start_cpu = time.perf_counter(), time.thread_time()
+            call()
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.thread_time() - start_cpu)
+        rounds += 1
+    return {name: {"wall": iqr_mean(wall[name]) * 1e3, "cpu": iqr_mean(cpu[name]) * 1e3} for name in calls}
 
-    def forward() -> None:
+
+def run_cell(
+    preset: MemoryPreset, updates: list[str], heads: int, head_dim: int, b: int, length: int
+) -> list[dict]:
+    """One row per update kernel, all timed in turns on the same input and weights."""
+    dim = heads * head_dim
+    memories = {}
+    for update in updates:
+        torch.manual_seed(0)  # the same weights for every kernel
+        config = NeuralMemoryConfig(dim=dim, heads=heads, head_dim=head_dim, depth=2, expansion=4, chunk_size=b,
+                                    update=update)  # fmt: skip
+        memories[update] = NeuralMemory(config)
+    x = torch.randn(preset.batch, length, dim, generator=torch.Generator().manual_seed(0))
+
+    def forward(memory: NeuralMemory) -> None:
         with torch.no_grad():
             memory(x)
 
-    def forward_backward() -> None:
+    def forward_backward(memory: NeuralMemory) -> None:
         y, _ = memory(x)
         y.sum().backward()
 
-    device = torch.device("cpu")
+    fwd = interleaved_ms({u: lambda m=m: forward(m) for u, m in memories.items()}, preset)
+    fwdbwd = interleaved_ms({u: lambda m=m: forward_backward(m) for u, m in memories.items()}, preset)
     tokens = preset.batch * length
-    _, fwd_ms = measure(forward, device, preset)
-    _, fwdbwd_ms = measure(forward_backward, device, preset)
-    weights = sum(h * o * i for o, i in config.layer_shapes for h in [heads])
-    return {
-        "update": update, "heads": heads, "head_dim": head_dim, "chunk_size": b, "length": length,
-        "batch": preset.batch, "forward_ms": fwd_ms, "forward_backward_ms": fwdbwd_ms,
-        "forward_tokens_per_s": tokens / fwd_ms * 1e3, "forward_backward_tokens_per_s": tokens / fwdbwd_ms * 1e3,
-        "state_bytes_per_sample": 2 * weights * 4,  # weights and momentum, float32
-        "scan_weights_bytes_per_chunk": b * weights * 4 if update == "scan" else 0,
-    }  # fmt: skip
+    weights = sum(heads * o * i for o, i in config.layer_shapes)
+    return [
+        {
+            "update": u, "heads": heads, "head_dim": head_dim, "chunk_size": b, "length": length,
+            "batch": preset.batch, "forward_ms": fwd[u]["wall"], "forward_backward_ms": fwdbwd[u]["wall"],
+            "forward_cpu_ms": fwd[u]["cpu"], "forward_backward_cpu_ms": fwdbwd[u]["cpu"],
+            "forward_tokens_per_s": tokens / fwd[u]["wall"] * 1e3,
+            "forward_backward_tokens_per_s": tokens / fwdbwd[u]["wall"] * 1e3,
+            "state_bytes_per_sample": 2 * weights * 4,  # weights and momentum, float32
+            "scan_weights_bytes_per_chunk": b * weights * 4 if u == "scan" else 0,
+        }
+        for u in updates
+    ]  # fmt: skip
 
 
 def speedups(cells: list[dict]) -> list[dict]:
@@ -135,7 +163,9 @@ def speedups(cells: list[dict]) -> list[dict]:
         if c["update"] != "sequential" and ref:
             out.append({**{k: c[k] for k in key}, "update": c["update"],
                         "forward": ref["forward_ms"] / c["forward_ms"],
-                        "forward_backward": ref["forward_backward_ms"] / c["forward_backward_ms"]})  # fmt: skip
+                        "forward_backward": ref["forward_backward_ms"] / c["forward_backward_ms"],
+                        "forward_cpu": ref["forward_cpu_ms"] / c["forward_cpu_ms"],
+                        "forward_backward_cpu": ref["forward_backward_cpu_ms"] / c["forward_backward_cpu_ms"]})  # fmt: skip
     return out
 
 
@@ -165,12 +195,17 @@ def markdown(result: dict) -> str:
             f"{c['forward_tokens_per_s']:.0f} | {c['forward_backward_tokens_per_s']:.0f} | "
             f"{c['state_bytes_per_sample']} | {c['state_bytes_per_sample'] / c['length']:.0f} |"
         )
-    lines += ["", "Speed-up over the token-by-token definition (`sequential`):", ""]
-    lines += ["| update | H×d_h | b | L | fwd | fwd+bwd |", "|---|---|---|---|---|---|"]
+    lines += ["", "Speed-up over the token-by-token definition (`sequential`), the kernels of a cell timed in turns "
+              "(wall clock; this thread's CPU time beside it):", ""]  # fmt: skip
+    lines += [
+        "| update | H×d_h | b | L | fwd | fwd+bwd | fwd (CPU) | fwd+bwd (CPU) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for u in ups:
         lines.append(
             f"| {u['update']} | {u['heads']}×{u['head_dim']} | {u['chunk_size']} | {u['length']} | "
-            f"{u['forward']:.1f}× | {u['forward_backward']:.1f}× |"
+            f"{u['forward']:.1f}× | {u['forward_backward']:.1f}× | {u['forward_cpu']:.1f}× | "
+            f"{u['forward_backward_cpu']:.1f}× |"
         )
     rows, mqar = result.get("training", []), result.get("mqar_accuracy", {})
     if rows:
@@ -401,14 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     cells, skipped = [], []
     grid = [(h, d, b, n) for h, d in preset.shapes for b in preset.chunk_sizes for n in preset.lengths]
     for i, (heads, head_dim, b, length) in enumerate(grid if "update" in parts else []):
+        updates = []
         for update in UPDATES:
             limit = {"sequential": preset.sequential_max_length, "scan": preset.scan_max_length}.get(update)
             if limit is not None and length > limit:
                 skipped.append(f"{update} at L={length} (> {limit}: too slow or too much memory here)")
-                continue
-            cells.append(run_cell(preset, update, heads, head_dim, b, length))
-            c = cells[-1]
-            print(f"[{i + 1}/{len(grid)}] {update:10s} H×d {heads}×{head_dim} b {b} L {length}: "
+            else:
+                updates.append(update)
+        for c in run_cell(preset, updates, heads, head_dim, b, length):
+            cells.append(c)
+            print(f"[{i + 1}/{len(grid)}] {c['update']:10s} H×d {heads}×{head_dim} b {b} L {length}: "
                   f"{c['forward_tokens_per_s']:.0f} / {c['forward_backward_tokens_per_s']:.0f} tok/s", flush=True)  # fmt: skip
     environment = describe_environment(torch.device("cpu"), torch.float32, args.preset)
     result = {"environment": environment, "cells": cells, "speedups": speedups(cells), "skipped": skipped}

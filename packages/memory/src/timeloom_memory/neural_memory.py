@@ -34,7 +34,6 @@ __all__ = [
     "NeuralMemoryState",
     "chunk_coefficients",
     "dual_chunk",
-    "gate_coefficients",
     "linear_scan",
     "scan_chunk",
     "sequential_chunk",
@@ -203,9 +202,33 @@ class NeuralMemoryState:
 # --------------------------------------------------------------------------------------------------------
 # The memory MLP and its closed-form inner gradients
 # --------------------------------------------------------------------------------------------------------
-def silu_grad(a: Tensor) -> Tensor:
-    s = torch.sigmoid(a)
-    return s * (1 + a * (1 - s))
+class SiluAndGrad(torch.autograd.Function):
+    """``(silu(a), silu'(a))`` together, with a hand-written backward through both.
+
+    The inner gradients need the activation and its derivative at the same pre-activations; autograd through
+    ``sigmoid``, ``1 − s`` and two products would keep and revisit every intermediate, each the size of the
+    hidden layer (the biggest tensors of a chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:
+        s = torch.sigmoid(a)
+        y = a * s
+        rest = 1 - s
+        dy = torch.addcmul(s, y, rest)  # silu'(a) = s (1 + a (1 − s)) = s + y (1 − s)
+        ctx.save_for_backward(a, s, rest, dy)
+        return y, dy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor | None, grad_dy: Tensor | None) -> Tensor:
+        a, s, rest, dy = ctx.saved_tensors
+        if grad_dy is None:
+            return grad_y * dy
+        # silu''(a) = s (1 − s) (2 + a (1 − 2s)); aten's sigmoid_backward(g, s) is g·s·(1 − s) in one pass
+        inner = torch.addcmul(a.new_tensor(2.0), a, rest - s).mul_(grad_dy)
+        grad = torch.ops.aten.sigmoid_backward(inner, s)
+        return grad if grad_y is None else grad.addcmul_(grad_y, dy)
 
 
 def mlp_forward(weights: list[Tensor], z: Tensor) -> Tensor:
@@ -223,17 +246,18 @@ def inner_gradients(weights: list[Tensor], k: Tensor, v: Tensor) -> tuple[list[T
     Returns ``(inputs, deltas)``: ``ẑ_l (B, H, n, in_l)`` the layer's input and ``δ_l (B, H, n, out_l)`` the
     backpropagated signal at its output, both at ``weights``.
     """
-    inputs, pre = [], []
+    inputs, slopes = [], []  # slopes: silu' at each hidden layer's pre-activation
     z = k
     for i, w in enumerate(weights):
         inputs.append(z)
-        a = z @ w.transpose(-1, -2)
-        pre.append(a)
-        z = F.silu(a) if i < len(weights) - 1 else a
+        z = z @ w.transpose(-1, -2)
+        if i < len(weights) - 1:
+            z, slope = SiluAndGrad.apply(z)
+            slopes.append(slope)
     delta = 2 * (z - v)
     deltas = [delta]
     for i in range(len(weights) - 1, 0, -1):
-        delta = (delta @ weights[i]) * silu_grad(pre[i - 1])
+        delta = (delta @ weights[i]) * slopes[i - 1]
         deltas.insert(0, delta)
     return inputs, deltas
 
@@ -251,26 +275,6 @@ def clipped_theta(theta: Tensor, inputs: list[Tensor], deltas: list[Tensor], cli
     # min(1, clip/‖u‖) with a denominator ≥ clip: a tiny ‖u‖ (1e-25) would underflow ‖u‖² in the backward
     # pass and turn the gradient into NaN
     return theta * (clip / norm.clamp_min(clip))
-
-
-def gate_coefficients(log_eta: Tensor, log_keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Unrolled coefficients of the chunk's two linear recurrences, rows ``i = 0..n`` (0 = chunk start).
-
-    With ``E_{i,j} = Π_{l=j+1..i} η_l`` and ``D_{i,j} = Π_{l=j+1..i} (1 − α_l)`` (lower triangular, from
-    cumulative log sums): ``S_i = E_{i,0} S' − Σ_j E_{i,j} θ_j u_j`` and
-    ``W_i = D_{i,0} W' + c_i S' − Σ_j C_{i,j} θ_j u_j`` with ``C = D·E``, ``c_i = (D·E)_{i,0} − D_{i,0}``.
-    Returns ``(E, D0, c, C)``: ``E (…, n+1, n+1)``, ``D0 (…, n+1)``, ``c (…, n+1)``, ``C (…, n+1, n)``.
-    """
-
-    def decay_matrix(log_gate: Tensor) -> Tensor:
-        cum = F.pad(log_gate.cumsum(-1), (1, 0))
-        diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)
-        lower = torch.ones(diff.shape[-2:], dtype=torch.bool, device=diff.device).tril()
-        return torch.exp(diff.masked_fill(~lower, float("-inf")))
-
-    E, D = decay_matrix(log_eta), decay_matrix(log_keep)
-    M = D @ E
-    return E, D[..., 0], M[..., 0] - D[..., 0], M[..., 1:]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -298,14 +302,35 @@ class ChunkCoefficients(NamedTuple):
 
 
 def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, read: str = "after") -> ChunkCoefficients:
-    """`gate_coefficients` cut to what `dual_chunk` reads; any leading dims (e.g. all chunks at once)."""
-    E, d0, c, C = gate_coefficients(log_eta, log_keep)
-    n = log_eta.shape[-1]
-    rows = slice(1, n + 1) if read == "after" else slice(0, n)
-    return ChunkCoefficients(
-        d0[..., rows], c[..., rows], C[..., rows, :], d0[..., n], c[..., n], C[..., n, :],
-        E[..., n, 0], E[..., n, 1:],
-    )  # fmt: skip
+    """Unrolled coefficients of the chunk's two linear recurrences; any leading dims (e.g. all chunks at once).
+
+    With ``E_{i,j} = Π_{l=j+1..i} η_l`` and ``D_{i,j} = Π_{l=j+1..i} (1 − α_l)`` (token 0 = the chunk start):
+    ``S_i = E_{i,0} S' − Σ_j E_{i,j} θ_j u_j`` and ``W_i = D_{i,0} W' + c_i S' − Σ_j C_{i,j} θ_j u_j`` with
+    ``C = D·E`` and ``c_i = (D·E)_{i,0} − D_{i,0}``. Over tokens ``1..n`` alone (``E_{k,j} = 0`` for ``k < j``):
+    ``C`` is the product of the two n×n lower-triangular decay matrices, ``c = D·E_{:,0}``, and the start
+    column is ``exp`` of the cumulative log gates. Every coefficient is then an output of its own op, not a
+    slice of an (n+1)×(n+1) product, whose backward would fill and copy the whole product once per slice.
+    """
+
+    def decay_matrix(cum: Tensor) -> Tensor:
+        lower = torch.ones(cum.shape[-1], cum.shape[-1], dtype=torch.bool, device=cum.device).tril()
+        return (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(~lower, float("-inf")).exp_()
+
+    cum_eta, cum_keep = log_eta.cumsum(-1), log_keep.cumsum(-1)
+    E, D = decay_matrix(cum_eta), decay_matrix(cum_keep)
+    C = D @ E
+    d0, e0 = cum_keep.exp(), cum_eta.exp()
+    c = (D @ e0.unsqueeze(-1)).squeeze(-1)
+    end = (d0[..., -1], c[..., -1], C[..., -1, :], e0[..., -1], E[..., -1, :])
+    if read == "after":  # rows 1..n
+        return ChunkCoefficients(d0, c, C, *end)
+    # rows 0..n−1: row 0 reads the chunk-start weights (D_{0,0} = 1, c_0 = 0, C_{0,·} = 0)
+    before = (
+        F.pad(d0[..., :-1], (1, 0), value=1.0),
+        F.pad(c[..., :-1], (1, 0)),
+        F.pad(C[..., :-1, :], (0, 0, 1, 0)),
+    )
+    return ChunkCoefficients(*before, *end)
 
 
 def dual_chunk(
@@ -324,17 +349,40 @@ def dual_chunk(
     d0, c = co.read_d0.unsqueeze(-1), co.read_c.unsqueeze(-1)
     z = q
     for i, (w, s) in enumerate(zip(weights, momentum)):
-        a = _minus_matmul(torch.addcmul(d0 * (z @ w.mT), c, z @ s.mT), mix * (z @ inputs[i].mT), deltas[i])
+        a = _minus_matmul(_decayed_read(z, w, s, d0, c), mix * (z @ inputs[i].mT), deltas[i])
         z = F.silu(a) if i < len(weights) - 1 else a
     end_d0, end_c, end_e0 = (t[..., None, None] for t in (co.end_d0, co.end_c, co.end_E0))
     w_coef, s_coef = (co.end_C * theta).unsqueeze(-1), (co.end_E * theta).unsqueeze(-1)
     # Σ_j coef_j δ_j ẑ_jᵀ = Δᵀ diag(coef) Ẑ (Eq. 17 as one matmul), subtracted inside the same call.
     end_w = [
-        _minus_matmul(torch.addcmul(end_d0 * w, end_c, s), (dl * w_coef).mT, zl)
+        _minus_matmul(torch.addcmul(end_d0 * w, end_c, s), *_weighted_outer(dl, zl, w_coef))
         for w, s, dl, zl in zip(weights, momentum, deltas, inputs)
     ]
-    end_s = [_minus_matmul(end_e0 * s, (dl * s_coef).mT, zl) for s, dl, zl in zip(momentum, deltas, inputs)]
+    end_s = [
+        _minus_matmul(end_e0 * s, *_weighted_outer(dl, zl, s_coef))
+        for s, dl, zl in zip(momentum, deltas, inputs)
+    ]
     return z, end_w, end_s
+
+
+def _weighted_outer(delta: Tensor, z: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
+    """Factors ``(a, b)`` with ``a @ b = Δᵀ diag(coef) Ẑ``, the per-token weights on the narrower of the two."""
+    if delta.shape[-1] <= z.shape[-1]:
+        return (delta * coef).mT, z
+    return delta.mT, z * coef
+
+
+def _decayed_read(z: Tensor, w: Tensor, s: Tensor, d0: Tensor, c: Tensor) -> Tensor:
+    """``d0_i W' z_i + c_i S' z_i`` for every row ``i`` of ``z``, scaling the narrower side of the product.
+
+    The row factors commute with the matmul, so a layer that widens (in < out) scales its inputs and adds
+    the second product inside the first's call: no elementwise pass over its wide output.
+    """
+    if w.shape[-1] < w.shape[-2]:
+        base = (d0 * z) @ w.mT
+        out = torch.baddbmm(base.flatten(0, -3), (c * z).flatten(0, -3), s.mT.flatten(0, -3))
+        return out.view(base.shape)
+    return torch.addcmul(d0 * (z @ w.mT), c, z @ s.mT)
 
 
 def _minus_matmul(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
