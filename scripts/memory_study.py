@@ -55,6 +55,7 @@ VIDEO_MODELS = {
     "window": ("video-recall-window-tiny.yaml", []),
     "memory": ("video-recall-tiny.yaml", []),
     "memory-keep": ("video-recall-tiny.yaml", ["--model.init_args.config.memory.memory.alpha_bias=-8"]),
+    "hcam": ("video-recall-hcam-tiny.yaml", []),  # HCAM over frames: top-4 frames, nothing forgotten
 }
 TARGET = 0.99
 
@@ -154,14 +155,25 @@ def mqar(model: str, setting: str, minutes: float, extra: list[str]) -> None:
     fit(MODELS[model], RUNS / "mqar" / f"{model}-{setting}", flags, minutes)
 
 
+def cpu_budget(minutes: float) -> tuple[float, list[str]]:
+    """A budget of CPU minutes (`CpuTimeBudget` stops the run, so a shared machine does not shorten it) and a
+    wall-clock backstop of four times that."""
+    return 4 * minutes, [
+        "--trainer.callbacks+=timeloom.throughput.CpuTimeBudget",
+        f"--trainer.callbacks.minutes={minutes}",
+    ]
+
+
 def video(model: str, minutes: float, extra: list[str]) -> None:
     config, flags = VIDEO_MODELS[model]
-    fit(config, RUNS / "video" / model, [*flags, *extra], minutes)
+    wall, budget = cpu_budget(minutes)
+    fit(config, RUNS / "video" / model, [*flags, *budget, *extra], wall)
 
 
 def sniah(model: str, minutes: float, extra: list[str]) -> None:
-    flags = ["--data.init_args.train_length=65536", "--trainer.val_check_interval=64", *extra]
-    fit(SNIAH_MODELS[model], RUNS / "sniah" / model, flags, minutes)
+    wall, budget = cpu_budget(minutes)
+    flags = ["--data.init_args.train_length=65536", "--trainer.val_check_interval=64", *budget, *extra]
+    fit(SNIAH_MODELS[model], RUNS / "sniah" / model, flags, wall)
 
 
 def sniah_eval(samples: int) -> None:
@@ -276,10 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
-    run.add_argument("--minutes", type=float, default=8.0)
+    run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
     run = commands.add_parser("video", help="one long-video recall training run")
     run.add_argument("model", choices=VIDEO_MODELS)
-    run.add_argument("--minutes", type=float, default=6.0)
+    run.add_argument("--minutes", type=float, default=6.0, help="CPU-minute budget of the run")
     run = commands.add_parser("sniah-eval", help="accuracy by test length of the trained S-NIAH runs")
     run.add_argument("--samples", type=int, default=10, help="test sequences per (length, depth) cell")
     commands.add_parser("report", help="figures and results JSON")

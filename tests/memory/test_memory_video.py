@@ -5,6 +5,7 @@ import pytest
 import torch
 from timeloom_memory.neural_memory import NeuralMemoryConfig
 from timeloom_memory.video import (
+    HCAMVideoMemory,
     VideoMemory,
     VideoMemoryConfig,
     VideoRecallConfig,
@@ -104,6 +105,29 @@ def test_bad_frames_name_the_expected_shape():
         VideoMemoryConfig(dim=15)
 
 
+# ---- HCAM over frames ---------------------------------------------------------------------------------------
+def test_hcam_video_memory_keeps_every_frame_and_reading_leaves_it_unchanged():
+    torch.manual_seed(0)
+    memory, video = HCAMVideoMemory(dim=16, tokens_per_frame=4, heads=2, top_k=6).double(), frames(count=6)
+    whole = memory.write(video)
+    pieces = memory.write(video[:, 3:], memory.write(video[:, :3]))  # frames 3..5 coded as 3..5
+    torch.testing.assert_close(pieces.tokens, whole.tokens, rtol=0, atol=0)
+    coded = video + frame_time_code(torch.arange(6), 16).double()[:, None]
+    torch.testing.assert_close(whole.tokens, coded.flatten(1, 2), rtol=0, atol=0)  # nothing forgotten
+    questions = torch.randn(2, 2, 16, dtype=torch.float64)
+    before = whole.tokens.clone()
+    first = memory.read(whole, questions)
+    assert first.shape == (2, 2, 16) and torch.equal(whole.tokens, before)
+    # a read reaches the first frame of the stream (top_k covers every frame here)
+    changed = video.clone()
+    changed[:, 0] += 1.0
+    assert not torch.allclose(memory.read(memory.write(changed), questions), memory.read(whole, questions))
+    with pytest.raises(ValueError, match=r"frames \(B, T, 4, 16\)"):
+        memory.write(torch.zeros(2, 3, 5, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="at most tokens_per_frame"):
+        memory.read(whole, torch.zeros(2, 5, 16, dtype=torch.float64))
+
+
 # ---- the long-video recall task ---------------------------------------------------------------------------
 def test_answers_are_the_digits_of_the_first_and_last_clips():
     data = LongVideoRecall(clips=5, frames_per_clip=3, size=16, length=12, seed=4, split="val")
@@ -133,33 +157,35 @@ def test_datamodule_batches_and_rejects_bad_tasks():
     assert list(QUESTIONS) == ["first", "last"]
 
 
-def recall_model(use_memory: bool) -> VideoRecallModel:
+def recall_model(use_memory: bool, memory_kind: str = "titans") -> VideoRecallModel:
     torch.manual_seed(0)
     memory = VideoMemoryConfig(readout_tokens=2, memory=NeuralMemoryConfig(heads=2, head_dim=8))
     config = VideoRecallConfig(size=16, patch=8, frames_per_clip=2, dim=16, window_clips=2, use_memory=use_memory,
-                               memory=memory)  # fmt: skip
+                               memory_kind=memory_kind, memory=memory, hcam_top_k=2)  # fmt: skip
     return VideoRecallModel(config).eval()
 
 
-def test_a_plain_window_cannot_see_the_first_clip_and_the_memory_does():
+@pytest.mark.parametrize("memory_kind", ["titans", "hcam"])
+def test_a_plain_window_cannot_see_the_first_clip_and_the_memory_does(memory_kind):
     data = LongVideoRecall(clips=6, frames_per_clip=2, size=16, length=40)
     item = data[0]
     other = next(data[i] for i in range(1, 40) if data[i]["clip_labels"][0] != item["clip_labels"][0])
     swapped = item["video"].clone()
     swapped[:, :2] = other["video"][:, :2]  # another first clip: the answer to "first" changes
     videos, questions = torch.stack([item["video"], swapped]), torch.stack([item["questions"]] * 2)
-    window, memory = recall_model(use_memory=False), recall_model(use_memory=True)
+    window, memory = recall_model(use_memory=False), recall_model(use_memory=True, memory_kind=memory_kind)
     with torch.no_grad():
         seen_by_window, seen_by_memory = window(videos, questions), memory(videos, questions)
     torch.testing.assert_close(seen_by_window[0], seen_by_window[1], rtol=0, atol=0)
     assert not torch.allclose(seen_by_memory[0], seen_by_memory[1])
 
 
-def test_recall_model_streams_its_memory_across_calls_and_trains_it():
+@pytest.mark.parametrize("memory_kind", ["titans", "hcam"])
+def test_recall_model_streams_its_memory_across_calls_and_trains_it(memory_kind):
     data = LongVideoRecall(clips=6, frames_per_clip=2, size=16, length=4)
     videos = torch.stack([data[i]["video"] for i in range(4)])
     questions = torch.stack([data[i]["questions"] for i in range(4)])
-    model = recall_model(use_memory=True)
+    model = recall_model(use_memory=True, memory_kind=memory_kind)
     _, state = model.stream(videos[:, :, :6], questions)  # the first three clips, then the rest
     logits, _ = model.stream(videos[:, :, 6:], questions, state)
     torch.testing.assert_close(logits, model(videos, questions), rtol=1e-5, atol=1e-6)

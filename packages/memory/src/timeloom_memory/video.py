@@ -10,9 +10,14 @@ state, since the memory's outputs never depend on how a stream is cut.
 A sinusoidal code of the frame's index in the stream is added to its tokens before the write, so the memory
 can tell early frames from late ones ("which digit appeared first?").
 
+`HCAMVideoMemory` is the other memory of spec §6: HCAM with one chunk per frame. Writing appends the frame's
+tokens (nothing is forgotten); a question scores every frame by its mean token, keeps the top k and attends
+inside them (`timeloom_memory.hcam.HCAMAttention`).
+
 `VideoRecallModel` is a tiny standalone video question answerer over `timeloom_memory.video_tasks`: patch
 tokens per frame, a context of the last ``window_clips`` clips (what a plain window sees) and, with
-``use_memory``, the memory's readout tokens in front of it; question embeddings attend to the context.
+``use_memory``, a memory of every frame: the Titans memory's readout tokens in front of the window, or the
+HCAM read of each question added to its embedding; question embeddings attend to the context.
 `VideoRecallModule` trains it with the `timeloom` CLI.
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +34,12 @@ from timeloom_kernels.positions import rope_angles
 from torch import Tensor, nn
 
 from timeloom.module import TimeloomModule
+from timeloom_memory.hcam import HCAMAttention, HCAMState
 from timeloom_memory.neural_memory import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState
 from timeloom_memory.video_tasks import QUESTIONS
 
 __all__ = [
+    "HCAMVideoMemory",
     "VideoMemory",
     "VideoMemoryConfig",
     "VideoRecallConfig",
@@ -133,6 +140,51 @@ class VideoMemory(nn.Module):
         return self.read(state), self.write(frames, state)
 
 
+class HCAMVideoMemory(nn.Module):
+    """HCAM over a video stream: one chunk per frame, kept whole (module docstring).
+
+    ``write`` appends frames ``(B, T, tokens_per_frame, dim)`` (with the frame-index code of `VideoMemory`) to an
+    `HCAMState`; ``read(state, queries)`` returns one read ``(B, Lq, dim)`` per query: the softmax mix, over the
+    ``top_k`` frames whose mean token scores highest, of multi-head attention inside each. As in HCAM, no
+    gradient flows into the stored tokens; the read's projections learn.
+    """
+
+    def __init__(self, dim: int = 64, tokens_per_frame: int = 16, heads: int = 2, top_k: int = 4):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"HCAMVideoMemory needs an even dim for its frame-index code; got {dim}")
+        self.dim, self.tokens_per_frame = dim, tokens_per_frame
+        self.hcam = HCAMAttention(dim, heads, chunk_size=tokens_per_frame, top_k=top_k)
+
+    def init_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> HCAMState:
+        return self.hcam.init_state(batch_size, self.dim, device, dtype)
+
+    def write(self, frames: Tensor, state: HCAMState | None = None) -> HCAMState:
+        """Append frames ``(B, T, tokens_per_frame, dim)``; ``state=None`` starts new streams."""
+        if frames.dim() != 4 or frames.shape[2:] != (self.tokens_per_frame, self.dim):
+            raise ValueError(
+                f"HCAMVideoMemory.write takes frames (B, T, {self.tokens_per_frame}, {self.dim}); "
+                f"got {tuple(frames.shape)}"
+            )
+        if state is None:
+            state = self.init_state(frames.shape[0], frames.device, frames.dtype)
+        seen = state.tokens.shape[1] // self.tokens_per_frame
+        index = torch.arange(seen, seen + frames.shape[1], device=frames.device)
+        frames = frames + frame_time_code(index, self.dim).to(frames.dtype)[:, None]
+        return HCAMState(tokens=torch.cat([state.tokens, frames.flatten(1, 2)], 1))
+
+    def read(self, state: HCAMState, queries: Tensor) -> Tensor:
+        """One read per query ``(B, Lq, dim)``, over every frame written; the state is not changed."""
+        if queries.shape[1] > self.tokens_per_frame:
+            # the queries sit after the stream: more than a frame of them would complete a chunk of their own
+            raise ValueError(
+                f"HCAMVideoMemory.read takes at most tokens_per_frame ({self.tokens_per_frame}) queries at once; "
+                f"got {queries.shape[1]}"
+            )
+        read, _ = self.hcam(queries.to(state.tokens.dtype), state)
+        return read
+
+
 # --------------------------------------------------------------------------------------------------------
 # A tiny model that uses it: video question answering over LongVideoRecall
 # --------------------------------------------------------------------------------------------------------
@@ -147,8 +199,11 @@ class VideoRecallConfig:
         dim: token width.
         heads: heads of the question's attention over the context.
         window_clips: clips of the most recent past in the context (the plain window).
-        use_memory: put the memory's readout tokens in front of the window.
+        use_memory: give the model a memory of every frame.
+        memory_kind: ``titans`` (`VideoMemory`: readout tokens in front of the window) or ``hcam``
+            (`HCAMVideoMemory`: each question's read added to its embedding).
         memory: `VideoMemoryConfig` options (``dim`` and ``tokens_per_frame`` are set from the above).
+        hcam_top_k: frames an HCAM read attends inside.
     """
 
     size: int = 16
@@ -159,7 +214,9 @@ class VideoRecallConfig:
     heads: int = 2
     window_clips: int = 2
     use_memory: bool = True
+    memory_kind: Literal["titans", "hcam"] = "titans"
     memory: VideoMemoryConfig = field(default_factory=VideoMemoryConfig)
+    hcam_top_k: int = 4
 
     def __post_init__(self) -> None:
         if isinstance(self.memory, dict):
@@ -170,6 +227,10 @@ class VideoRecallConfig:
             raise ValueError(f"VideoRecallConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
         if self.window_clips < 1:
             raise ValueError(f"VideoRecallConfig.window_clips must be ≥ 1; got {self.window_clips}")
+        if self.memory_kind not in ("titans", "hcam"):
+            raise ValueError(
+                f"VideoRecallConfig.memory_kind must be titans or hcam; got {self.memory_kind!r}"
+            )
         self.memory = replace(self.memory, dim=self.dim, tokens_per_frame=self.tokens_per_frame)
 
     @property
@@ -187,7 +248,12 @@ class VideoRecallModel(nn.Module):
         self.spatial = nn.Parameter(torch.randn(c.tokens_per_frame, c.dim) * 0.02)
         self.token_norm = nn.LayerNorm(c.dim)
         self.window_time = nn.Parameter(torch.randn(c.window_clips * c.frames_per_clip, c.dim) * 0.02)
-        self.memory = VideoMemory(c.memory) if c.use_memory else None
+        if not c.use_memory:
+            self.memory = None
+        elif c.memory_kind == "hcam":
+            self.memory = HCAMVideoMemory(c.dim, c.tokens_per_frame, c.heads, c.hcam_top_k)
+        else:
+            self.memory = VideoMemory(c.memory)
         self.question = nn.Embedding(len(QUESTIONS), c.dim)
         self.norm = nn.LayerNorm(c.dim)
         self.to_q = nn.Linear(c.dim, c.dim, bias=False)
@@ -204,7 +270,7 @@ class VideoRecallModel(nn.Module):
         return self.token_norm(x.flatten(2).transpose(1, 2).view(b, t, -1, self.config.dim) + self.spatial)
 
     def context(self, tokens: Tensor, state: NeuralMemoryState | None) -> Tensor:
-        """The window's tokens ``(B, W·F·N, dim)``, after the memory's readout tokens if there is a memory."""
+        """The window's tokens ``(B, W·F·N, dim)``, after the Titans memory's readout tokens if there is one."""
         c = self.config
         span = c.window_clips * c.frames_per_clip
         if tokens.shape[1] < span:
@@ -212,7 +278,7 @@ class VideoRecallModel(nn.Module):
                 f"VideoRecallModel needs at least {span} frames (window_clips clips); got {tokens.shape[1]}"
             )
         window = (tokens[:, -span:] + self.window_time[:, None]).flatten(1, 2)
-        if self.memory is None:
+        if not isinstance(self.memory, VideoMemory):
             return window
         return torch.cat([self.memory.read(state).to(window.dtype), window], dim=1)
 
@@ -225,14 +291,16 @@ class VideoRecallModel(nn.Module):
         return logits
 
     def stream(
-        self, video: Tensor, questions: Tensor, state: NeuralMemoryState | None = None
-    ) -> tuple[Tensor, NeuralMemoryState | None]:
+        self, video: Tensor, questions: Tensor, state: NeuralMemoryState | HCAMState | None = None
+    ) -> tuple[Tensor, NeuralMemoryState | HCAMState | None]:
         """`forward` that also returns the memory state after ``video`` (to carry into the next call)."""
         tokens = self.frame_tokens(video)
         if self.memory is not None:
             state = self.memory.write(tokens, state)
         context = self.norm(self.context(tokens, state))
         query = self.question(questions)
+        if isinstance(self.memory, HCAMVideoMemory):
+            query = query + self.memory.read(state, query)
         heads, b = self.config.heads, video.shape[0]
 
         def split(x: Tensor) -> Tensor:
