@@ -176,11 +176,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, text: Tensor) -> Tensor:
         """``x (B, F, n_s, d)``; ``text (B, L, d)`` shared by the frames or ``(B, F, L, d)`` per frame."""
-        queries = x.flatten(1, 2) if text.dim() == 3 else x.flatten(0, 1)
+        shared = text.dim() == 3
+        queries, context = (x.flatten(1, 2), text) if shared else (x.flatten(0, 1), text.flatten(0, 1))
         q = self.q(self.norm(queries)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        k, v = (
-            self.kv(text.flatten(0, text.dim() - 3)).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        )
+        k, v = self.kv(context).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
         return self.out(self.attend(q, k, v).transpose(1, 2).flatten(2)).view_as(x)
 
 
@@ -316,9 +315,8 @@ class CausalSTDiT(nn.Module):
         time = self.time_embed(timestep_embedding(tau, d).to(tokens))  # (B, F, d)
         block_time = self.time_modulation(time).unflatten(-1, (6, d))
         # what `apply_rope` would compute in every block: the angles in the rotation's dtype
-        angles = rope_angles(
-            positions.to(torch.promote_types(tokens.dtype, torch.float32)), d // self.config.heads // 2
-        )
+        rotation_dtype = torch.promote_types(tokens.dtype, torch.float32)
+        angles = rope_angles(positions.to(rotation_dtype), self.config.head_dim // 2)
         for index, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[index]
             tokens = block(tokens, block_time, text, positions, angles, mask, layer_cache, write)
