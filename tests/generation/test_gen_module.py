@@ -247,6 +247,8 @@ def test_generate_command_writes_videos_from_text_and_from_a_first_frame(tmp_pat
     generate_main(
         [
             *common,
+            "--broadway-with",  # the paper's AnimateDiff values, reachable beside our defaults
+            "alpha=0.6,beta0=1.5,active_fraction=0.2",
             "--vstar",
             "the digit 1 moves up; the digit 1 moves left",
             "--first-frame",

@@ -2,11 +2,12 @@
 edits confined to named layers, active steps and noisy rows, per-sample statistics, and the KV cache staying
 exact with every plug-in on."""
 
+import argparse
 import math
 
 import pytest
 import torch
-from timeloom_generation.broadway import BroadWay, motion_enhance, row_energy
+from timeloom_generation.broadway import BroadWay, broadway_arguments, motion_enhance, row_energy
 from timeloom_generation.sampling import ARSampler
 from timeloom_generation.vstar import TemporalAttentionRegularization, gaussian_band
 from timeloom_kernels import attention_context, clear_processors, set_processor
@@ -230,3 +231,13 @@ def test_cache_stays_exact_with_per_frame_text(random_model, guidance):
     assert (cached - shared).abs().max() > 1e-3  # later frames follow their own rows
     with pytest.raises(ValueError, match="per frame"):
         ARSampler(model, **settings).sample(context, null, frames=8, grid=(SIZE, SIZE))
+
+
+def test_broadway_arguments_parse_the_known_floats_and_name_an_unknown_one():
+    assert broadway_arguments("alpha=0.6, beta0=1.5,active_fraction=0.2") == {
+        "alpha": 0.6,
+        "beta0": 1.5,
+        "active_fraction": 0.2,
+    }
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown BroadWay argument 'gamma'"):
+        broadway_arguments("gamma=1")

@@ -20,6 +20,7 @@ are never touched, so cached sampling stays exact with the plug-in on.
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from timeloom_generation.vstar import noisy_rows
 
-__all__ = ["BroadWay", "motion_enhance", "row_energy", "temporal_layer"]
+__all__ = ["BroadWay", "broadway_arguments", "motion_enhance", "row_energy", "temporal_layer"]
 
 
 def temporal_layer(block: int) -> str:
@@ -143,3 +144,15 @@ class BroadWay(AttentionProcessor):
             .repeat(branches)
             .view(-1, 1, 1, 1)
         )
+
+
+def broadway_arguments(text: str) -> dict[str, float]:
+    """``"beta0=10,active_fraction=0.4"`` -> ``{"beta0": 10.0, "active_fraction": 0.4}`` (BroadWay's floats)."""
+    known = ("alpha", "beta0", "active_fraction")
+    arguments = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise argparse.ArgumentTypeError(f"unknown BroadWay argument {key!r} in {text!r}; known: {known}")
+        arguments[key] = float(value)
+    return arguments

@@ -2,10 +2,12 @@
 
     timeloom generate --checkpoint CKPT_OR_EXPORT --prompt "the digit 3 moves left" [--prompt ...] [--vstar "p1; p2"]
                       [--tokenizer TOKENIZER] [--frames 36] [--size 32] [--first-frame IMAGE] [--steps 20]
-                      [--guidance 3] [--cache-frames K] [--broadway] [--tar] [--seed 0] --out DIR
+                      [--guidance 3] [--cache-frames K] [--broadway] [--broadway-with ARGS] [--tar] [--seed 0]
+                      --out DIR
 
-``--frames`` counts latent frames (pixel frames with the pixel codec). ``--broadway`` turns on ByTheWay
-(default anchors, α 0.6, β₀ 1.5, first 20% of steps) and ``--tar`` VSTAR's temporal attention regularisation
+``--frames`` counts latent frames (pixel frames with the pixel codec). ``--broadway`` turns on ByTheWay at
+`BroadWay`'s defaults, ``--broadway-with "alpha=0.6,beta0=1.5,active_fraction=0.2"`` with other values (these
+are the paper's AnimateDiff ones), and ``--tar`` VSTAR's temporal attention regularisation
 (σ = 1 frame, first 56% of steps) on every temporal layer. ``--vstar "p1; p2; p3"`` adds one video prompted by
 VSTAR's synopsis: the sub-prompts anchored evenly over the frames and interpolated between. Each prompt gives
 ``DIR/sample_{i}.mp4`` and ``.gif``; ``DIR/samples.mp4`` tiles them all. Prompts are checked before the
@@ -31,7 +33,7 @@ from timeloom.video_io import (
     resize_video,
     write_video,
 )
-from timeloom_generation.broadway import BroadWay
+from timeloom_generation.broadway import BroadWay, broadway_arguments
 from timeloom_generation.module import CausalVDM
 from timeloom_generation.text import check_captions
 from timeloom_generation.vstar import TemporalAttentionRegularization
@@ -82,7 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="Euler steps per chunk (default: the model's)")
     parser.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
     parser.add_argument("--cache-frames", type=int, help="frames of context kept (default: the model's)")
-    parser.add_argument("--broadway", action="store_true", help="ByTheWay motion guidance")
+    parser.add_argument("--broadway", action="store_true", help="ByTheWay motion guidance at its defaults")
+    parser.add_argument(
+        "--broadway-with",
+        type=broadway_arguments,
+        metavar="ARGS",
+        help="ByTheWay with these arguments, e.g. 'alpha=0.6,beta0=1.5,active_fraction=0.2'",
+    )
     parser.add_argument("--tar", action="store_true", help="VSTAR temporal attention regularisation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=8)
@@ -108,8 +116,8 @@ def generate_main(argv: list[str]) -> None:
             f"{module.config.patch}"
         )
     denoiser = module.model["denoiser"]
-    if args.broadway:
-        BroadWay(depth=module.config.depth).attach(denoiser)
+    if args.broadway or args.broadway_with is not None:
+        BroadWay(depth=module.config.depth, **(args.broadway_with or {})).attach(denoiser)
     if args.tar:
         set_processor(denoiser, "blocks.*.temporal.attend", TemporalAttentionRegularization())
     overrides = {

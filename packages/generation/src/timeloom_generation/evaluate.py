@@ -40,7 +40,7 @@ from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from timeloom.data import MovingDigits  # noqa: E402
-from timeloom_generation.broadway import BroadWay  # noqa: E402
+from timeloom_generation.broadway import BroadWay, broadway_arguments  # noqa: E402
 from timeloom_generation.commands import load_vdm  # noqa: E402
 from timeloom_generation.judge import (  # noqa: E402
     DigitsJudge,
@@ -340,18 +340,6 @@ def two_part_markdown(study: dict) -> list[str]:
         "*direction* the half's first judged step, *digit* the majority judged digit.",
     ]
     return lines
-
-
-def broadway_arguments(text: str) -> dict[str, float]:
-    """``"beta0=10,active_fraction=0.4"`` -> ``{"beta0": 10.0, "active_fraction": 0.4}`` (BroadWay's floats)."""
-    known = ("alpha", "beta0", "active_fraction")
-    arguments = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, _, value = item.partition("=")
-        if key not in known:
-            raise argparse.ArgumentTypeError(f"unknown BroadWay argument {key!r} in {text!r}; known: {known}")
-        arguments[key] = float(value)
-    return arguments
 
 
 def _parser() -> argparse.ArgumentParser:
