@@ -160,33 +160,16 @@ def mqar(model: str, setting: str, minutes: float, extra: list[str]) -> None:
     fit(MODELS[model], RUNS / "mqar" / f"{model}-{setting}", flags, minutes)
 
 
-def cpu_budget(minutes: float) -> tuple[float, list[str]]:
-    """A budget of CPU minutes (`CpuTimeBudget` stops the run, so a shared machine does not shorten it) and a
-    wall-clock backstop of four times that."""
-    return 4 * minutes, [
-        "--trainer.callbacks+=timeloom.throughput.CpuTimeBudget",
-        f"--trainer.callbacks.minutes={minutes}",
-    ]
-
-
 def video(model: str, minutes: float, extra: list[str]) -> None:
     config, flags = VIDEO_MODELS[model]
-    wall, budget = cpu_budget(minutes)
-    fit(config, RUNS / "video" / model, [*flags, *budget, *extra], wall)
+    fit(config, RUNS / "video" / model, [*flags, *extra], minutes)
 
 
 def sniah(model: str, minutes: float, extra: list[str]) -> None:
-    wall, budget = cpu_budget(minutes)
     task = [f"--data.init_args.seq_len={SNIAH_TRAIN_LENGTH}", f"--data.init_args.test_seq_len={SNIAH_TRAIN_LENGTH}",
             f"--data.init_args.depths=[{','.join(str(d) for d in SNIAH_TRAIN_DEPTHS)}]"]  # fmt: skip
-    flags = [
-        *task,
-        "--data.init_args.train_length=131072",
-        "--trainer.val_check_interval=128",
-        *budget,
-        *extra,
-    ]
-    fit(SNIAH_MODELS[model], RUNS / "sniah" / model, flags, wall)
+    flags = [*task, "--data.init_args.train_length=131072", "--trainer.val_check_interval=128", *extra]
+    fit(SNIAH_MODELS[model], RUNS / "sniah" / model, flags, minutes)
 
 
 def sniah_eval(samples: int) -> None:
