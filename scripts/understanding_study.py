@@ -5,8 +5,11 @@ Each run is a `timeloom fit` checkpoint of a `VideoLLMModule`. A reply is right 
 per-aspect numbers this reports reversed-playback twins, per-format accuracy, *both twins of a conflict group
 right* (a frame-order-blind model cannot do better than chance there) and each row's chance level (1 / number
 of options, averaged over the items). The test split's glyphs are disjoint from training's.
+``@protocol=describe`` asks each question in a second turn, after the model's own greedy answer to "Describe
+the video." (the describe-then-answer protocol that `TemporalQA(describe_first=...)` trains); the deciding
+token is then the first of the last reply.
 
-    python scripts/understanding_study.py score NAME=CKPT[@frames=32][@control=middle_frame] ... \
+    python scripts/understanding_study.py score NAME=CKPT[@frames=32][@control=middle_frame][@protocol=describe] ... \
         --groups 256 --out benchmarks/understanding-quality.json
     python scripts/understanding_study.py figure benchmarks/understanding-quality.json \
         --out docs/understanding-accuracy.png
@@ -21,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from timeloom_understanding.data import ASPECTS, TemporalQA, flatten_groups
+from timeloom_understanding.data import ASPECTS, DESCRIBE, ConversationCollator, TemporalQA, flatten_groups
 from timeloom_understanding.module import VideoLLMModule
 from tqdm import tqdm
 
@@ -31,14 +34,53 @@ CAPTION_ANSWERS = {"direction": 4, "speed": 10, "order": 10, "count": 3, "when":
 
 
 def first_token_correct(module: VideoLLMModule, items: list[dict]) -> torch.Tensor:
-    """Per item: is the first supervised token (the deciding one) the greedy choice?"""
+    """Per item: is the deciding token, the first of the last reply (option letter or yes/no), the greedy
+    choice? Each reply is supervised with its ``<|end|>``, so the last one is that many tokens from the end."""
     batch = module.collate(items)
     logits, targets, samples = module.model.supervised_logits(batch)
-    first = torch.ones_like(samples, dtype=torch.bool)
-    first[1:] = samples[1:] != samples[:-1]
-    if len(samples[first]) != len(items):
+    per_item = torch.bincount(samples, minlength=len(items))
+    last_reply = torch.tensor(
+        [len(module.model.tokenizer.encode(item["conversations"][-1]["value"])) + 1 for item in items]
+    )
+    if (per_item < last_reply).any():
         raise ValueError("an item has no supervised answer token")
-    return logits[first].argmax(-1) == targets[first]
+    deciding = per_item.cumsum(0) - last_reply
+    return logits[deciding].argmax(-1) == targets[deciding]
+
+
+def describe_first(module: VideoLLMModule, items: list[dict], max_new_tokens: int = 24) -> list[dict]:
+    """The items asked in two turns: "Describe the video.", the model's own greedy description, then the
+    question with its reference reply (the describe-then-answer protocol)."""
+    tokenizer = module.model.tokenizer
+    prompts = [
+        {
+            "id": item["id"],
+            "video": item["video"],
+            "conversations": [{"from": "human", "value": f"<video>\n{DESCRIBE}"}],
+        }
+        for item in items
+    ]
+    collate = ConversationCollator(
+        tokenizer, module.collate.visual_tokens_per_media, module.collate.max_length, for_generation=True
+    )
+    replies = module.model.generate(collate(prompts), max_new_tokens)
+    described = []
+    for item, reply in zip(items, replies):
+        description = tokenizer.decode([i for i in reply if i != tokenizer.eos_id], skip_special_tokens=True)
+        question, answer = item["conversations"]
+        described.append(
+            item
+            | {
+                "described_as": description,
+                "conversations": [
+                    prompts[0]["conversations"][0],
+                    {"from": "gpt", "value": description},
+                    {"from": "human", "value": question["value"].removeprefix("<video>\n")},
+                    answer,
+                ],
+            }
+        )
+    return described
 
 
 def caption_answer_correct(module: VideoLLMModule, items: list[dict]) -> list[bool]:
@@ -59,8 +101,11 @@ def caption_answer_correct(module: VideoLLMModule, items: list[dict]) -> list[bo
     return results
 
 
-def score_run(checkpoint: str, frames: int | None, control: str, groups: int, batch_groups: int) -> dict:
-    """Accuracy table of one checkpoint on the test split (optionally at another frame count or control)."""
+def score_run(
+    checkpoint: str, frames: int | None, control: str, protocol: str, groups: int, batch_groups: int
+) -> dict:
+    """Accuracy table of one checkpoint on the test split (optionally at another frame count or control, or
+    in the describe-then-answer protocol)."""
     overrides = {"frames": frames} if frames else {}
     module = TimeloomModule.from_checkpoint(checkpoint, **overrides).eval()
     hp = module.hparams
@@ -80,6 +125,8 @@ def score_run(checkpoint: str, frames: int | None, control: str, groups: int, ba
         for start in tqdm(range(0, groups, batch_groups), desc=Path(checkpoint).parts[-3], leave=False):
             chunk = [dataset[i] for i in range(start, min(start + batch_groups, groups))]
             items = flatten_groups(chunk)
+            if protocol == "describe":
+                items = describe_first(module, items)
             correct = first_token_correct(module, items).tolist()
             for item, right in zip(items, correct):
                 chance = 1 / len(item["options"])
@@ -114,9 +161,16 @@ def parse_run(text: str) -> tuple[str, str, dict]:
     name, _, rest = text.partition("=")
     checkpoint, *options = rest.split("@")
     settings = dict(option.split("=", 1) for option in options)
-    unknown = set(settings) - {"frames", "control"}
-    if not name or not checkpoint or unknown:
-        raise SystemExit(f"bad run {text!r}: use NAME=CKPT[@frames=N][@control=middle_frame]")
+    unknown = set(settings) - {"frames", "control", "protocol"}
+    if (
+        not name
+        or not checkpoint
+        or unknown
+        or settings.get("protocol", "answer") not in ("answer", "describe")
+    ):
+        raise SystemExit(
+            f"bad run {text!r}: use NAME=CKPT[@frames=N][@control=middle_frame][@protocol=answer|describe]"
+        )
     return name, checkpoint, settings
 
 
@@ -126,7 +180,14 @@ def score(args: argparse.Namespace) -> None:
     for text in args.runs:
         name, checkpoint, settings = parse_run(text)
         frames = int(settings["frames"]) if "frames" in settings else None
-        table = score_run(checkpoint, frames, settings.get("control", "none"), args.groups, args.batch_groups)
+        table = score_run(
+            checkpoint,
+            frames,
+            settings.get("control", "none"),
+            settings.get("protocol", "answer"),
+            args.groups,
+            args.batch_groups,
+        )
         results[name] = {"checkpoint": checkpoint, **settings, **table}
         shown = {k: round(v, 3) for k, v in table.items() if not k.startswith("chance")}
         print(name, json.dumps(shown))
@@ -192,7 +253,9 @@ def main() -> None:
     )
     commands = parser.add_subparsers(required=True)
     scoring = commands.add_parser("score", help="score checkpoints on the test split")
-    scoring.add_argument("runs", nargs="+", help="NAME=CKPT[@frames=N][@control=middle_frame]")
+    scoring.add_argument(
+        "runs", nargs="+", help="NAME=CKPT[@frames=N][@control=middle_frame][@protocol=answer|describe]"
+    )
     scoring.add_argument("--groups", type=int, default=256, help="conflict groups (twice as many items)")
     scoring.add_argument("--batch-groups", type=int, default=32)
     scoring.add_argument("--out", default="benchmarks/understanding-quality.json")

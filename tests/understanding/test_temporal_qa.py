@@ -159,6 +159,28 @@ def test_caption_share_mixes_captions_into_training_only():
         TemporalQA(caption_share=1.5)
 
 
+def test_describe_first_asks_for_the_caption_then_the_same_question():
+    plain, described = TemporalQA(length=40, seed=3), TemporalQA(length=40, seed=3, describe_first=0.5)
+    two_turn = 0
+    for i in range(40):
+        for one, two in zip(plain[i], described[i]):
+            assert torch.equal(one["video"], two["video"])  # the drawn share does not move the scene
+            if len(two["conversations"]) == 4:
+                two_turn += 1
+                first, caption, question, reply = two["conversations"]
+                assert first["value"] == "<video>\nDescribe the video." and caption["value"] == one["caption"]
+                assert question["value"] == one["conversations"][0]["value"].removeprefix("<video>\n")
+                assert reply == one["conversations"][1]
+            else:
+                assert two["conversations"] == one["conversations"]
+    assert 20 < two_turn < 60  # half of 80 items, in whole groups
+    module = TemporalQADataModule(describe_first=0.5, train_length=5, val_length=5, test_length=5)
+    assert module.build_dataset("train").describe_first == 0.5
+    assert module.build_dataset("test").describe_first == 0.0
+    with pytest.raises(ValueError, match="describe_first"):
+        TemporalQA(describe_first=-0.1)
+
+
 def test_controls_show_less_time_but_ask_the_same():
     full = TemporalQA(length=3, seed=8)
     middle, shuffled = (TemporalQA(length=3, seed=8, control=c) for c in ("middle_frame", "shuffled"))

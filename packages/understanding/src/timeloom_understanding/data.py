@@ -55,6 +55,7 @@ COUNTS = ("once", "twice", "three times")
 MOMENTS = ("at the start", "in the middle", "at the end")
 LETTERS = "ABCD"
 CONTROLS = ("none", "middle_frame", "random_frame", "shuffled")
+DESCRIBE = "Describe the video."
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -131,6 +132,10 @@ class TemporalQA(Dataset):
         task: ``qa`` (questions) or ``caption`` (describe the video: the stage-1 alignment task).
         caption_share: with ``task="qa"``, the share of groups (drawn by the item seed) asked for a caption
             instead: a training lever, the caption names the temporal fact with no option to match.
+        describe_first: with ``task="qa"``, the share of the other groups (drawn by the item seed) asked in
+            two turns: "Describe the video." and its caption, then the question. It teaches the
+            describe-then-answer protocol, in which the model reads the fact from its own description
+            (matching text to text) instead of from the visual tokens; the question's reply is the last turn.
         control: what the model sees, for the controls that show a question needs time: ``none`` (the
             video), ``middle_frame`` (only the middle frame, ``T = 1``), ``random_frame`` (one frame at an
             index drawn from the item's seed) or ``shuffled`` (frames in an order drawn from the item's seed).
@@ -153,15 +158,18 @@ class TemporalQA(Dataset):
         max_options: int = 4,
         task: str = "qa",
         caption_share: float = 0.0,
+        describe_first: float = 0.0,
         control: str = "none",
         seed: int = 0,
         channels: int = 1,
     ) -> None:
         if task not in ("qa", "caption"):
             raise ValueError(f"task must be 'qa' or 'caption'; got {task!r}")
-        if not 0 <= caption_share <= 1:
-            raise ValueError(f"caption_share must lie in [0, 1]; got {caption_share}")
-        self.caption_share = caption_share
+        if not (0 <= caption_share <= 1 and 0 <= describe_first <= 1):
+            raise ValueError(
+                f"caption_share and describe_first must lie in [0, 1]; got {caption_share}, {describe_first}"
+            )
+        self.caption_share, self.describe_first = caption_share, describe_first
         if control not in CONTROLS:
             raise ValueError(f"control must be one of {CONTROLS}; got {control!r}")
         self.control = control
@@ -199,19 +207,19 @@ class TemporalQA(Dataset):
         if captioned:
             fmt = "caption"
             prompt, replies = (
-                "Describe the video.",
+                DESCRIBE,
                 [_caption(aspect, meta["labels"], a) for meta, a in zip(metas, answers)],
             )
+        described = not captioned and self.describe_first > 0 and rng.random() < self.describe_first
         items = []
         for variant, (meta, answer, reply) in enumerate(zip(metas, answers, replies)):
             items.append(
                 {
                     "id": f"temporal_qa/{self.split}/{index:06d}/{variant}",
                     "video": self._shown(self.render(meta), rng),
-                    "conversations": [
-                        {"from": "human", "value": f"<video>\n{prompt}"},
-                        {"from": "gpt", "value": reply},
-                    ],
+                    "conversations": _turns(
+                        prompt, reply, _caption(aspect, meta["labels"], answer) if described else None
+                    ),
                     "aspect": aspect,
                     "format": fmt,
                     "answer": answer,
@@ -438,6 +446,18 @@ def temporal_qa_vocabulary(groups: int = 1000) -> str:
     return train_wordpiece(texts)
 
 
+def _turns(prompt: str, reply: str, description: str | None) -> list[dict[str, str]]:
+    """One question turn, or with a ``description`` a "Describe the video." turn before it."""
+    if description is None:
+        return [{"from": "human", "value": f"<video>\n{prompt}"}, {"from": "gpt", "value": reply}]
+    return [
+        {"from": "human", "value": f"<video>\n{DESCRIBE}"},
+        {"from": "gpt", "value": description},
+        {"from": "human", "value": prompt},
+        {"from": "gpt", "value": reply},
+    ]
+
+
 def flatten_groups(groups: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Conflict groups → items, each group's items kept together (so they share a batch)."""
     return [item for group in groups for item in (group if isinstance(group, list) else [group])]
@@ -598,6 +618,7 @@ class TemporalQADataModule(TimeloomDataModule):
         max_options: int = 4,
         task: str = "qa",
         caption_share: float = 0.0,
+        describe_first: float = 0.0,
         control: str = "none",
         channels: int = 1,
         train_length: int = 10_000,
@@ -622,11 +643,10 @@ class TemporalQADataModule(TimeloomDataModule):
             control=control,
             channels=channels,
         )
-        self.caption_share = caption_share
-        TemporalQA(length=0, caption_share=caption_share, **self.dataset_args)  # fail now, not at a batch
+        self.shares = {"caption_share": caption_share, "describe_first": describe_first}
+        TemporalQA(length=0, **self.shares, **self.dataset_args)  # fail now, not at a batch
 
     def build_dataset(self, split: str) -> TemporalQA:
-        share = self.caption_share if split == "train" else 0.0  # held-out splits ask questions only
-        return TemporalQA(
-            split, length=self.lengths[split], seed=self.seed, caption_share=share, **self.dataset_args
-        )
+        # held-out splits ask single-turn questions only
+        shares = self.shares if split == "train" else {}
+        return TemporalQA(split, length=self.lengths[split], seed=self.seed, **shares, **self.dataset_args)
