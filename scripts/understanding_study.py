@@ -9,6 +9,11 @@ of options, averaged over the items). The test split's glyphs are disjoint from 
 the video." (the describe-then-answer protocol that `TemporalQA(describe_first=...)` trains); the deciding
 token is then the first of the last reply.
 
+``binding-probe`` asks whether the tiny LM can learn the answer format at all: text only, the caption (the
+temporal fact) written before the question, so only matching it to an option letter or yes/no is left.
+
+    python scripts/understanding_study.py binding-probe --steps 500
+
     python scripts/understanding_study.py score NAME=CKPT[@frames=32][@control=middle_frame][@protocol=describe] ... \
         --groups 256 --out benchmarks/understanding-quality.json
     python scripts/understanding_study.py figure benchmarks/understanding-quality.json \
@@ -229,6 +234,57 @@ def figure(args: argparse.Namespace) -> None:
     print("wrote", args.out)
 
 
+def binding_probe(args: argparse.Namespace) -> None:
+    """Train the tiny configs' LLM (text only) on questions whose fact is given as text; print the held-out
+    accuracy of the deciding token as it learns."""
+    from timeloom_understanding.hf_backbone import LLMConfig
+    from timeloom_understanding.model import VideoLLMConfig
+
+    torch.manual_seed(0)
+    llm = LLMConfig(
+        hidden_size=128, layers=3, heads=4, intermediate_size=256
+    )  # as configs/understanding/*-tiny
+    module = VideoLLMModule(VideoLLMConfig(llm=llm, tokenizer_path=args.tokenizer))
+
+    def fact_then_question(groups: list) -> list[dict]:
+        return [
+            {
+                "id": item["id"],
+                "conversations": [
+                    {
+                        "from": "human",
+                        "value": item["caption"]
+                        + "\n"
+                        + item["conversations"][0]["value"].removeprefix("<video>\n"),
+                    },
+                    item["conversations"][1],
+                ],
+            }
+            for item in flatten_groups(groups)
+        ]
+
+    train, test = TemporalQA("train", length=args.steps * 16), TemporalQA("test", length=args.groups)
+    held_out = fact_then_question([test[i] for i in range(args.groups)])
+    optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
+    started = time.process_time()
+    for step in tqdm(range(args.steps), desc="binding probe"):
+        loss, _ = module.model.loss(
+            module.collate(fact_then_question([train[step * 16 + k] for k in range(16)]))
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        warmup.step()
+        if (step + 1) % 100 == 0:
+            with torch.no_grad():
+                accuracy = first_token_correct(module, held_out).float().mean().item()
+            cpu = (time.process_time() - started) / 60
+            tqdm.write(
+                f"step {step + 1}: loss {loss.item():.3f}, held-out accuracy {accuracy:.3f} ({cpu:.1f} CPU-min)"
+            )
+
+
 def table(args: argparse.Namespace) -> None:
     """The results as a Markdown table: accuracy per aspect, reversed twins, pairs, overall; chance below."""
     results = json.loads(Path(args.results).read_text())
@@ -270,6 +326,12 @@ def main() -> None:
     tabling.add_argument("--names", nargs="*")
     tabling.add_argument("--captions", action="store_true", help="add the caption-probe columns")
     tabling.set_defaults(handler=table)
+    probing = commands.add_parser("binding-probe", help="can the LM learn the answer format from text facts?")
+    probing.add_argument("--steps", type=int, default=500)
+    probing.add_argument("--lr", type=float, default=1e-3)
+    probing.add_argument("--groups", type=int, default=128, help="held-out conflict groups")
+    probing.add_argument("--tokenizer", default="temporal_qa")
+    probing.set_defaults(handler=binding_probe)
     args = parser.parse_args()
     args.handler(args)
 
