@@ -191,6 +191,37 @@ def sniah_eval(samples: int) -> None:
         subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
+def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
+    """Validation accuracy of a run's last checkpoint split by where the query is: among the first ``reach``
+    tokens (the MAC segment or attention window, so attention alone sees the context) or past them. Beside it,
+    how often the answer is one of the sequence's own values: the 1/num_pairs plateau answers a context value
+    without binding it to its key, and past ``reach`` only a memory (or a second layer) can know those values."""
+    import torch
+    from timeloom_memory.module import MemoryLMModule
+    from timeloom_memory.tasks import IGNORE, MQAR
+
+    module = MemoryLMModule.load_from_checkpoint(run_dir / "checkpoints/last.ckpt", map_location="cpu").eval()
+    config = module.config
+    reach = config.segment if config.block == "mac" else config.window
+    items = [MQAR(**task, length=samples, split="val")[i] for i in range(samples)]
+    input_ids = torch.stack([item["input_ids"] for item in items])
+    labels = torch.stack([item["labels"] for item in items])
+    with torch.no_grad():
+        answers = torch.cat([module(ids).argmax(-1) for ids in input_ids.split(64)])
+    values = input_ids[:, 1 : 2 * task["num_pairs"] : 2]
+    a_value = (answers.unsqueeze(-1) == values.unsqueeze(1)).any(-1)
+    labelled, position = labels != IGNORE, torch.arange(labels.shape[1])
+    result = {"reach": reach}
+    for name, where in (("near", position < reach), ("far", position >= reach)):
+        chosen = labelled & where
+        result[name] = {
+            "queries": int(chosen.sum()),
+            "acc": round(float((answers == labels)[chosen].float().mean()), 3),
+            "answer_is_a_context_value": round(float(a_value[chosen].float().mean()), 3),
+        }
+    return result
+
+
 def report() -> None:
     """Accuracy-vs-step curves per setting (docs/memory-mqar-curves.png) and a results table (JSON)."""
     import matplotlib
@@ -206,6 +237,8 @@ def report() -> None:
             if not (run_dir / "summary.json").exists():
                 continue
             summaries[f"{model}-{setting}"] = json.loads((run_dir / "summary.json").read_text())
+            if (run_dir / "checkpoints/last.ckpt").exists():
+                summaries[f"{model}-{setting}"]["by_reach"] = by_reach(run_dir, task)
             curve = read_curve(run_dir)
             ax.plot(
                 curve["val_step"],
