@@ -6,10 +6,11 @@
     python scripts/memory_study.py report                         # curves (docs/memory-*.png) + results JSON
 
 Each run is `timeloom fit` on a model config from configs/memory/ with the setting's data flags, a CPU-time
-budget (`timeloom.throughput.CpuTimeBudget`, so a shared machine does not shorten it; a wall-clock cap of three
-times the budget stops a stuck run), the CSV logger and early stopping once validation accuracy reaches 0.99 (Zoology's
-stop). A run writes ``runs/memory-study/<task>/<model>-<setting>/summary.json`` (CPU minutes, wall time, steps,
-best accuracy) beside its CSV; a new run moves an older one of the same name to ``<task>/superseded/``.
+budget (`timeloom.throughput.CpuTimeBudget`, so a shared machine does not shorten it; a wall-clock cap of
+three times the budget stops a stuck run), the CSV logger and early stopping once validation accuracy reaches
+0.99 (Zoology's stop). A run writes ``runs/memory-study/<task>/<model>-<setting>/summary.json`` (CPU minutes,
+wall time, steps, best accuracy) beside its CSV; a new run moves an older one of the same name to
+``<task>/superseded/``.
 """
 
 from __future__ import annotations
