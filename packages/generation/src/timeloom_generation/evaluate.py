@@ -351,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, default=64, help="rollouts per setting")
     parser.add_argument("--length-factor", type=int, default=4, help="rollout length / training length")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--broadway", action="store_true", help="add a setting with ByTheWay's defaults")
+    parser.add_argument("--broadway", action="store_true", help="add a setting with BroadWay's defaults")
     parser.add_argument(
         "--broadway-with",
         action="append",
