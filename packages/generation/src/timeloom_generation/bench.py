@@ -15,14 +15,17 @@ primitive's best call (best of N, the least disturbed), and as checks from the m
 thread CPU time (on CPU, what the call computed, whatever else ran). The chunk-only forward (the same C frames
 with no cache) is the floor of a cached read: ``read / chunk-only - 1`` is what the cache itself costs, and
 ``S·window / ((S + 1)·chunk-only)`` over the ideal is the most a free cache could reach (a forward's fixed
-costs do not shrink with its frames). CPU runs use one thread unless ``--threads`` says otherwise. Text
-encoding and decoding are excluded. Output: ``generation.json`` and ``generation.md`` under ``--out``. Mind
+costs do not shrink with its frames). Beside the steady state, whole rollouts of
+``--rollout-frames`` latent frames from text (`ARSampler`, cached against windowed) are timed end to end, with
+their own ideal: frames run through the model, counted over the rollout's chunks (the first ones have shorter
+prefixes). CPU runs use one thread unless ``--threads`` says otherwise. Text encoding and decoding are excluded. Output: ``generation.json`` and ``generation.md`` under ``--out``. Mind
 the machine's load (recorded): compare only runs on the same device.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -35,8 +38,17 @@ from timeloom_kernels.bench import describe_environment, resolve_device_and_dtyp
 from tqdm.auto import tqdm
 
 from timeloom_generation.model import CausalSTDiT, CausalSTDiTConfig
+from timeloom_generation.sampling import ARSampler, chunk_plan
 
-__all__ = ["chunk_primitives", "chunk_row", "interleaved_times", "main", "time_chunk"]
+__all__ = [
+    "chunk_primitives",
+    "chunk_row",
+    "interleaved_times",
+    "main",
+    "rollout_ideal",
+    "time_chunk",
+    "time_rollout",
+]
 
 TINY = CausalSTDiTConfig(in_channels=1, patch=4, width=96, depth=4, heads=4, text_tokens=16)
 # (P, C, S): the tiny config's steady state, and the issue's P = 24, C = 8 at two step counts.
@@ -158,6 +170,56 @@ def time_chunk(
     return chunk_row(interleaved_times(primitives, rounds, device), prefix, chunk, steps, batch)
 
 
+def rollout_ideal(frames: int, prefix: int, chunk: int, steps: int) -> float:
+    """Frames the windowed rollout runs through the model over those the cached one runs (writes included)."""
+    chunks = chunk_plan(frames, 0, chunk)
+    windowed = sum(steps * (min(c.start, prefix) + len(c)) for c in chunks)
+    cached = sum(steps * len(c) for c in chunks) + sum(len(c) for c in chunks[:-1])  # the last is not written
+    return windowed / cached
+
+
+def time_rollout(
+    model: CausalSTDiT,
+    frames: int,
+    prefix: int,
+    chunk: int,
+    steps: int,
+    grid: tuple[int, int],
+    batch: int,
+    rounds: int = 1,
+) -> dict:
+    """Seconds to generate ``frames`` latent frames from text, cached and windowed, interleaved."""
+    parameter = next(model.parameters())
+    config = model.config
+    text = torch.randn(batch, config.text_tokens, config.width, generator=torch.Generator().manual_seed(0))
+    text = text.to(parameter.device, parameter.dtype)
+    samplers = {
+        mode: ARSampler(model, chunk_frames=chunk, cache_frames=prefix, steps=steps, mode=mode)
+        for mode in ("cached", "window")
+    }
+    calls = {
+        mode: functools.partial(sampler.sample, text, frames=frames, grid=grid)
+        for mode, sampler in samplers.items()
+    }
+    times = interleaved_times(calls, rounds, parameter.device)["wall"]
+    best = {mode: min(values) for mode, values in times.items()}
+    ideal = rollout_ideal(frames, prefix, chunk, steps)
+    speedup = best["window"] / best["cached"]
+    return {
+        "frames": frames,
+        "prefix": prefix,
+        "chunk": chunk,
+        "steps": steps,
+        "batch": batch,
+        "rounds": rounds,
+        "cached_s": best["cached"],
+        "window_s": best["window"],
+        "speedup": speedup,
+        "ideal": ideal,
+        "of_ideal": speedup / ideal,
+    }
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="timeloom bench generation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -167,6 +229,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=32, help="latent grid side (pixels with the tiny config)")
     parser.add_argument("--rounds", type=int, default=15, help="timed calls per primitive, interleaved")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (one: least disturbed by load)")
+    parser.add_argument("--rollout-frames", type=int, default=64, help="latent frames of the timed rollouts")
+    parser.add_argument(
+        "--rollout-batch",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="batch sizes of the timed rollouts (none: skip)",
+    )
+    parser.add_argument("--rollout-rounds", type=int, default=1, help="timed rollouts per mode, interleaved")
     args = parser.parse_args(argv)
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     if device.type == "cpu":
@@ -191,6 +262,11 @@ def main(argv: list[str]) -> int:
                 clock: {n: values[(p, c, batch, n)] for n in PRIMITIVES} for clock, values in times.items()
             }
             rows.append(chunk_row(cell, p, c, s, batch))
+    # the issue's P = 24, C = 8, S = 20, as whole rollouts from text
+    rollouts = [
+        time_rollout(model, args.rollout_frames, 24, 8, 20, grid, batch, args.rollout_rounds)
+        for batch in tqdm(args.rollout_batch, desc="rollouts")
+    ]
     environment = {
         **describe_environment(device, dtype, "tiny"),
         "load_average_before": load_before,
@@ -198,7 +274,7 @@ def main(argv: list[str]) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generation.json").write_text(
-        json.dumps({"environment": environment, "rows": rows}, indent=2)
+        json.dumps({"environment": environment, "rows": rows, "rollouts": rollouts}, indent=2)
     )
     lines = [
         f"Steady-state chunk (cache full, ring wrapped), tiny CausalSTDiT, {args.size}² grid, "
@@ -228,6 +304,20 @@ def main(argv: list[str]) -> int:
         "nothing (read = chunk-only) would reach; *cache overhead*: read / chunk-only − 1 (the attention to the "
         "held frames included).",
     ]
+    if rollouts:
+        lines += [
+            "",
+            f"Whole rollouts of {args.rollout_frames} latent frames from text (P = 24, C = 8, S = 20; best of "
+            f"{args.rollout_rounds} interleaved per mode; ideal: frames through the model, windowed over cached)",
+            "",
+            "| batch | cached s | windowed s | speedup | ideal | of ideal |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {r['batch']} | {r['cached_s']:.2f} | {r['window_s']:.2f} | {r['speedup']:.2f} | {r['ideal']:.2f} "
+                f"| **{r['of_ideal']:.2f}** |"
+                for r in rollouts
+            ),
+        ]
     (args.out / "generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
