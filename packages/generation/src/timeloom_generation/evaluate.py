@@ -158,6 +158,8 @@ def score(
     motions = judge.config.motions
     frames = videos.shape[2]
     curves = identity_curves(verdict, [digit for digit, _ in prompts])
+    prompted = torch.tensor([digit for digit, _ in prompts])[:, None]
+    motion = motion_magnitude(verdict)
     first, last = slice(0, window), slice(frames - window, frames)
     moved = verdict["centre"][:, 1:] - verdict["centre"][:, :-1]
     return {
@@ -178,14 +180,24 @@ def score(
             "end": curves["first"][last].mean().item(),
             "curve": curves["first"].tolist(),
         },
-        "motion_px": mean_ci(motion_magnitude(verdict)),
+        "motion_px": mean_ci(motion),
         "motion_px_first_window": moved[:, : window - 1].norm(dim=-1).mean().item(),
         "motion_px_last_window": moved[:, -(window - 1) :].norm(dim=-1).mean().item(),
         "motion_curve": moved.norm(dim=-1).mean(0).tolist(),
         "still_share": (verdict["motion"] == motions.index("still")).float().mean().item(),
         "subject_consistency": subject_consistency(verdict["features"]).mean().item(),
         "frechet": frechet_distance(real_features, extractor(videos)),
+        # per video, for paired intervals between settings (the same prompts and noise)
+        "per_video": {
+            "identity_vs_prompt": (verdict["digit"] == prompted).float().mean(1).tolist(),
+            "motion_px": motion.tolist(),
+        },
     }
+
+
+def paired_change(entry: dict, baseline: dict, key: str) -> dict[str, float]:
+    """Mean per-video difference ``entry − baseline`` of ``per_video[key]`` and its 95% interval half-width."""
+    return mean_ci(torch.tensor(entry["per_video"][key]) - torch.tensor(baseline["per_video"][key]))
 
 
 def two_part_scores(videos: Tensor, parts: list[tuple[int, str]], judge: DigitsJudge) -> dict:
@@ -301,20 +313,23 @@ def prompted_markdown(report: dict) -> list[str]:
     lines += [
         "",
         "Prompt scores are over the first training-length window; *direction* is the first judged step, "
-        "*axis* the share of steps on the prompted axis (MovingDigits bounces).",
+        "*axis* the share of steps on the prompted axis (MovingDigits bounces). Changes against plain: ± is the "
+        "95% interval of the per-video paired difference (same prompts, same noise).",
     ]
     plain = report["settings"]["plain"]
     for name, entry in report["settings"].items():
         if name == "plain" or name.startswith("real"):
             continue
-        motion = entry["motion_px"]["mean"] / max(plain["motion_px"]["mean"], 1e-8)
-        identity = 100 * (entry["identity_vs_prompt"]["mean"] - plain["identity_vs_prompt"]["mean"])
+        scale = max(plain["motion_px"]["mean"], 1e-8)
+        motion = paired_change(entry, plain, "motion_px")
+        identity = paired_change(entry, plain, "identity_vs_prompt")
         consistency = 100 * (
             entry["identity_vs_first_frame"]["end"] - plain["identity_vs_first_frame"]["end"]
         )
         lines.append(
-            f"- {name} vs plain: motion x{motion:.2f}, identity vs prompt (whole rollout) {identity:+.1f} points, "
-            f"vs frame 0 at the end {consistency:+.1f} points."
+            f"- {name} vs plain: motion x{entry['motion_px']['mean'] / scale:.2f} "
+            f"(± {motion['ci95'] / scale:.2f}), identity vs prompt (whole rollout) {100 * identity['mean']:+.1f} "
+            f"± {100 * identity['ci95']:.1f} points, vs frame 0 at the end {consistency:+.1f} points."
         )
     return lines
 
