@@ -62,6 +62,9 @@ VIDEO_MODELS = {
     "memory": ("video-recall-tiny.yaml", []),
     "memory-keep": ("video-recall-tiny.yaml", ["--model.init_args.config.memory.memory.alpha_bias=-8"]),
     "hcam": ("video-recall-hcam-tiny.yaml", []),  # HCAM over frames: top-4 frames, nothing forgotten
+    # every frame read (k = M, the two-level softmax): top-4 of 16 gives the relevance scores no gradient toward
+    # a frame that is never chosen, so "first" can stay unreachable
+    "hcam-all": ("video-recall-hcam-tiny.yaml", ["--model.init_args.config.hcam_top_k=16"]),
 }
 TARGET = 0.99
 
