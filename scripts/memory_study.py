@@ -48,10 +48,11 @@ SNIAH_MODELS = {
     "swa": "swa-sniah-tiny.yaml",
     "attention": "attention-sniah-tiny.yaml",
 }
-# Trained at 64 tokens with the needle at depth 0 or 25 %: always in an earlier MAC segment (32) than the query and
-# outside the window (32), so only a memory can answer. With every depth mixed, the needles next to the query are
-# copied by attention within ~75 steps and the memory path stays at chance (seq 64, 150 steps); at 256 tokens a step
-# costs 4x more. Tested at every depth, 64 to 8K tokens.
+# Trained at 64 tokens with the needle at depth 0 or 25 %: always in an earlier MAC segment (32) than the query, so
+# MAC reaches it only through its memory (its attention stays inside a segment). Two stacked windows of 32 reach 62
+# tokens back, so at 64 the sliding window sees it too, and beyond that it cannot. With every depth mixed, the needles
+# next to the query are copied by attention within ~75 steps and MAC's memory path stays at chance (seq 64, 150
+# steps). Tested at every depth, 64 to 8K tokens.
 SNIAH_TRAIN_LENGTH, SNIAH_TRAIN_DEPTHS = 64, (0, 25)
 SNIAH_TEST_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # Long-video recall: Titans memory + window against the window alone.
