@@ -8,6 +8,7 @@ explicit ``backend=`` raises ``ValueError`` saying why. Nothing is dropped silen
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -89,7 +90,8 @@ def select_backend(problem: Problem) -> str:
     return "sdpa"
 
 
-def _available(device: torch.device, probe_xformers: bool) -> frozenset[str]:
+@functools.cache  # per process: what is installed does not change, and the xformers probe runs a kernel
+def _available(device_type: str, probe_xformers: bool) -> frozenset[str]:
     names = {"reference", "sdpa"}
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
@@ -97,7 +99,7 @@ def _available(device: torch.device, probe_xformers: bool) -> frozenset[str]:
         names.add("flex")
     except ImportError:
         pass
-    if probe_xformers and xformers_backend.probe(device.type) is None:
+    if probe_xformers and xformers_backend.probe(device_type) is None:
         names.add("xformers")
     return frozenset(names)
 
@@ -180,7 +182,8 @@ def describe(
     mask = _drop_full(mask)
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, q.device)  # raises on bad positions
+    if q_pos is not None or kv_pos is not None:
+        resolve_positions(q_pos, kv_pos, batch, q_len, kv_len, q.device)  # raises on bad positions
     on_cuda = q.device.type == "cuda"
     probe_xformers = probe_xformers or on_cuda
     block_sparsity = None
@@ -216,7 +219,7 @@ def describe(
         or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))),
         default_positions=q_pos is None and kv_pos is None,
         needs_probs=needs_probs,
-        available=_available(q.device, probe_xformers),
+        available=_available(q.device.type, probe_xformers),
         block_sparsity=block_sparsity,
         xformers_exact=xformers_exact,
     )
