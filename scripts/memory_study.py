@@ -239,23 +239,26 @@ def report() -> None:
     for ax, (setting, task) in zip(axes[0], MQAR_SETTINGS.items()):
         for model in MODELS:
             run_dir = RUNS / "mqar" / f"{model}-{setting}"
-            if not (run_dir / "summary.json").exists():
-                continue
-            summaries[f"{model}-{setting}"] = json.loads((run_dir / "summary.json").read_text())
-            if (run_dir / "checkpoints/last.ckpt").exists():
-                summaries[f"{model}-{setting}"]["by_reach"] = by_reach(run_dir, task)
             curve = read_curve(run_dir)
+            finished = (run_dir / "summary.json").exists()
+            if finished:
+                summaries[f"{model}-{setting}"] = json.loads((run_dir / "summary.json").read_text())
+                if (run_dir / "checkpoints/last.ckpt").exists():
+                    summaries[f"{model}-{setting}"]["by_reach"] = by_reach(run_dir, task)
+            elif not curve["val_step"]:
+                continue
             ax.plot(
                 curve["val_step"],
                 curve["val_acc"],
                 marker=".",
                 color=f"C{list(MODELS).index(model)}",
-                label=model,
+                label=model if finished else f"{model} (running, {curve['cpu_minutes']} CPU-min)",
             )
         ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
         ax.set(title=f"MQAR seq {task['seq_len']} / {task['num_pairs']} pairs / V {task['vocab_size']}",
                xlabel="training step (batch 64)", ylabel="validation accuracy", ylim=(0, 1.02))  # fmt: skip
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(ROOT / "docs/memory-mqar-curves.png", dpi=120)
     (RUNS / "mqar/results.json").write_text(json.dumps(summaries, indent=2))
