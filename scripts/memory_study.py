@@ -252,7 +252,7 @@ def report() -> None:
                 curve["val_acc"],
                 marker=".",
                 color=f"C{list(MODELS).index(model)}",
-                label=model if finished else f"{model} (running, {curve['cpu_minutes']} CPU-min)",
+                label=model if finished else f"{model} (unfinished, {curve['cpu_minutes']} CPU-min)",
             )
         ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
         ax.set(title=f"MQAR seq {task['seq_len']} / {task['num_pairs']} pairs / V {task['vocab_size']}",
