@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from math import prod
 
 import lightning.pytorch as pl
@@ -18,6 +19,7 @@ from torch.utils.flop_counter import (
     sdpa_backward_flop_count,
     sdpa_flop_count,
 )
+from tqdm.auto import tqdm
 
 
 # torch's FlopCounterMode does not count the CPU flash-attention kernels at all, and counts a grouped (e.g.
@@ -88,6 +90,41 @@ def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def interleaved_times(
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    device: torch.device | str = "cpu",
+    *,
+    budget_s: float = 0.0,
+    max_rounds: int | None = None,
+    warmup: int = 2,
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds of every call, the calls taking turns (one of each per round) so a shared machine's load hits them
+    alike: ``warmup`` untimed rounds, then ``rounds`` timed ones, and more while ``budget_s`` seconds last, up to
+    ``max_rounds``. Returns ``{"wall": {name: [...]}, "cpu": {name: [...]}}``, "cpu" being this thread's CPU time
+    (CPU devices only). CUDA work is synchronised after each call."""
+    device = torch.device(device)
+    times: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in calls}, "cpu": {n: [] for n in calls}}
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+            _synchronize(device)
+    limit = max(rounds, max_rounds or 0)
+    deadline = time.perf_counter() + budget_s
+    with tqdm(total=rounds, desc="timed rounds", leave=False) as progress:
+        while progress.n < rounds or (progress.n < limit and time.perf_counter() < deadline):
+            for name, call in calls.items():
+                wall, cpu = time.perf_counter(), time.thread_time()
+                call()
+                _synchronize(device)
+                times["wall"][name].append(time.perf_counter() - wall)
+                times["cpu"][name].append(time.thread_time() - cpu)
+            progress.update()
+    if device.type != "cpu":
+        times.pop("cpu")
+    return times
 
 
 def _compute_dtype(precision: str, parameter_dtype: torch.dtype) -> torch.dtype:

@@ -9,7 +9,7 @@ import torch
 from timeloom.logging import WandbLogger, wandb_has_api_key
 from timeloom.models import VideoAutoencoder, VideoAutoencoderConfig
 from timeloom.module import StateDictMismatchError, TimeloomModule, WarmupCosine, load_state_dict_checked
-from timeloom.throughput import CpuTimeBudget, measure_matmul_peak
+from timeloom.throughput import CpuTimeBudget, interleaved_times, measure_matmul_peak
 
 
 def tiny_module(**kwargs) -> VideoAutoencoder:
@@ -159,3 +159,21 @@ def test_cpu_time_budget_stops_training_once_spent_and_not_before():
     assert steps_taken(60) == 12  # an hour is never spent by 12 tiny steps
     with pytest.raises(ValueError, match="positive"):
         CpuTimeBudget(0)
+
+
+def test_interleaved_calls_take_turns_after_warming_up():
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 5  # two warm-up rounds, then three timed ones
+    assert {clock: [len(v) for v in values.values()] for clock, values in times.items()} == {
+        "wall": [3, 3],
+        "cpu": [3, 3],
+    }
+
+
+def test_interleaved_rounds_go_on_while_the_budget_lasts_up_to_the_cap():
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a")}, 2, budget_s=60.0, max_rounds=5, warmup=0)
+    assert len(calls) == 5 and len(times["wall"]["a"]) == 5  # a long budget stops at the cap
+    times = interleaved_times({"a": lambda: None}, 2, budget_s=0.0, max_rounds=5, warmup=0)
+    assert len(times["wall"]["a"]) == 2  # a spent budget stops at the minimum

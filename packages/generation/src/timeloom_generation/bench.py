@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,13 +36,13 @@ import torch
 from timeloom_kernels.bench import describe_environment, resolve_device_and_dtype
 from tqdm.auto import tqdm
 
+from timeloom.throughput import interleaved_times
 from timeloom_generation.model import CausalSTDiT, CausalSTDiTConfig
 from timeloom_generation.sampling import ARSampler, chunk_plan
 
 __all__ = [
     "chunk_primitives",
     "chunk_row",
-    "interleaved_times",
     "main",
     "rollout_ideal",
     "time_chunk",
@@ -60,28 +59,6 @@ PRIMITIVES = (
     "window",
     "chunk_only",
 )  # in this order: first_read follows write
-
-
-def interleaved_times(
-    primitives: dict[str, Callable[[], None]], rounds: int, device
-) -> dict[str, dict[str, list[float]]]:
-    """Seconds of every call, ``rounds`` calls each, the primitives taking turns (after two warm-up rounds):
-    ``{"wall": {name: [...]}, "cpu": {name: [...]}}``, the CPU time being this thread's (CPU devices only)."""
-    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
-    for clock in times.values():
-        clock.update({name: [] for name in primitives})
-    for index in tqdm(range(rounds + 2), desc="rounds", leave=False):
-        for name, primitive in primitives.items():
-            wall, cpu = time.perf_counter(), time.thread_time()
-            primitive()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if index >= 2:
-                times["wall"][name].append(time.perf_counter() - wall)
-                times["cpu"][name].append(time.thread_time() - cpu)
-    if device.type != "cpu":
-        times.pop("cpu")
-    return times
 
 
 def chunk_primitives(

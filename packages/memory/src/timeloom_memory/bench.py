@@ -25,18 +25,17 @@ import argparse
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timeloom_kernels.bench import describe_environment, iqr_mean
+from timeloom_kernels.bench import describe_environment, iqr_mean, resolve_device_and_dtype
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from timeloom.throughput import flop_counter
+from timeloom.throughput import flop_counter, interleaved_times
 from timeloom_memory.neural_memory import NeuralMemory, NeuralMemoryConfig
 from timeloom_memory.tasks import IGNORE, MQAR
 from timeloom_memory.titans import TitansConfig, TitansLM
@@ -94,28 +93,28 @@ PRESETS = {
 UPDATES = ("sequential", "scan", "dual")
 
 
-def interleaved_ms(calls: dict[str, Callable[[], None]], preset: MemoryPreset) -> dict[str, dict[str, float]]:
-    """Inter-quartile mean ms of each call, wall and this thread's CPU time, the calls taking turns (one
-    call of each per round, after a first call and a warm-up round), so a shared machine's load hits all alike."""
-    for call in calls.values():
-        call()
-        call()
-    wall: dict[str, list[float]] = {name: [] for name in calls}
-    cpu: dict[str, list[float]] = {name: [] for name in calls}
-    deadline = time.perf_counter() + preset.budget_s * len(calls)
-    rounds = 0
-    while rounds < preset.max_runs and (rounds < preset.min_runs or time.perf_counter() < deadline):
-        for name, call in calls.items():
-            start_wall, start_cpu = time.perf_counter(), time.thread_time()
-            call()
-            wall[name].append(time.perf_counter() - start_wall)
-            cpu[name].append(time.thread_time() - start_cpu)
-        rounds += 1
-    return {name: {"wall": iqr_mean(wall[name]) * 1e3, "cpu": iqr_mean(cpu[name]) * 1e3} for name in calls}
+def interleaved_ms(
+    calls: dict[str, Callable[[], None]], preset: MemoryPreset, device: torch.device
+) -> dict[str, dict[str, float | None]]:
+    """Inter-quartile mean ms of each call, wall and this thread's CPU time (None on a GPU), the calls taking
+    turns (`timeloom.throughput.interleaved_times`), so a shared machine's load hits all alike."""
+    times = interleaved_times(calls, preset.min_runs, device, budget_s=preset.budget_s * len(calls),
+                              max_rounds=preset.max_runs)  # fmt: skip
+    ms = {
+        clock: {name: iqr_mean(values) * 1e3 for name, values in per_call.items()}
+        for clock, per_call in times.items()
+    }
+    return {name: {"wall": ms["wall"][name], "cpu": ms.get("cpu", {}).get(name)} for name in calls}
 
 
 def run_cell(
-    preset: MemoryPreset, updates: list[str], heads: int, head_dim: int, b: int, length: int
+    preset: MemoryPreset,
+    updates: list[str],
+    heads: int,
+    head_dim: int,
+    b: int,
+    length: int,
+    device: torch.device,
 ) -> list[dict]:
     """One row per update kernel on the same input and weights: `sequential` and `dual` timed in turns, `scan`
     on its own (its gigabytes of per-token weights, freed and refetched each call, slowed the call after it by
@@ -126,8 +125,8 @@ def run_cell(
         torch.manual_seed(0)  # the same weights for every kernel
         config = NeuralMemoryConfig(dim=dim, heads=heads, head_dim=head_dim, depth=2, expansion=4, chunk_size=b,
                                     update=update)  # fmt: skip
-        memories[update] = NeuralMemory(config)
-    x = torch.randn(preset.batch, length, dim, generator=torch.Generator().manual_seed(0))
+        memories[update] = NeuralMemory(config).to(device)
+    x = torch.randn(preset.batch, length, dim, generator=torch.Generator().manual_seed(0)).to(device)
 
     def forward(memory: NeuralMemory) -> None:
         with torch.no_grad():
@@ -139,8 +138,10 @@ def run_cell(
 
     fwd, fwdbwd = {}, {}
     for group in ([u for u in updates if u != "scan"], [u for u in updates if u == "scan"]):
-        fwd.update(interleaved_ms({u: lambda m=memories[u]: forward(m) for u in group}, preset))
-        fwdbwd.update(interleaved_ms({u: lambda m=memories[u]: forward_backward(m) for u in group}, preset))
+        fwd.update(interleaved_ms({u: lambda m=memories[u]: forward(m) for u in group}, preset, device))
+        fwdbwd.update(
+            interleaved_ms({u: lambda m=memories[u]: forward_backward(m) for u in group}, preset, device)
+        )
     tokens = preset.batch * length
     weights = sum(heads * o * i for o, i in config.layer_shapes)
     return [
@@ -157,8 +158,13 @@ def run_cell(
     ]  # fmt: skip
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
 def speedups(cells: list[dict]) -> list[dict]:
-    """Each chunk kernel's speed-up over `sequential` on the same cell, where both ran."""
+    """Each chunk kernel's speed-up over `sequential` on the same cell, where both ran (CPU-time ratios None on
+    a GPU)."""
     key = ("heads", "head_dim", "chunk_size", "length")
     base = {tuple(c[k] for k in key): c for c in cells if c["update"] == "sequential"}
     out = []
@@ -168,13 +174,17 @@ def speedups(cells: list[dict]) -> list[dict]:
             out.append({**{k: c[k] for k in key}, "update": c["update"],
                         "forward": ref["forward_ms"] / c["forward_ms"],
                         "forward_backward": ref["forward_backward_ms"] / c["forward_backward_ms"],
-                        "forward_cpu": ref["forward_cpu_ms"] / c["forward_cpu_ms"],
-                        "forward_backward_cpu": ref["forward_backward_cpu_ms"] / c["forward_backward_cpu_ms"]})  # fmt: skip
+                        "forward_cpu": _ratio(ref["forward_cpu_ms"], c["forward_cpu_ms"]),
+                        "forward_backward_cpu": _ratio(ref["forward_backward_cpu_ms"], c["forward_backward_cpu_ms"])})  # fmt: skip
     return out
 
 
 def _bytes(value: float | None) -> str:
     return "n/a (torch.func inside)" if value is None else f"{value:.0f}"
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}×"
 
 
 def _number(value: float | None, unit: float) -> str:
@@ -208,8 +218,8 @@ def markdown(result: dict) -> str:
     for u in ups:
         lines.append(
             f"| {u['update']} | {u['heads']}×{u['head_dim']} | {u['chunk_size']} | {u['length']} | "
-            f"{u['forward']:.1f}× | {u['forward_backward']:.1f}× | {u['forward_cpu']:.1f}× | "
-            f"{u['forward_backward_cpu']:.1f}× |"
+            f"{u['forward']:.1f}× | {u['forward_backward']:.1f}× | {_times(u['forward_cpu'])} | "
+            f"{_times(u['forward_backward_cpu'])} |"
         )
     rows, mqar = result.get("training", []), result.get("mqar_accuracy", {})
     if rows:
@@ -288,9 +298,9 @@ def titans_pytorch_model(vocab: int, batch_size: int | None) -> nn.Module:
 
 
 def training_models(
-    vocab: int,
+    vocab: int, device: torch.device
 ) -> tuple[dict[str, Callable[[Tensor], Tensor]], dict[str, nn.Module], list[str]]:
-    """``{name: ids -> logits}``, the modules, and the rows skipped (with why)."""
+    """``{name: ids -> logits}``, the modules (on ``device``), and the rows skipped (with why)."""
     torch.manual_seed(0)
     modules: dict[str, nn.Module] = {
         "timeloom Titans MAC": our_model(vocab, "mac"),
@@ -304,6 +314,8 @@ def training_models(
         skipped.append(
             f"titans-pytorch side by side: not installed ({error}); pip install 'timeloom-memory[compare]'"
         )
+    for module in modules.values():
+        module.to(device)
     logits = {
         name: (lambda ids, m=m: m(ids)[0]) if isinstance(m, TitansLM) else (lambda ids, m=m: m(ids))
         for name, m in modules.items()
@@ -349,29 +361,25 @@ def training_flops(loss_fn: Callable[[], Tensor]) -> int | None:
     return counter.get_total_flops()
 
 
-def training_throughput(preset: MemoryPreset, vocab: int = 256) -> tuple[list[dict], list[str]]:
+def training_throughput(
+    preset: MemoryPreset, device: torch.device, vocab: int = 256
+) -> tuple[list[dict], list[str]]:
     """Median tokens/s of a training step per model, timed round-robin on one shared batch."""
-    logits, modules, skipped = training_models(vocab)
-    ids = torch.randint(0, vocab, (preset.train_batch, preset.train_length + 1))
+    logits, modules, skipped = training_models(vocab, device)
+    ids = torch.randint(0, vocab, (preset.train_batch, preset.train_length + 1)).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for n, m in modules.items()}
 
     def loss_of(name: str) -> Tensor:
         return F.cross_entropy(logits[name](inputs).flatten(0, 1), targets.flatten())
 
-    def step(name: str) -> float:
-        start = time.perf_counter()
+    def step(name: str) -> None:
         optimizers[name].zero_grad()
         loss_of(name).backward()
         optimizers[name].step()
-        return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {name: [] for name in modules}
-    for name in modules:
-        step(name)  # warm-up
-    for _ in tqdm(range(preset.train_steps), desc="training steps (round-robin)"):
-        for name in modules:
-            times[name].append(step(name))
+    steps = {name: lambda n=name: step(n) for name in modules}
+    times = interleaved_times(steps, preset.train_steps, device, warmup=1)["wall"]
     tokens = inputs.numel()
     rows = []
     for name, module in modules.items():
@@ -392,14 +400,14 @@ def training_throughput(preset: MemoryPreset, vocab: int = 256) -> tuple[list[di
     return rows, skipped
 
 
-def mqar_accuracy(preset: MemoryPreset, steps: int) -> dict[str, float]:
+def mqar_accuracy(preset: MemoryPreset, steps: int, device: torch.device) -> dict[str, float]:
     """Per model, MQAR accuracy at labelled positions after ``steps`` AdamW steps on the same batches."""
     vocab, seq, pairs = preset.mqar
     task = dict(vocab_size=vocab, seq_len=seq, num_pairs=pairs)
     train = MQAR(length=steps * preset.mqar_batch, split="train", **task)
     test = MQAR(length=preset.mqar_test, split="test", **task)
-    stack = lambda items, key: torch.stack([item[key] for item in items])  # noqa: E731
-    logits, modules, _ = training_models(vocab)
+    stack = lambda items, key: torch.stack([item[key] for item in items]).to(device)  # noqa: E731
+    logits, modules, _ = training_models(vocab, device)
     accuracy = {}
     for name, module in modules.items():
         optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=0.1)
@@ -428,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="timeloom bench memory", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (float32 either way)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--mqar-steps", type=int, default=0, help="MQAR training steps per model (0: skip)")
     parser.add_argument("--parts", default="update,training", help="comma-separated: update, training")
@@ -436,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if parts - {"update", "training"}:
         parser.error(f"--parts takes update and/or training; got {args.parts!r}")
     torch.set_num_threads(args.threads)
+    device, _ = resolve_device_and_dtype(args.device, "float32")
     preset = PRESETS[args.preset]
     cells, skipped = [], []
     grid = [(h, d, b, n) for h, d in preset.shapes for b in preset.chunk_sizes for n in preset.lengths]
@@ -447,20 +457,20 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(f"{update} at L={length} (> {limit}: too slow or too much memory here)")
             else:
                 updates.append(update)
-        for c in run_cell(preset, updates, heads, head_dim, b, length):
+        for c in run_cell(preset, updates, heads, head_dim, b, length, device):
             cells.append(c)
             print(f"[{i + 1}/{len(grid)}] {c['update']:10s} H×d {heads}×{head_dim} b {b} L {length}: "
                   f"{c['forward_tokens_per_s']:.0f} / {c['forward_backward_tokens_per_s']:.0f} tok/s", flush=True)  # fmt: skip
-    environment = describe_environment(torch.device("cpu"), torch.float32, args.preset)
+    environment = describe_environment(device, torch.float32, args.preset)
     result = {"environment": environment, "cells": cells, "speedups": speedups(cells), "skipped": skipped}
     if "training" in parts:
-        result["training"], missing = training_throughput(preset)
+        result["training"], missing = training_throughput(preset, device)
         skipped += missing
         for r in result["training"]:
             print(f"{r['model']}: {r['tokens_per_s']:.0f} tok/s ({r['vs_plain_transformer']:.2f}× plain)")
         if args.mqar_steps:
             result.update(mqar_steps=args.mqar_steps, mqar=preset.mqar, mqar_batch=preset.mqar_batch)
-            result["mqar_accuracy"] = mqar_accuracy(preset, args.mqar_steps)
+            result["mqar_accuracy"] = mqar_accuracy(preset, args.mqar_steps, device)
             print("MQAR accuracy:", result["mqar_accuracy"])
         else:
             skipped.append("MQAR accuracy side by side: pass --mqar-steps N")
