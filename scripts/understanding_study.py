@@ -7,14 +7,15 @@ right* (a frame-order-blind model cannot do better than chance there) and each r
 of options, averaged over the items). The test split's glyphs are disjoint from training's.
 ``@protocol=describe`` asks each question in a second turn, after the model's own greedy answer to "Describe
 the video." (the describe-then-answer protocol that `TemporalQA(describe_first=...)` trains); the deciding
-token is then the first of the last reply.
+token is then the first of the last reply. ``@control=text`` scores a text stage: the fact written where the
+video stood (`TemporalQA(control="text")`).
 
 ``binding-probe`` asks whether the tiny LM can learn the answer format at all: text only, the caption (the
 temporal fact) written before the question, so only matching it to an option letter or yes/no is left.
 
     python scripts/understanding_study.py binding-probe --steps 500
 
-    python scripts/understanding_study.py score NAME=CKPT[@frames=32][@control=middle_frame][@protocol=describe] ... \
+    python scripts/understanding_study.py score NAME=CKPT[@frames=32][@control=random_frame|text][@protocol=describe] ... \
         --groups 256 --out benchmarks/understanding-quality.json
     python scripts/understanding_study.py figure benchmarks/understanding-quality.json \
         --out docs/understanding-accuracy.png
@@ -32,8 +33,6 @@ import torch
 from timeloom_understanding.data import ASPECTS, DESCRIBE, ConversationCollator, TemporalQA, flatten_groups
 from timeloom_understanding.module import VideoLLMModule
 from tqdm import tqdm
-
-from timeloom.module import TimeloomModule
 
 CAPTION_ANSWERS = {"direction": 4, "speed": 10, "order": 10, "count": 3, "when": 3}  # possible answers
 
@@ -112,7 +111,7 @@ def score_run(
     """Accuracy table of one checkpoint on the test split (optionally at another frame count or control, or
     in the describe-then-answer protocol)."""
     overrides = {"frames": frames} if frames else {}
-    module = TimeloomModule.from_checkpoint(checkpoint, **overrides).eval()
+    module = VideoLLMModule.from_checkpoint(checkpoint, **overrides).eval()
     hp = module.hparams
     channels = module.model.config.encoder.get("in_chans", 1)
     dataset = TemporalQA(
@@ -174,7 +173,7 @@ def parse_run(text: str) -> tuple[str, str, dict]:
         or settings.get("protocol", "answer") not in ("answer", "describe")
     ):
         raise SystemExit(
-            f"bad run {text!r}: use NAME=CKPT[@frames=N][@control=middle_frame][@protocol=answer|describe]"
+            f"bad run {text!r}: use NAME=CKPT[@frames=N][@control=random_frame|text][@protocol=answer|describe]"
         )
     return name, checkpoint, settings
 
@@ -246,32 +245,14 @@ def binding_probe(args: argparse.Namespace) -> None:
     )  # as configs/understanding/*-tiny
     module = VideoLLMModule(VideoLLMConfig(llm=llm, tokenizer_path=args.tokenizer))
 
-    def fact_then_question(groups: list) -> list[dict]:
-        return [
-            {
-                "id": item["id"],
-                "conversations": [
-                    {
-                        "from": "human",
-                        "value": item["caption"]
-                        + "\n"
-                        + item["conversations"][0]["value"].removeprefix("<video>\n"),
-                    },
-                    item["conversations"][1],
-                ],
-            }
-            for item in flatten_groups(groups)
-        ]
-
-    train, test = TemporalQA("train", length=args.steps * 16), TemporalQA("test", length=args.groups)
-    held_out = fact_then_question([test[i] for i in range(args.groups)])
+    train = TemporalQA("train", length=args.steps * 16, control="text")
+    test = TemporalQA("test", length=args.groups, control="text")
+    held_out = flatten_groups([test[i] for i in range(args.groups)])
     optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
     started = time.process_time()
     for step in tqdm(range(args.steps), desc="binding probe"):
-        loss, _ = module.model.loss(
-            module.collate(fact_then_question([train[step * 16 + k] for k in range(16)]))
-        )
+        loss, _ = module.model.loss(module.collate(flatten_groups([train[step * 16 + k] for k in range(16)])))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -310,7 +291,7 @@ def main() -> None:
     commands = parser.add_subparsers(required=True)
     scoring = commands.add_parser("score", help="score checkpoints on the test split")
     scoring.add_argument(
-        "runs", nargs="+", help="NAME=CKPT[@frames=N][@control=middle_frame][@protocol=answer|describe]"
+        "runs", nargs="+", help="NAME=CKPT[@frames=N][@control=random_frame|text][@protocol=answer|describe]"
     )
     scoring.add_argument("--groups", type=int, default=256, help="conflict groups (twice as many items)")
     scoring.add_argument("--batch-groups", type=int, default=32)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from timeloom_understanding.data import (
     ASPECTS,
+    FORMATS,
     ConversationCollator,
     ConversationDataset,
     TemporalQA,
@@ -190,6 +191,25 @@ def test_controls_show_less_time_but_ask_the_same():
             assert torch.equal(m["video"], a["video"][:, 4:5])
             assert frame_multiset(s["video"]) == frame_multiset(a["video"])
     assert any(not torch.equal(s["video"], a["video"]) for a, s in zip(full[0], shuffled[0]))
+
+
+def test_text_control_writes_the_fact_where_the_video_stood():
+    video, text = (
+        TemporalQA(length=30, seed=4, caption_share=0.3),
+        TemporalQA(length=30, seed=4, caption_share=0.3, control="text"),
+    )
+    formats = set()
+    for i in range(30):
+        for v, t in zip(video[i], text[i]):
+            assert "video" not in t and "<video>" not in json.dumps(t["conversations"])
+            first = v["conversations"][0]["value"]
+            assert t["conversations"][0]["value"] == first.replace("<video>", v["caption"])
+            assert t["conversations"][1:] == v["conversations"][1:]
+            assert {k: t[k] for k in ("answer", "options", "aspect", "format")} == {
+                k: v[k] for k in ("answer", "options", "aspect", "format")
+            }
+            formats.add(t["format"])
+    assert formats == {*FORMATS, "caption"}
 
 
 def shown_indices(shown: torch.Tensor, video: torch.Tensor) -> list[int]:

@@ -105,6 +105,50 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
     )
 
 
+def test_llm_init_takes_only_the_llm_of_a_text_stage(tmp_path):
+    text_stage = tiny_module()  # tied embeddings
+    text_items = TemporalQA(length=2, seed=5, control="text")
+    batch = text_stage.on_before_batch_transfer([text_items[0], text_items[1]], 0)
+    assert batch["video"] is None
+    optimizer = torch.optim.AdamW(text_stage.parameters(), lr=1e-2)
+    for _ in range(2):  # move the LLM away from its initialisation
+        text_stage.training_step(batch, 0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.save({"state_dict": text_stage.state_dict()}, tmp_path / "text.ckpt")
+    fresh = tiny_module()
+    video_stage = tiny_module(llm_init=str(tmp_path / "text.ckpt"))
+    for name, value in video_stage.model.state_dict().items():
+        source = text_stage if name.startswith("llm.") else fresh
+        torch.testing.assert_close(value, source.model.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(
+        text_stage.model.llm.lm_head.weight, fresh.model.llm.lm_head.weight
+    )  # the text stage did learn
+    llm = video_stage.model.llm
+    assert llm.lm_head.weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
+    with pytest.raises(ValueError, match="not both"):
+        tiny_module(init_from=str(tmp_path / "text.ckpt"), llm_init=str(tmp_path / "text.ckpt"))
+    torch.save({"state_dict": {"model.projector.w": torch.zeros(1)}}, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="no llm"):
+        tiny_module(llm_init=str(tmp_path / "bare.ckpt"))
+
+
+def test_a_run_reloads_without_its_starting_weights(tmp_path):
+    tiny_module().save_pretrained(tmp_path / "text")
+    run = tiny_module(llm_init=str(tmp_path / "text"))
+    checkpoint = {"state_dict": run.state_dict(), "hyper_parameters": dict(run.hparams)}
+    torch.save(checkpoint | {"class_path": run.class_path()}, tmp_path / "run.ckpt")
+    run.save_pretrained(tmp_path / "export")
+    for path in (tmp_path / "text").iterdir():
+        path.unlink()  # evaluate/ask read the run's own weights, not the text stage's
+    for restored in (
+        VideoLLMModule.from_checkpoint(tmp_path / "run.ckpt"),
+        VideoLLMModule.from_pretrained(tmp_path / "export"),
+    ):
+        for name, value in run.model.state_dict().items():
+            torch.testing.assert_close(restored.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_fits_two_steps(config, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["timeloom"])

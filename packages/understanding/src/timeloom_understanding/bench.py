@@ -108,6 +108,7 @@ def bench_model(projector: str, structure: str, device: torch.device, dtype: tor
         llm=LLMConfig(hidden_size=128, layers=3, heads=4, intermediate_size=256, max_positions=4096),
         structure=structure,
         max_length=4096,
+        tokenizer_path="temporal_qa",  # the tiny configs' vocabulary
     )
     return VideoLLM(config).to(device=device, dtype=dtype).eval()
 

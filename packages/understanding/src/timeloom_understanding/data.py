@@ -54,7 +54,7 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 COUNTS = ("once", "twice", "three times")
 MOMENTS = ("at the start", "in the middle", "at the end")
 LETTERS = "ABCD"
-CONTROLS = ("none", "middle_frame", "random_frame", "shuffled")
+CONTROLS = ("none", "middle_frame", "random_frame", "shuffled", "text")
 DESCRIBE = "Describe the video."
 
 
@@ -141,7 +141,9 @@ class TemporalQA(Dataset):
             index drawn from the item's seed) or ``shuffled`` (frames in an order drawn from the item's seed).
             ``random_frame`` is the single-frame baseline: every frame is equally likely, so twins with the
             same frame multiset look alike. The middle frame is not neutral: it shows the second digit of an
-            order scene and the digit of a "when … in the middle" scene.
+            order scene and the digit of a "when … in the middle" scene. ``text`` is the text stage: no
+            video, the item's caption is written where ``<video>`` stood, so an LLM learns the answer formats
+            from facts it can read before it learns to read them from visual tokens.
         seed: base seed.
         channels: 1 (grey) or 3.
     """
@@ -213,23 +215,26 @@ class TemporalQA(Dataset):
         described = not captioned and self.describe_first > 0 and rng.random() < self.describe_first
         items = []
         for variant, (meta, answer, reply) in enumerate(zip(metas, answers, replies)):
-            items.append(
-                {
-                    "id": f"temporal_qa/{self.split}/{index:06d}/{variant}",
-                    "video": self._shown(self.render(meta), rng),
-                    "conversations": _turns(
-                        prompt, reply, _caption(aspect, meta["labels"], answer) if described else None
-                    ),
-                    "aspect": aspect,
-                    "format": fmt,
-                    "answer": answer,
-                    "options": options,
-                    "reversed": reversed_twin and variant == 1,
-                    "group": index,
-                    "caption": _caption(aspect, meta["labels"], answer),
-                    "meta": meta,
-                }
-            )
+            caption = _caption(aspect, meta["labels"], answer)
+            conversations = _turns(prompt, reply, caption if described else None)
+            item = {
+                "id": f"temporal_qa/{self.split}/{index:06d}/{variant}",
+                "conversations": conversations,
+                "aspect": aspect,
+                "format": fmt,
+                "answer": answer,
+                "options": options,
+                "reversed": reversed_twin and variant == 1,
+                "group": index,
+                "caption": caption,
+                "meta": meta,
+            }
+            if self.control == "text":
+                first = conversations[0]
+                conversations[0] = first | {"value": first["value"].replace("<video>", caption, 1)}
+            else:
+                item["video"] = self._shown(self.render(meta), rng)
+            items.append(item)
         return items
 
     def render(self, meta: dict[str, Any]) -> Tensor:

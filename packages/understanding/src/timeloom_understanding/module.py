@@ -4,7 +4,9 @@ Batches arrive as lists of conversation items (TemporalQA conflict groups or `Co
 module tokenises them with its model's tokenizer, so the visual-token count and the context check always
 match the model. ``stage`` is ``align`` (captions, stage 1) or ``instruct`` (questions, stage 2); ``trainable``
 names the parameters that learn (``fnmatch`` patterns over parameter names; the rest is frozen), and
-``init_from`` starts from a `save_pretrained` folder or a Lightning checkpoint, e.g. stage 2 from stage 1.
+``init_from`` starts from a `save_pretrained` folder or a Lightning checkpoint, e.g. stage 2 from stage 1;
+``llm_init`` takes only the LLM from one, e.g. from a text stage (`TemporalQA(control="text")`), as real
+video-LLMs start from a pretrained LLM.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class VideoLLMModule(TimeloomModule):
         stage: ``align`` or ``instruct`` (recorded with the run; the data and `trainable` make the stage).
         trainable: parameter-name patterns that learn, e.g. ``["projector.*"]``; None trains everything.
         init_from: weights that start this run: a `save_pretrained` folder or a `timeloom fit` checkpoint.
+        llm_init: the LLM's weights (only its ``llm.`` parameters) from such a folder or checkpoint, e.g. a
+            text stage; the encoder and projector keep their fresh initialisation. Not with ``init_from``.
         frames, height, width: the media size, for the visual-token count of the context check.
     """
 
@@ -48,6 +52,7 @@ class VideoLLMModule(TimeloomModule):
         stage: str = "instruct",
         trainable: list[str] | None = None,
         init_from: str | None = None,
+        llm_init: str | None = None,
         frames: int = 8,
         height: int = 32,
         width: int = 32,
@@ -58,8 +63,18 @@ class VideoLLMModule(TimeloomModule):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}; got {stage!r}")
         self.model = VideoLLM(config or VideoLLMConfig())
+        if init_from and llm_init:
+            raise ValueError(f"give init_from ({init_from}) or llm_init ({llm_init}), not both")
         if init_from:
             load_state_dict_checked(self.model, _stage_weights(Path(init_from)), source=init_from)
+        if llm_init:
+            weights = _stage_weights(Path(llm_init))
+            llm = {
+                name.removeprefix("llm."): value for name, value in weights.items() if name.startswith("llm.")
+            }
+            if not llm:
+                raise ValueError(f"llm_init {llm_init} holds no llm.* weights")
+            load_state_dict_checked(self.model.llm, llm, source=llm_init)
         if trainable is not None:
             names = [name for name, _ in self.model.named_parameters()]
             unmatched = [p for p in trainable if not any(fnmatch(name, p) for name in names)]
@@ -72,6 +87,15 @@ class VideoLLMModule(TimeloomModule):
             self.model.visual_tokens_per_media(frames, height, width),
             self.model.config.max_length,
         )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **overrides: Any) -> TimeloomModule:
+        # the checkpoint holds the whole model: the run's starting weights need not be read, nor still exist
+        return super().from_checkpoint(path, **{"init_from": None, "llm_init": None, **overrides})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> TimeloomModule:
+        return super().from_pretrained(directory, **{"init_from": None, "llm_init": None, **overrides})
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
         # the default collation leaves lists of conversation items (or of conflict groups) as they are
