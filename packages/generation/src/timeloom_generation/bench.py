@@ -29,6 +29,7 @@ import functools
 import json
 import os
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -216,7 +217,10 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--rollout-rounds", type=int, default=1, help="timed rollouts per mode, interleaved")
     args = parser.parse_args(argv)
-    device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    try:
+        device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    except ValueError as error:  # CUDA named but absent
+        parser.error(str(error))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -298,3 +302,7 @@ def main(argv: list[str]) -> int:
     (args.out / "generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

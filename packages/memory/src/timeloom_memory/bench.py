@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     if parts - {"update", "training"}:
         parser.error(f"--parts takes update and/or training; got {args.parts!r}")
     torch.set_num_threads(args.threads)
-    device, _ = resolve_device_and_dtype(args.device, "float32")
+    try:
+        device, _ = resolve_device_and_dtype(args.device, "float32")
+    except ValueError as error:  # CUDA named but absent
+        parser.error(str(error))
     preset = PRESETS[args.preset]
     cells, skipped = [], []
     grid = [(h, d, b, n) for h, d in preset.shapes for b in preset.chunk_sizes for n in preset.lengths]
@@ -479,3 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "memory.md").write_text(markdown(result))
     print(f"wrote {args.out / 'memory.json'} and {args.out / 'memory.md'}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
