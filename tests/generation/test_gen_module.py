@@ -5,6 +5,7 @@ before any compute, and the paper-size config has the size it claims (counted on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 import sys
 from collections import Counter
@@ -141,6 +142,22 @@ def test_save_and_load_pretrained_keep_the_text_projection(tmp_path):
     a = module.generate(batch["caption"], frames=5, given=batch["video"][:, :, :1], seed=3)
     b = loaded.generate(batch["caption"], frames=5, given=batch["video"][:, :, :1], seed=3)
     assert torch.equal(a, b)
+
+
+def test_init_weights_starts_from_a_checkpoints_weights_without_keeping_its_path(tmp_path):
+    trained = micro_module()
+    for parameter in trained.parameters():  # weights no fresh module has
+        parameter.data.normal_()
+    path = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": trained.state_dict()}, path)  # what a Lightning checkpoint holds the weights in
+    restarted = micro_module(init_weights=str(path))
+    for (name, a), b in zip(trained.state_dict().items(), restarted.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert "init_weights" not in restarted.hparams  # a checkpoint of the restart rebuilds without the file
+    with pytest.raises(ValueError, match="model.denoiser"):
+        micro_module(config=dataclasses.replace(MICRO, width=64), init_weights=str(path))
+    with pytest.raises(FileNotFoundError, match="init_weights: no checkpoint at"):
+        micro_module(init_weights=str(tmp_path / "missing.ckpt"))
 
 
 def test_tokenizer_latents_with_the_wrong_channels_are_named_at_construction(kl_tokenizer):

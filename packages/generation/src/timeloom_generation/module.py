@@ -17,12 +17,13 @@ context. Temporal RoPE depends only on frame differences, so window positions re
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from timeloom.module import TimeloomModule
+from timeloom.module import TimeloomModule, load_state_dict_checked
 from timeloom_generation.codec import PixelCodec, TokenizerCodec
 from timeloom_generation.diffusion import noise_to, sample_levels, velocity_target
 from timeloom_generation.model import CausalSTDiT, CausalSTDiTConfig
@@ -53,6 +54,10 @@ class CausalVDM(TimeloomModule):
         later_windows: share of samples cut after frame 0 of clips longer than ``K + C`` (see above).
         sample_steps, guidance: Euler steps and CFG scale of the validation samples.
         log_video_every_n_epochs: how often the first validation batch is continued from its first frame.
+        init_weights: a `CausalVDM` checkpoint whose weights (its EMA weights, when it has them) this run starts
+            from, with its own fresh optimiser and schedule: a warm restart at another learning rate, which
+            ``--ckpt_path`` cannot give (a resume restores the old schedule). Not kept in the hyper-parameters:
+            the weights trained from it are the model.
         **kwargs: ``optimizer`` / ``scheduler`` of `TimeloomModule`.
     """
 
@@ -71,9 +76,11 @@ class CausalVDM(TimeloomModule):
         sample_steps: int = 20,
         guidance: float = 3.0,
         log_video_every_n_epochs: int = 1,
+        init_weights: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.hparams.pop("init_weights", None)
         self.config = config or CausalSTDiTConfig()
         self.codec = (
             PixelCodec(self.config.in_channels)
@@ -107,6 +114,15 @@ class CausalVDM(TimeloomModule):
         self.sample_steps, self.guidance = sample_steps, guidance
         self.log_video_every_n_epochs = log_video_every_n_epochs
         self.prefix_choices = [0] + list(range(1, cache_frames + 1, chunk_frames))
+        if init_weights is not None:
+            self.load_weights_of(init_weights)
+
+    def load_weights_of(self, path: str) -> None:
+        """This module's weights from the checkpoint at ``path`` (same sizes, or an error naming the keys)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_weights: no checkpoint at {path}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        load_state_dict_checked(self, checkpoint["state_dict"], source=path)
 
     @property
     def clip_frames(self) -> int:
