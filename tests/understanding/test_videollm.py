@@ -10,7 +10,7 @@ import yaml
 from timeloom_kernels.positions import apply_rope
 from timeloom_understanding.data import ConversationCollator, TemporalQA
 from timeloom_understanding.encoders import TimmEncoder, vit_options
-from timeloom_understanding.hf_backbone import LLMConfig
+from timeloom_understanding.hf_backbone import LLMConfig, _cache_argument
 from timeloom_understanding.layouts import QUERY, VISUAL, make_structure
 from timeloom_understanding.model import VideoLLM, VideoLLMConfig
 from timeloom_understanding.projectors import CCAMProjector, MLPProjector
@@ -289,3 +289,15 @@ def test_base_configs_build_paper_size_on_the_meta_device(path: Path):
     # our vocabulary (30,626 entries) is a little smaller than the published models' 32k
     assert abs(count["llm"] - llm_size) / llm_size < 0.01
     assert abs(count["encoder"] - encoder_size) / encoder_size < 0.01
+
+
+def test_the_cache_goes_by_the_name_the_decoder_takes():
+    # transformers renamed `past_key_values` to `cache`; a wrong name vanishes into **kwargs, leaving it empty
+    class Recent(torch.nn.Module):
+        def forward(self, inputs_embeds=None, cache=None, **kwargs): ...
+
+    class Older(torch.nn.Module):
+        def forward(self, inputs_embeds=None, past_key_values=None, **kwargs): ...
+
+    assert _cache_argument(Recent) == "cache"
+    assert _cache_argument(Older) == "past_key_values"

@@ -9,6 +9,8 @@ silently wrong there (checked on transformers 5.24).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,10 +114,19 @@ def decoder_hidden_states(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        cache=cache,
         use_cache=cache is not None,
+        **{_cache_argument(type(model.model)): cache},
     )
     return output.last_hidden_state
+
+
+@functools.cache
+def _cache_argument(decoder: type) -> str:
+    """The name a decoder's ``forward`` takes its cache by: ``cache`` in recent transformers (5.24 here),
+    ``past_key_values`` before (5.17 has it). A wrong name is swallowed by ``**kwargs`` and the cache silently
+    stays empty, so it is read from the signature."""
+    parameters = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def new_cache(model: nn.Module) -> Any:
