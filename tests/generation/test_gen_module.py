@@ -94,6 +94,23 @@ def test_long_clips_also_train_later_windows_with_a_full_prefix():
     assert capture.x.shape[2] == 5
 
 
+def test_text_only_share_adds_text_only_samples_from_the_first_frame():
+    frame_index = 100 * torch.arange(9.0).view(1, 1, 9, 1, 1).expand(64, 1, 9, 16, 16)  # frame i holds 100 i
+    captions = ["the digit 1 moves up"] * 64
+    shares = {}
+    for share in (0.0, 0.5, 1.0):
+        module = micro_module(prefix_noise=0.0, later_windows=0.5, text_only_share=share)
+        capture = Capture(module.model["denoiser"])
+        _, _, prefix = module.frame_prompt_loss(frame_index, captions, torch.Generator().manual_seed(0))
+        text_only = prefix == 0
+        # text-only samples start at the clip's first frame: their first noisy frame holds noise only
+        assert (capture.x[text_only, 0, 0].mean(dim=(1, 2)).abs() < 1.0).all()
+        shares[share] = text_only.float().mean().item()
+    assert shares[1.0] == 1.0 and shares[0.0] < 0.25 < shares[0.5] < 1.0
+    with pytest.raises(ValueError, match="text_only_share is a share"):
+        micro_module(text_only_share=1.5)
+
+
 def test_clips_shorter_than_cache_plus_chunk_are_named():
     module = micro_module()
     batch = digits_batch(frames=4)

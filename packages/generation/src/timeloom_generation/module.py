@@ -52,6 +52,9 @@ class CausalVDM(TimeloomModule):
         caption_dropout: probability of training a sample on the null text.
         timestep_shift: shift of the training and sampling noise levels.
         later_windows: share of samples cut after frame 0 of clips longer than ``K + C`` (see above).
+        text_only_share: share of samples made text-only (``P = 0`` from the clip's first frame) before the
+            other draws. Only those teach the caption's digit and the image-alone frame 0 (a prefix already
+            shows the glyph); the uniform draw gives them ``(1 - later_windows) / len(prefix choices)``.
         sample_steps, guidance: Euler steps and CFG scale of the validation samples.
         log_video_every_n_epochs: how often the first validation batch is continued from its first frame.
         init_weights: a `CausalVDM` checkpoint whose weights (its EMA weights, when it has them) this run starts
@@ -73,6 +76,7 @@ class CausalVDM(TimeloomModule):
         caption_dropout: float = 0.1,
         timestep_shift: float = 1.0,
         later_windows: float = 0.5,
+        text_only_share: float = 0.0,
         sample_steps: int = 20,
         guidance: float = 3.0,
         log_video_every_n_epochs: int = 1,
@@ -111,6 +115,9 @@ class CausalVDM(TimeloomModule):
         if not 0 <= later_windows <= 1:
             raise ValueError(f"later_windows is a share of the samples, in [0, 1]; got {later_windows}")
         self.later_windows = later_windows
+        if not 0 <= text_only_share <= 1:
+            raise ValueError(f"text_only_share is a share of the samples, in [0, 1]; got {text_only_share}")
+        self.text_only_share = text_only_share
         self.sample_steps, self.guidance = sample_steps, guidance
         self.log_video_every_n_epochs = log_video_every_n_epochs
         self.prefix_choices = [0] + list(range(1, cache_frames + 1, chunk_frames))
@@ -141,8 +148,12 @@ class CausalVDM(TimeloomModule):
             )
         choices = torch.tensor(self.prefix_choices, device=device)
         prefix = choices[torch.randint(len(choices), (batch,), generator=generator).to(device)]
+        text_only = torch.zeros(batch, dtype=torch.bool, device=device)
+        if self.text_only_share > 0:  # drawn only when asked, so other recipes keep their draws
+            text_only = torch.rand(batch, generator=generator).to(device) < self.text_only_share
+            prefix = torch.where(text_only, 0, prefix)
         if frames > self.clip_frames:  # some samples are steady-state windows from later in the clip
-            later = torch.rand(batch, generator=generator).to(device) < self.later_windows
+            later = (torch.rand(batch, generator=generator).to(device) < self.later_windows) & ~text_only
             start = torch.randint(1, frames - self.clip_frames + 1, (batch,), generator=generator).to(device)
             start = torch.where(later, start, 0).tolist()
             latents = torch.stack([clip[:, s : s + self.clip_frames] for clip, s in zip(latents, start)])
