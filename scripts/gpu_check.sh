@@ -8,7 +8,8 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       -d .whl jsonargparse omegaconf av docstring-parser typeshed-client
 # Every step has its own time limit and log; a failed step is reported and the next one runs.
-#   scripts/gpu_check.sh [OUT_DIR] [PACK.tgz]   (PACK: the logs and results packed after each step)
+#   [STEPS="tests understanding"] scripts/gpu_check.sh [OUT_DIR] [PACK.tgz]
+# STEPS picks steps (default: all); PACK: the logs and results packed after each step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +17,7 @@ OUT=${1:-${OUT:-benchmarks/results-gpu}}
 PACK=${2:-}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-check-site .whl/*.whl
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-check-site .whl/*.whl
   export PYTHONPATH=/tmp/gpu-check-site
 fi
 for src in src kernels/src packages/*/src; do PYTHONPATH="$PWD/$src${PYTHONPATH:+:$PYTHONPATH}"; done
@@ -25,9 +26,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 failed=0
+STEPS=${STEPS:-tests generation memory understanding kernels}
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to OUT/NAME.log
   local name=$1 limit=$2
   shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
   local start=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local status=$?
@@ -36,7 +39,9 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to OUT/NAM
   [ "$status" -eq 0 ] || failed=$((failed + 1))
   if [ -n "$PACK" ]; then tar czf "$PACK" -C "$OUT" .; fi
 }
-step tests 150 $PY -m pytest -q -p no:cacheprovider tests/kernels tests/memory/test_memory_cuda.py
+# the CUDA cells compile flex attention per shape (CPU-bound): spread them over processes
+workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+step tests 150 $PY -m pytest -q -p no:cacheprovider $workers --durations=15 tests/kernels tests/memory/test_memory_cuda.py
 step generation 90 $PY -m timeloom_generation.bench --device cuda --out "$OUT/generation"
 step memory 120 $PY -m timeloom_memory.bench --device cuda --out "$OUT/memory"
 step understanding 90 $PY -m timeloom_understanding.bench --device cuda --out "$OUT/understanding"
