@@ -134,3 +134,18 @@ def test_nothing_visible_reads_zero_and_bad_input_raises():
     x[0, 0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="HCAMAttention input"):
         m(x)
+
+
+def test_dense_path_mixes_float32_weights_into_bfloat16_values():
+    # what CUDA autocast hands the dense path: float32 softmax weights beside bfloat16 queries, keys, values
+    m = hcam(path="dense").float()
+    g = torch.Generator().manual_seed(0)
+    b, h, n, dh, num_chunks, c = 1, 2, 5, 4, 3, 4
+    q = torch.randn(b, h, n, dh, generator=g)
+    k, v = (torch.randn(b, num_chunks, h, c, dh, generator=g) for _ in range(2))
+    order = torch.tensor([[0, 2]] * n).unsqueeze(0)
+    weights = torch.softmax(torch.randn(b, n, 2, generator=g), -1)
+    expected = m._dense(q, k, v, order, weights, num_chunks)
+    got = m._dense(q.bfloat16(), k.bfloat16(), v.bfloat16(), order, weights, num_chunks)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)

@@ -149,8 +149,9 @@ class HCAMAttention(nn.Module):
             k.reshape(b * num_chunks, h, -1, dh),
             v.reshape(b * num_chunks, h, -1, dh),
         ).view(b, num_chunks, h, n, dh)
-        mix = torch.zeros(b, n, num_chunks, dtype=q.dtype, device=q.device).scatter(-1, order, weights)
-        return torch.einsum("bnm,bmhnd->bhnd", mix, per_chunk)
+        # CUDA autocast gives float32 softmax weights beside bfloat16 values: scatter in the weights' dtype
+        mix = weights.new_zeros(b, n, num_chunks).scatter(-1, order, weights)
+        return torch.einsum("bnm,bmhnd->bhnd", mix.to(per_chunk.dtype), per_chunk)
 
     def _gather(self, q, k, v, order, weights) -> Tensor:
         """Each query reads only its k chosen chunks (one `attend` row per query and chunk)."""
