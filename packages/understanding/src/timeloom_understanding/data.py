@@ -54,7 +54,8 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 COUNTS = ("once", "twice", "three times")
 MOMENTS = ("at the start", "in the middle", "at the end")
 LETTERS = "ABCD"
-CONTROLS = ("none", "middle_frame", "random_frame", "shuffled", "text")
+CONTROLS = ("none", "middle_frame", "random_frame", "shuffled")  # what a model is shown of the video
+TEXT_STAGE = "text"  # no video: the fact written as text (a control value, not a video control)
 DESCRIBE = "Describe the video."
 
 
@@ -172,8 +173,8 @@ class TemporalQA(Dataset):
                 f"caption_share and describe_first must lie in [0, 1]; got {caption_share}, {describe_first}"
             )
         self.caption_share, self.describe_first = caption_share, describe_first
-        if control not in CONTROLS:
-            raise ValueError(f"control must be one of {CONTROLS}; got {control!r}")
+        if control not in (*CONTROLS, TEXT_STAGE):
+            raise ValueError(f"control must be one of {(*CONTROLS, TEXT_STAGE)}; got {control!r}")
         self.control = control
         unknown = [a for a in aspects if a not in ASPECTS] + [f for f in formats if f not in FORMATS]
         if unknown or not aspects or not formats:
@@ -229,7 +230,7 @@ class TemporalQA(Dataset):
                 "caption": caption,
                 "meta": meta,
             }
-            if self.control == "text":
+            if self.control == TEXT_STAGE:
                 first = conversations[0]
                 conversations[0] = first | {"value": first["value"].replace("<video>", caption, 1)}
             else:
