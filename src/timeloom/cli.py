@@ -61,10 +61,23 @@ class SaveConfigToRun(SaveConfigCallback):
             (directory / self.config_filename).write_text(self._config_text)
 
 
+class ModelCheckpointAtEnd(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, whose ``last.ckpt`` also holds the final step.
+
+    Lightning writes ``last.ckpt`` when training ends only if it never wrote one, so a run that stops between two
+    saves (`CpuTimeBudget`, ``max_time``, a ``max_steps`` off the save interval) lost the steps since the last save.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and trainer.global_step != self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class TimeloomCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Throughput, "throughput")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpointAtEnd, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
 
 

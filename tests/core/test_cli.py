@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from timeloom.cli import main
+from timeloom.cli import ModelCheckpointAtEnd, main
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs/core/autoencoder-tiny.yaml")
@@ -91,3 +91,18 @@ def test_evaluate_without_a_suite_says_how():
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate"])
     assert "usage: timeloom evaluate" in str(exit_info.value.code)
+
+
+def test_last_checkpoint_holds_the_final_step_when_a_run_stops_between_saves(tmp_path):
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    checkpoint = ModelCheckpointAtEnd(dirpath=tmp_path, every_n_train_steps=5, save_last=True)
+    trainer = pl.Trainer(max_steps=7, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[checkpoint])  # fmt: skip
+    trainer.fit(BoringModel())
+    assert torch.load(tmp_path / "epoch=0-step=5.ckpt", weights_only=False)["global_step"] == 5
+    assert (
+        torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 7
+    )  # not 5: the last steps kept
