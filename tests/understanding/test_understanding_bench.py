@@ -16,4 +16,11 @@ def test_tiny_bench_writes_json_and_markdown(tmp_path):
     streams = result["streaming"]
     assert [stream["answer_tokens"] for stream in streams] == [1, 2]
     assert all(s["questions"] == 2 and s["speedup"] == s["rebuild_s"] / s["cached_s"] for s in streams)
-    assert "cache reused across questions" in (tmp_path / "understanding.md").read_text()
+    report = (tmp_path / "understanding.md").read_text()
+    assert "cache reused across questions" in report
+    # a section a person adds under the tables survives the next run; the tables are rewritten
+    (tmp_path / "understanding.md").write_text(report + "\n## Accuracy (not written by the bench)\n\n| a |\n")
+    assert main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rerun = (tmp_path / "understanding.md").read_text()
+    assert rerun.count("## Accuracy (not written by the bench)\n\n| a |\n") == 1
+    assert rerun.count("# `timeloom bench understanding`") == 1
