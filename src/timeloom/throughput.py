@@ -13,6 +13,7 @@ from math import prod
 
 import lightning.pytorch as pl
 import torch
+from timeloom_kernels.bench import synchronize
 from torch.utils.flop_counter import (
     FlopCounterMode,
     conv_flop_count,
@@ -77,19 +78,14 @@ def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    _synchronize(a.device)
+    synchronize(a.device)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         a @ b
-        _synchronize(a.device)
+        synchronize(a.device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def interleaved_times(
@@ -110,7 +106,7 @@ def interleaved_times(
     for _ in range(warmup):
         for call in calls.values():
             call()
-            _synchronize(device)
+            synchronize(device)
     limit = max(rounds, max_rounds or 0)
     deadline = time.perf_counter() + budget_s
     with tqdm(total=rounds, desc="timed rounds", leave=False) as progress:
@@ -118,7 +114,7 @@ def interleaved_times(
             for name, call in calls.items():
                 wall, cpu = time.perf_counter(), time.thread_time()
                 call()
-                _synchronize(device)
+                synchronize(device)
                 times["wall"][name].append(time.perf_counter() - wall)
                 times["cpu"][name].append(time.thread_time() - cpu)
             progress.update()
@@ -155,7 +151,7 @@ class Throughput(pl.Callback):
         if self.flops_per_batch is None:
             self._counter = flop_counter()
             self._counter.__enter__()
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -168,7 +164,7 @@ class Throughput(pl.Callback):
             return  # the counted batch ran slower than normal: do not time it
         if batch_idx % self.log_every_n_batches:
             return
-        _synchronize(pl_module.device)  # CUDA runs asynchronously: time the work, not its queueing
+        synchronize(pl_module.device)  # CUDA runs asynchronously: time the work, not its queueing
         seconds = time.perf_counter() - self._start
         samples = pl_module.count_samples(batch)
         metrics = {"train/samples_per_s": samples / seconds}

@@ -127,7 +127,8 @@ def iqr_mean(samples: list[float]) -> float:
     return statistics.fmean(s for s in samples if low <= s <= high)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timer must time the work, not its queueing)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -149,14 +150,14 @@ def measure(fn: Callable[[], Any], device: torch.device, preset: TimingBudget) -
     """
     start = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     first = time.perf_counter() - start
     latest = 0.0
     deadline = time.perf_counter() + preset.warmup_s
     while not latest or time.perf_counter() < deadline:  # at least one warm-up call after the first
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         latest = time.perf_counter() - start
     if latest > preset.max_call_s:
         return first, latest * 1e3
@@ -167,7 +168,7 @@ def measure(fn: Callable[[], Any], device: torch.device, preset: TimingBudget) -
     ):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         samples.append(time.perf_counter() - start)
     return first, iqr_mean(samples) * 1e3
 
@@ -183,11 +184,11 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
     """Peak allocated bytes above the starting point during one call, in MB (CUDA only)."""
     if device.type != "cuda":
         return None
-    _sync(device)
+    synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
-    _sync(device)
+    synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from omegaconf import OmegaConf
-from timeloom_kernels.bench import iqr_mean, measure, parse_suite_arguments
+from timeloom_kernels.bench import iqr_mean, measure, parse_suite_arguments, synchronize
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import (
@@ -217,11 +217,11 @@ class StepTimer(pl.Callback):
         if batch_idx == 0:
             self._counter = flop_counter()
             self._counter.__enter__()
-        _sync(self.device)
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        _sync(self.device)
+        synchronize(self.device)
         seconds = time.perf_counter() - self._start
         if self._counter is not None:  # the counted batch runs slower than the rest: never timed
             self._counter.__exit__(None, None, None)
@@ -237,11 +237,6 @@ class StepTimer(pl.Callback):
         enough = len(self.samples) >= self.preset.min_runs and time.perf_counter() >= self._deadline
         if enough or len(self.samples) >= self.preset.max_runs:
             trainer.should_stop = True
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _precision(dtype: torch.dtype) -> str:
