@@ -11,7 +11,7 @@ import importlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -65,6 +65,10 @@ class TimeloomModule(pl.LightningModule):
     """Base class of every timeloom LightningModule (LightningCLI subclass mode picks the concrete one)."""
 
     model: torch.nn.Module
+    # Init arguments naming files a run *starts* from (a checkpoint, a text stage). They stay in the
+    # hyper-parameters as a record, but a saved module already holds those weights, so `from_pretrained` and
+    # `from_checkpoint` rebuild without them: the starting file may be gone, and re-reading it is wasted work.
+    starting_weights: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -155,7 +159,7 @@ class TimeloomModule(pl.LightningModule):
         """
         directory = Path(directory)
         config = json.loads((directory / "config.json").read_text())
-        module = cls._build(config["class_path"], {**config["init_args"], **overrides}, source=directory)
+        module = cls._build(config["class_path"], config["init_args"], overrides, source=directory)
         weights = directory / "model.safetensors"
         load_state_dict_checked(module.model, load_file(weights), source=weights)
         return module
@@ -169,19 +173,23 @@ class TimeloomModule(pl.LightningModule):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if "class_path" not in checkpoint:
             raise ValueError(f"{path} was not written by a TimeloomModule (it names no class_path)")
-        init_args = {**checkpoint.get("hyper_parameters", {}), **overrides}
-        module = cls._build(checkpoint["class_path"], init_args, source=path)
+        hparams = checkpoint.get("hyper_parameters", {})
+        module = cls._build(checkpoint["class_path"], hparams, overrides, source=path)
         load_state_dict_checked(module, checkpoint["state_dict"], source=path)
         return module
 
     @classmethod
-    def _build(cls, class_path: str, init_args: dict[str, Any], source: str | Path) -> TimeloomModule:
+    def _build(
+        cls, class_path: str, saved_args: dict[str, Any], overrides: dict[str, Any], source: str | Path
+    ) -> TimeloomModule:
         module_name, _, class_name = class_path.rpartition(".")
         klass = getattr(importlib.import_module(module_name), class_name)
         if not issubclass(klass, cls):
             raise ValueError(f"{source} holds a {klass.__name__}, which is not a {cls.__name__}")
         # LightningCLI adds private bookkeeping (`_class_path`, `_instantiator`) to the hyper-parameters.
-        init_args = {k: v for k, v in init_args.items() if not k.startswith("_")}
+        init_args = {k: v for k, v in saved_args.items() if not k.startswith("_")}
+        init_args.update({name: None for name in klass.starting_weights if name in init_args})
+        init_args.update(overrides)
         # jsonargparse rebuilds typed arguments (dataclass configs, nested classes) from plain JSON.
         parser = ArgumentParser(exit_on_error=False)
         parser.add_class_arguments(klass, "module", skip={"optimizer", "scheduler"})

@@ -16,6 +16,19 @@ def tiny_module(**kwargs) -> VideoAutoencoder:
     return VideoAutoencoder(config=VideoAutoencoderConfig(width=8, latent_channels=4, levels=1), **kwargs)
 
 
+class StartsFromWeights(VideoAutoencoder):
+    """A module whose run starts from another run's weights (as a fine-tuning stage does)."""
+
+    starting_weights = ("init_weights",)
+
+    def __init__(self, init_weights: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if init_weights is not None:
+            load_state_dict_checked(
+                self.model, torch.load(init_weights, weights_only=True), source=init_weights
+            )
+
+
 def test_warmup_cosine_shape():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = WarmupCosine(optimizer, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
@@ -143,6 +156,35 @@ def test_from_checkpoint_with_overrides_rebuilds_and_loads(tmp_path):
     loaded = TimeloomModule.from_checkpoint(path, log_video_every_n_epochs=5)
     assert loaded.log_video_every_n_epochs == 5
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
+
+
+@pytest.mark.parametrize("export", ["checkpoint", "pretrained"])
+def test_a_saved_module_rebuilds_without_the_weights_its_run_started_from(tmp_path, export):
+    start = tmp_path / "start.pt"
+    torch.save(tiny_module().model.state_dict(), start)
+    module = StartsFromWeights(init_weights=str(start), config=tiny_module().config)
+    assert module.hparams["init_weights"] == str(start)  # the record of where the run started stays
+    with torch.no_grad():
+        next(module.model.parameters()).add_(1.0)  # training moved the weights away from the start
+    if export == "checkpoint":
+        saved = tmp_path / "run.ckpt"
+        torch.save(
+            {
+                "class_path": module.class_path(),
+                "hyper_parameters": dict(module.hparams),
+                "state_dict": module.state_dict(),
+            },
+            saved,
+        )
+    else:
+        saved = module.save_pretrained(tmp_path / "export")
+    start.unlink()
+    loaded = getattr(TimeloomModule, f"from_{export}")(saved)
+    assert loaded.hparams["init_weights"] is None
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.model.state_dict().values(), module.model.state_dict().values())
+    )
 
 
 def test_cpu_time_budget_stops_training_once_spent_and_not_before():
