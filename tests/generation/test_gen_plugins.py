@@ -239,5 +239,13 @@ def test_broadway_arguments_parse_the_known_floats_and_name_an_unknown_one():
         "beta0": 1.5,
         "active_fraction": 0.2,
     }
+    assert broadway_arguments("alpha=0,anchors=0,targets=1+2+3") == {
+        "alpha": 0.0,
+        "anchors": [0],
+        "targets": [1, 2, 3],
+    }
+    assert broadway_arguments("targets=") == {"targets": []}  # FME on the anchors alone
     with pytest.raises(argparse.ArgumentTypeError, match="unknown BroadWay argument 'gamma'"):
         broadway_arguments("gamma=1")
+    with pytest.raises(argparse.ArgumentTypeError, match="'targets=1\\+x'.*not a number"):
+        broadway_arguments("targets=1+x")

@@ -154,13 +154,21 @@ class BroadWay(AttentionProcessor):
         )
 
 
-def broadway_arguments(text: str) -> dict[str, float]:
-    """``"beta0=10,active_fraction=0.4"`` -> ``{"beta0": 10.0, "active_fraction": 0.4}`` (BroadWay's floats)."""
-    known = ("alpha", "beta0", "active_fraction")
-    arguments = {}
+def broadway_arguments(text: str) -> dict[str, float | list[int]]:
+    """``"beta0=10,active_fraction=0.4,targets=1+3"`` -> ``{"beta0": 10.0, "active_fraction": 0.4,
+    "targets": [1, 3]}``: BroadWay's floats, and its block lists joined by ``+`` (``targets=`` empty: none)."""
+    floats, blocks = ("alpha", "beta0", "active_fraction"), ("anchors", "targets")
+    arguments: dict[str, float | list[int]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
-        if key not in known:
-            raise argparse.ArgumentTypeError(f"unknown BroadWay argument {key!r} in {text!r}; known: {known}")
-        arguments[key] = float(value)
+        if key not in floats + blocks:
+            raise argparse.ArgumentTypeError(
+                f"unknown BroadWay argument {key!r} in {text!r}; known: {floats + blocks}"
+            )
+        try:
+            arguments[key] = float(value) if key in floats else [int(b) for b in value.split("+") if b]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"BroadWay argument {item!r} in {text!r} is not a number"
+            ) from None
     return arguments

@@ -73,7 +73,7 @@ class Setting:
 
     name: str
     prompts: list[str | list[str]]
-    broadway: dict[str, float] | None = None  # `BroadWay` arguments beside the depth; None: off
+    broadway: dict[str, float | list[int]] | None = None  # `BroadWay` arguments beside the depth; None: off
     tar: bool = False
 
 
@@ -434,7 +434,10 @@ def prompted_study(
     if args.broadway:
         settings.append(Setting("broadway", captions, broadway={}))
     for arguments in args.broadway_with:
-        name = "broadway " + ", ".join(f"{key}={value:g}" for key, value in arguments.items())
+        name = "broadway " + ", ".join(
+            f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else f'{value:g}'}"
+            for key, value in arguments.items()
+        )
         settings.append(Setting(name, captions, broadway=arguments))
     if args.tar:
         settings.append(Setting("tar", captions, tar=True))
