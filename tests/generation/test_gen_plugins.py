@@ -88,6 +88,61 @@ def test_adaptive_beta_restores_the_energy_and_alpha_zero_beta_one_is_the_identi
     torch.testing.assert_close(identity.adaptive_beta(ctx, probs, probs, visible).flatten(), torch.ones(2))
 
 
+def test_broadway_on_a_cached_chunk_matches_a_per_row_reference():
+    """A cached chunk's rectangular maps (2 chunk queries x 3 cached + 2 chunk keys), CFG [uncond; cond], two
+    videos of 3 positions each: the anchor gets FME alone, the target TSG then FME, with each video's beta from
+    its own conditional rows, computed here row by row with the FFT (upstream's form of the edit)."""
+    videos, positions, heads, rows, keys = 2, 3, 2, 2, 5
+    batch = (
+        2 * videos * positions
+    )  # (branches * videos * positions) rows, branch-major as the sampler lays out
+    generator = torch.Generator().manual_seed(7)
+    visible = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows)
+    scores = [torch.randn(batch, heads, rows, keys, generator=generator) * 3 for _ in range(2)]
+    scores = [z.masked_fill(~visible, -math.inf) for z in scores]
+    anchor_map, target_map = (z.softmax(-1) for z in scores)
+    alpha, beta0 = 0.3, 1.2
+    broadway = BroadWay(depth=4, alpha=alpha, beta0=beta0, active_fraction=1.0)
+    context = dict(step=0, num_steps=4, cfg=("uncond", "cond"), extra={"videos": videos, "clean_rows": 0})
+    edited = {}
+    for layer, z, probs in (("2", scores[0], anchor_map), ("3", scores[1], target_map)):
+        ctx = AttentionContext(name=f"blocks.{layer}.temporal.attend", q_shape=tuple(z.shape), **context)
+        broadway.logits(ctx, z)
+        edited[layer] = broadway.probs(ctx, probs)
+
+    def energy(maps: torch.Tensor, cond: list[int]) -> float:  # mean of sum_j a_j^2 over these rows
+        total = sum(
+            float((maps[r, h, i, visible[i]].double() ** 2).sum())
+            for r in cond
+            for h in range(heads)
+            for i in range(rows)
+        )
+        return total / (len(cond) * heads * rows)
+
+    def reference(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(after, dtype=torch.float64)
+        for video in range(videos):
+            cond = [videos * positions + video * positions + p for p in range(positions)]
+            e1, e2 = energy(before, cond), energy(after, cond)
+            e2_low = sum(1 / int(visible[i].sum()) for i in range(rows)) / rows
+            beta = max(beta0, math.sqrt(max(e1 - e2_low, 0) / (e2 - e2_low)))
+            for branch in range(2):
+                for p in range(positions):
+                    r = branch * videos * positions + video * positions + p
+                    for h in range(heads):
+                        for i in range(rows):
+                            n = int(visible[i].sum())
+                            spectrum = torch.fft.fft(after[r, h, i, :n].double())
+                            spectrum[1:] *= beta  # every non-DC bin is the high band
+                            out[r, h, i, :n] = torch.fft.ifft(spectrum).real
+        return out
+
+    torch.testing.assert_close(edited["2"].double(), reference(anchor_map, anchor_map))
+    mixed = (1 - alpha) * target_map + alpha * anchor_map  # TSG pulls toward the anchor's vanilla map
+    torch.testing.assert_close(edited["3"].double(), reference(target_map, mixed))
+    torch.testing.assert_close(edited["3"].sum(-1), torch.ones(batch, heads, rows))
+
+
 def test_default_mapping_of_anchor_and_target_blocks(random_model):
     assert BroadWay(depth=4).anchor_of == {"blocks.3.temporal.attend": "blocks.2.temporal.attend"}
     base = BroadWay(depth=28)
