@@ -1,0 +1,89 @@
+"""BroadWay's bar (issue #5): motion ×1.2 or more for identity down ≤ 2 points, paired against plain.
+
+Reads one or more `timeloom evaluate generation --study prompts` results and prints, per plug-in setting, the
+paired changes against the plain row of the same run (same prompts, same noise) with 95% intervals; with
+``--choose`` it applies the selection rule written in benchmarks/generation-quality.md ("Stop 13") and prints
+the chosen setting's ``--broadway-with`` arguments on the last line.
+
+    python scripts/generation_broadway_select.py runs/generation-stop13/select-128/results.json --choose
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+MOTION_BAR, IDENTITY_BAR = 1.20, -2.0  # ×1.2 motion; identity in points (per-video share of frames × 100)
+
+
+def paired(entry: dict, plain: dict, key: str) -> tuple[float, float]:
+    """Mean per-video difference ``entry − plain`` and its normal 95% half-width."""
+    deltas = [a - b for a, b in zip(entry["per_video"][key], plain["per_video"][key], strict=True)]
+    mean = sum(deltas) / len(deltas)
+    spread = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1))
+    return mean, 1.96 * spread / math.sqrt(len(deltas))
+
+
+def changes(results: dict) -> dict[str, dict[str, float]]:
+    """Per setting other than plain and the real clips: motion ratio, identity points, their intervals."""
+    settings = results["settings"]
+    plain = settings["plain"]
+    scale = plain["motion_px"]["mean"]
+    rows = {}
+    for name, entry in settings.items():
+        if name == "plain" or name.startswith("real"):
+            continue
+        motion, motion_ci = paired(entry, plain, "motion_px")
+        identity, identity_ci = paired(entry, plain, "identity_vs_prompt")
+        rows[name] = {
+            "motion": entry["motion_px"]["mean"] / scale,
+            "motion_ci": motion_ci / scale,
+            "identity": 100 * identity,
+            "identity_ci": 100 * identity_ci,
+            "subject": 100 * (entry["subject_consistency"] - plain["subject_consistency"]),
+            "frechet": entry["frechet"],
+        }
+    return rows
+
+
+def choose(rows: dict[str, dict[str, float]]) -> str | None:
+    """The rule: both bars met → least identity loss (ties: more motion); else the most motion within the
+    identity bar; else the least identity loss among settings over the motion bar; else none."""
+    both = [n for n, r in rows.items() if r["motion"] >= MOTION_BAR and r["identity"] >= IDENTITY_BAR]
+    if both:
+        return max(both, key=lambda n: (rows[n]["identity"], rows[n]["motion"]))
+    within = [n for n, r in rows.items() if r["identity"] >= IDENTITY_BAR]
+    if within:
+        return max(within, key=lambda n: rows[n]["motion"])
+    moving = [n for n, r in rows.items() if r["motion"] >= MOTION_BAR]
+    return max(moving, key=lambda n: rows[n]["identity"]) if moving else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="results.json of evaluate's prompts study")
+    parser.add_argument("--choose", action="store_true", help="apply the selection rule (one results file)")
+    args = parser.parse_args()
+    for path in args.results:
+        results = json.loads(path.read_text())
+        rows = changes(results)
+        print(f"\n{path} ({results['settings']['plain']['videos']} paired videos)\n")
+        print("| setting | motion | identity, points | subject cons., points | FD | bar |")
+        print("|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            met = r["motion"] >= MOTION_BAR and r["identity"] >= IDENTITY_BAR
+            print(
+                f"| {name} | ×{r['motion']:.3f} ± {r['motion_ci']:.3f} | {r['identity']:+.1f} ± "
+                f"{r['identity_ci']:.1f} | {r['subject']:+.1f} | {r['frechet']:.1f} | {'met' if met else 'no'} |"
+            )
+    if args.choose:
+        chosen = choose(changes(json.loads(args.results[-1].read_text())))
+        print(f"\nchosen: {chosen}")
+        # the last line: the chosen setting as --broadway-with arguments (evaluate's "broadway k=v, ..." name)
+        print("" if chosen is None else chosen.removeprefix("broadway ").replace(", ", ","))
+
+
+if __name__ == "__main__":
+    main()
