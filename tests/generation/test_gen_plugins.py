@@ -64,6 +64,12 @@ def test_fme_keeps_row_sums_and_masked_zeros_and_is_the_identity_at_beta_one():
     torch.testing.assert_close(enhanced.sum(-1), torch.ones(2, 3, 4))
     assert (enhanced[~visible] == 0).all()
     torch.testing.assert_close(motion_enhance(probs, visible, 1.0), probs)
+    # BroadWay v1's clamp: the same edit with negatives zeroed, each row renormalised over its visible keys
+    clamped = motion_enhance(probs, visible, 2.5, clamp_negative=True)
+    expected = enhanced.clamp(min=0) / enhanced.clamp(min=0).sum(-1, keepdim=True)
+    torch.testing.assert_close(clamped, expected)
+    assert (enhanced < 0).any() and (clamped >= 0).all() and (clamped[~visible] == 0).all()
+    torch.testing.assert_close(clamped.sum(-1), torch.ones(2, 3, 4))
     # the closed form is the non-DC spectrum scaled by beta (full high band), checked with an FFT on one row
     row = probs[0, 0, 3]  # 6 visible keys
     spectrum = torch.fft.fft(row.double())
@@ -300,7 +306,10 @@ def test_broadway_arguments_parse_the_known_floats_and_name_an_unknown_one():
         "targets": [1, 2, 3],
     }
     assert broadway_arguments("targets=") == {"targets": []}  # FME on the anchors alone
+    assert broadway_arguments("clamp_negative=1") == {"clamp_negative": True}
     with pytest.raises(argparse.ArgumentTypeError, match="unknown BroadWay argument 'gamma'"):
         broadway_arguments("gamma=1")
     with pytest.raises(argparse.ArgumentTypeError, match="'targets=1\\+x'.*not a number"):
         broadway_arguments("targets=1+x")
+    with pytest.raises(argparse.ArgumentTypeError, match="'clamp_negative=yes'.*0 or 1"):
+        broadway_arguments("clamp_negative=yes")

@@ -42,14 +42,20 @@ def row_energy(probs: Tensor) -> Tensor:
     return probs.pow(2).sum(-1)
 
 
-def motion_enhance(probs: Tensor, visible: Tensor, beta: Tensor | float) -> Tensor:
+def motion_enhance(
+    probs: Tensor, visible: Tensor, beta: Tensor | float, clamp_negative: bool = False
+) -> Tensor:
     """``1/n + β·(a − 1/n)`` on visible keys, 0 elsewhere; rows with ``n < 2`` visible keys are kept.
 
-    ``probs``/``visible`` ``(..., Lq, Lk)``; ``beta`` broadcasts to ``(..., 1, 1)``.
+    ``probs``/``visible`` ``(..., Lq, Lk)``; ``beta`` broadcasts to ``(..., 1, 1)``. ``clamp_negative``
+    (BroadWay v1) zeroes the negative weights and renormalises the row, so it stays a distribution.
     """
     count = visible.sum(-1, keepdim=True).clamp(min=1)
     uniform = visible / count
     enhanced = torch.where(visible, uniform + beta * (probs - uniform), torch.zeros_like(probs))
+    if clamp_negative:  # the row summed to 1 before the clamp, so its sum after it is at least 1
+        enhanced = enhanced.clamp(min=0)
+        enhanced = enhanced / enhanced.sum(-1, keepdim=True)
     return torch.where(count >= 2, enhanced, probs)
 
 
@@ -69,6 +75,7 @@ class BroadWay(AttentionProcessor):
         alpha: TSG weight α (0 turns TSG off).
         beta0: the floor β₀ of the adaptive FME scale (with α = 0 and β₀ = 1 the plug-in is the identity).
         active_fraction: steps ``k < ceil(fraction · S)`` of each chunk are edited.
+        clamp_negative: BroadWay v1's FME, negative weights zeroed and rows renormalised (v3 keeps them).
         anchors, targets: block indices overriding the default mapping; each target pairs with
             ``anchors[(b − anchors[0]) mod len(anchors)]``.
     """
@@ -79,6 +86,7 @@ class BroadWay(AttentionProcessor):
         alpha: float = 0.1,
         beta0: float = 5.0,
         active_fraction: float = 0.4,
+        clamp_negative: bool = False,
         anchors: list[int] | None = None,
         targets: list[int] | None = None,
     ) -> None:
@@ -92,6 +100,7 @@ class BroadWay(AttentionProcessor):
         if any(t <= max(anchors) for t in targets):
             raise ValueError(f"every target {targets} must come after the anchors {anchors} (same forward)")
         self.alpha, self.beta0, self.active_fraction = alpha, beta0, active_fraction
+        self.clamp_negative = clamp_negative
         self.anchor_of = {
             temporal_layer(b): temporal_layer(anchors[(b - anchors[0]) % len(anchors)]) for b in targets
         }
@@ -125,7 +134,8 @@ class BroadWay(AttentionProcessor):
         else:
             mixed = (1 - self.alpha) * probs + self.alpha * self._maps[self.anchor_of[ctx.name]]
         beta = self.adaptive_beta(ctx, probs, mixed, visible)
-        return torch.where(noisy, motion_enhance(mixed, visible, beta), probs)
+        enhanced = motion_enhance(mixed, visible, beta, self.clamp_negative)
+        return torch.where(noisy, enhanced, probs)
 
     def adaptive_beta(self, ctx: AttentionContext, before: Tensor, after: Tensor, visible: Tensor) -> Tensor:
         """β per sample from the conditional branch, as ``(B', 1, 1, 1)`` for the call's batch ``B'``."""
@@ -154,21 +164,25 @@ class BroadWay(AttentionProcessor):
         )
 
 
-def broadway_arguments(text: str) -> dict[str, float | list[int]]:
-    """``"beta0=10,active_fraction=0.4,targets=1+3"`` -> ``{"beta0": 10.0, "active_fraction": 0.4,
-    "targets": [1, 3]}``: BroadWay's floats, and its block lists joined by ``+`` (``targets=`` empty: none)."""
-    floats, blocks = ("alpha", "beta0", "active_fraction"), ("anchors", "targets")
-    arguments: dict[str, float | list[int]] = {}
+def broadway_arguments(text: str) -> dict[str, float | bool | list[int]]:
+    """``"beta0=10,clamp_negative=1,targets=1+3"`` -> ``{"beta0": 10.0, "clamp_negative": True, "targets":
+    [1, 3]}``: BroadWay's floats, its flag (0/1) and its block lists joined by ``+`` (``targets=`` empty: none)."""
+    floats, flags, blocks = ("alpha", "beta0", "active_fraction"), ("clamp_negative",), ("anchors", "targets")
+    known = floats + flags + blocks
+    arguments: dict[str, float | bool | list[int]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
-        if key not in floats + blocks:
-            raise argparse.ArgumentTypeError(
-                f"unknown BroadWay argument {key!r} in {text!r}; known: {floats + blocks}"
-            )
+        if key not in known:
+            raise argparse.ArgumentTypeError(f"unknown BroadWay argument {key!r} in {text!r}; known: {known}")
         try:
-            arguments[key] = float(value) if key in floats else [int(b) for b in value.split("+") if b]
-        except ValueError:
+            if key in floats:
+                arguments[key] = float(value)
+            elif key in flags:
+                arguments[key] = bool({"0": False, "1": True}[value])
+            else:
+                arguments[key] = [int(b) for b in value.split("+") if b]
+        except (ValueError, KeyError):
             raise argparse.ArgumentTypeError(
-                f"BroadWay argument {item!r} in {text!r} is not a number"
+                f"BroadWay argument {item!r} in {text!r} is not a number (flags: 0 or 1)"
             ) from None
     return arguments

@@ -73,7 +73,9 @@ class Setting:
 
     name: str
     prompts: list[str | list[str]]
-    broadway: dict[str, float | list[int]] | None = None  # `BroadWay` arguments beside the depth; None: off
+    broadway: dict[str, float | bool | list[int]] | None = (
+        None  # `BroadWay` arguments beside the depth; None: off
+    )
     tar: bool = False
 
 
