@@ -322,3 +322,15 @@ def test_missing_media_are_listed_before_training(tmp_path):
         ConversationDataset(path)
     dataset = ConversationDataset(path, allow_missing=True)
     assert len(dataset) == 1 and dataset.missing == 1
+
+
+def test_more_frames_sample_the_same_scenes_denser():
+    # the 8 -> 32 frame test asks the same questions about the same clips, only sampled four times denser
+    sparse, dense = TemporalQA("test", length=40, frames=8), TemporalQA("test", length=40, frames=32)
+    for index in range(40):
+        for few, many in zip(sparse[index], dense[index]):
+            assert few["conversations"] == many["conversations"] and few["answer"] == many["answer"]
+            if few["aspect"] in ("count", "when", "order"):  # still digits: each frame shown four times
+                assert torch.equal(many["video"], few["video"].repeat_interleave(4, 1)), index
+            else:  # moving digits: the same path, so the same first and last frames
+                torch.testing.assert_close(many["video"][:, [0, 31]], few["video"][:, [0, 7]])

@@ -10,8 +10,10 @@ from timeloom_understanding.encoders import vit_options
 from timeloom_understanding.hf_backbone import LLMConfig
 from timeloom_understanding.model import VideoLLMConfig
 from timeloom_understanding.module import VideoLLMModule
+from timeloom_understanding.vision_pretraining import DigitPatchModule
 
 from timeloom.cli import main
+from timeloom.module import StateDictMismatchError
 
 ROOT = Path(__file__).resolve().parents[2]
 # the tiny configs train on a CPU; the paper-size ones are built on the meta device in test_videollm.py
@@ -133,9 +135,33 @@ def test_llm_init_takes_only_the_llm_of_a_text_stage(tmp_path):
         tiny_module(llm_init=str(tmp_path / "bare.ckpt"))
 
 
+def test_a_video_llm_starts_from_the_pretrained_encoder(tmp_path):
+    torch.manual_seed(1)
+    stage0 = DigitPatchModule(ENCODER)
+    batch = {"video": torch.rand(2, 1, 8, 32, 32) * 2 - 1, "targets": torch.randint(11, (2, 8, 16))}
+    optimizer = torch.optim.AdamW(stage0.parameters(), lr=1e-2)
+    for _ in range(2):  # move the encoder away from any initialisation
+        stage0.training_step(batch, 0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.save({"state_dict": stage0.state_dict()}, tmp_path / "vit.ckpt")
+    fresh = tiny_module()
+    run = tiny_module(encoder_init=str(tmp_path / "vit.ckpt"))
+    for name, value in run.model.state_dict().items():
+        source = stage0.model if name.startswith("encoder.") else fresh.model
+        torch.testing.assert_close(value, source.state_dict()[name], rtol=0, atol=0, msg=name)
+    wider = DigitPatchModule({**ENCODER, "embed_dim": 48})
+    torch.save({"state_dict": wider.state_dict()}, tmp_path / "wider.ckpt")
+    with pytest.raises(StateDictMismatchError, match="shape mismatches"):
+        tiny_module(encoder_init=str(tmp_path / "wider.ckpt"))
+    with pytest.raises(ValueError, match="not both"):
+        tiny_module(init_from=str(tmp_path / "vit.ckpt"), encoder_init=str(tmp_path / "vit.ckpt"))
+    assert run.hparams["encoder_init"] == str(tmp_path / "vit.ckpt")
+
+
 def test_a_run_reloads_without_its_starting_weights(tmp_path):
     tiny_module().save_pretrained(tmp_path / "text")
-    run = tiny_module(llm_init=str(tmp_path / "text"))
+    run = tiny_module(llm_init=str(tmp_path / "text"), encoder_init=str(tmp_path / "text"))
     checkpoint = {"state_dict": run.state_dict(), "hyper_parameters": dict(run.hparams)}
     torch.save(checkpoint | {"class_path": run.class_path()}, tmp_path / "run.ckpt")
     run.save_pretrained(tmp_path / "export")

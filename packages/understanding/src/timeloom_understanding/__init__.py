@@ -13,11 +13,14 @@ from timeloom_understanding.pine import OptionSpans, option_segments
 from timeloom_understanding.projectors import CCAMProjector, MLPProjector, SlowFastProjector
 from timeloom_understanding.streaming import OnlineStream
 from timeloom_understanding.time_tokens import TimedAnswer, render
+from timeloom_understanding.vision_pretraining import DigitPatchesDataModule, DigitPatchModule
 
 __all__ = [
     "STRUCTURES",
     "CCAMProjector",
     "ConversationDataset",
+    "DigitPatchModule",
+    "DigitPatchesDataModule",
     "LLMConfig",
     "MLPProjector",
     "OnlineStream",

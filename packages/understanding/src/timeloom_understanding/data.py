@@ -327,13 +327,17 @@ class TemporalQA(Dataset):
         return [base | {"visible": self._blinks(rng, int(c))[:, None]} for c in counts], False
 
     def _blinks(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        """Three visible frames in ``count`` runs separated by gaps, placed at random."""
+        """Three visible steps in ``count`` runs separated by gaps, placed at random. A step is
+        ``frames // 8`` frames (at least one), so a 32-frame video is the 8-frame one sampled four times
+        denser (the same draws), as the other scenes are; a fixed three frames would make 32-frame blinks
+        four times shorter, another scene rather than the same one sampled denser."""
+        step = max(1, self.frames // 8)
         runs = {1: [3], 2: list(rng.permutation([1, 2])), 3: [1, 1, 1]}[count]
-        spare = self.frames - 3 - (count - 1)  # frames left once each gap has one blank frame
+        spare = self.frames // step - 3 - (count - 1)  # steps left once each gap has one blank step
         extra = rng.multinomial(spare, np.ones(count + 1) / (count + 1))  # before, between, after
         visible, t = np.zeros(self.frames, dtype=bool), int(extra[0])
         for k, run in enumerate(runs):
-            visible[t : t + run] = True
+            visible[t * step : (t + run) * step] = True
             t += run + 1 + int(extra[k + 1])
         return visible
 

@@ -6,7 +6,8 @@ match the model. ``stage`` is ``align`` (captions, stage 1) or ``instruct`` (que
 names the parameters that learn (``fnmatch`` patterns over parameter names; the rest is frozen), and
 ``init_from`` starts from a `save_pretrained` folder or a Lightning checkpoint, e.g. stage 2 from stage 1;
 ``llm_init`` takes only the LLM from one, e.g. from a text stage (`TemporalQA(control="text")`), as real
-video-LLMs start from a pretrained LLM.
+video-LLMs start from a pretrained LLM, and ``encoder_init`` only the vision encoder, e.g. from the digit
+pretraining stage (`DigitPatchModule`), as they start from a pretrained vision encoder.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from timeloom_understanding.model import VideoLLM, VideoLLMConfig
 __all__ = ["VideoLLMModule"]
 
 STAGES = ("align", "instruct")
+# a run's starting weights: its checkpoint holds the whole model, so they are not re-read on loading
+_STARTING_WEIGHTS = {"init_from": None, "llm_init": None, "encoder_init": None}
 
 
 class VideoLLMModule(TimeloomModule):
@@ -43,6 +46,8 @@ class VideoLLMModule(TimeloomModule):
         init_from: weights that start this run: a `save_pretrained` folder or a `timeloom fit` checkpoint.
         llm_init: the LLM's weights (only its ``llm.`` parameters) from such a folder or checkpoint, e.g. a
             text stage; the encoder and projector keep their fresh initialisation. Not with ``init_from``.
+        encoder_init: the vision encoder's weights (only its ``encoder.`` parameters) from such a folder or
+            checkpoint, or from a `DigitPatchModule` checkpoint (stage 0). Not with ``init_from``.
         frames, height, width: the media size, for the visual-token count of the context check.
     """
 
@@ -53,6 +58,7 @@ class VideoLLMModule(TimeloomModule):
         trainable: list[str] | None = None,
         init_from: str | None = None,
         llm_init: str | None = None,
+        encoder_init: str | None = None,
         frames: int = 8,
         height: int = 32,
         width: int = 32,
@@ -63,18 +69,15 @@ class VideoLLMModule(TimeloomModule):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}; got {stage!r}")
         self.model = VideoLLM(config or VideoLLMConfig())
-        if init_from and llm_init:
-            raise ValueError(f"give init_from ({init_from}) or llm_init ({llm_init}), not both")
+        if init_from and (llm_init or encoder_init):
+            raise ValueError(
+                f"give init_from ({init_from}) or llm_init/encoder_init ({llm_init}, {encoder_init}), not both"
+            )
         if init_from:
             load_state_dict_checked(self.model, _stage_weights(Path(init_from)), source=init_from)
-        if llm_init:
-            weights = _stage_weights(Path(llm_init))
-            llm = {
-                name.removeprefix("llm."): value for name, value in weights.items() if name.startswith("llm.")
-            }
-            if not llm:
-                raise ValueError(f"llm_init {llm_init} holds no llm.* weights")
-            load_state_dict_checked(self.model.llm, llm, source=llm_init)
+        for part, source in (("llm", llm_init), ("encoder", encoder_init)):
+            if source:
+                _load_part(getattr(self.model, part), part, source)
         if trainable is not None:
             names = [name for name, _ in self.model.named_parameters()]
             unmatched = [p for p in trainable if not any(fnmatch(name, p) for name in names)]
@@ -91,11 +94,11 @@ class VideoLLMModule(TimeloomModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, **overrides: Any) -> TimeloomModule:
         # the checkpoint holds the whole model: the run's starting weights need not be read, nor still exist
-        return super().from_checkpoint(path, **{"init_from": None, "llm_init": None, **overrides})
+        return super().from_checkpoint(path, **{**_STARTING_WEIGHTS, **overrides})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> TimeloomModule:
-        return super().from_pretrained(directory, **{"init_from": None, "llm_init": None, **overrides})
+        return super().from_pretrained(directory, **{**_STARTING_WEIGHTS, **overrides})
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
         # the default collation leaves lists of conversation items (or of conflict groups) as they are
@@ -133,6 +136,19 @@ class VideoLLMModule(TimeloomModule):
         for aspect, count in Counter(batch.get("aspect", [])).items():
             rows = torch.tensor([a == aspect for a in batch["aspect"]], device=decided.device)
             self.log(f"{split}/accuracy/{aspect}", decided[rows].mean(), batch_size=count)
+
+
+def _load_part(target: torch.nn.Module, part: str, source: str) -> None:
+    """Load only the ``{part}.*`` weights of a checkpoint or `save_pretrained` folder into ``target``."""
+    prefix = f"{part}."
+    weights = {
+        name.removeprefix(prefix): value
+        for name, value in _stage_weights(Path(source)).items()
+        if name.startswith(prefix)
+    }
+    if not weights:
+        raise ValueError(f"{part}_init {source} holds no {prefix}* weights")
+    load_state_dict_checked(target, weights, source=source)
 
 
 def _stage_weights(path: Path) -> dict[str, torch.Tensor]:

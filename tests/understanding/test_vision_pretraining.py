@@ -1,0 +1,50 @@
+"""Stage 0 (`vision_pretraining`): the dense per-patch digit targets (a video-LLM starting from the stage's
+encoder: test_videollm_module.py)."""
+
+import numpy as np
+import pytest
+import torch
+from timeloom_understanding.data import TemporalQA
+from timeloom_understanding.vision_pretraining import (
+    BACKGROUND,
+    DigitPatches,
+    patch_digit_targets,
+)
+
+from timeloom.data.moving_digits import digit_glyphs, split_glyph_indices
+
+
+def test_targets_of_a_hand_made_scene():
+    # 10-px glyphs have a blank 1-px rim; a centre at 11.5 puts the inked 8x8 core on pixels 8..15, exactly
+    # patch (1, 1) of an 8-px grid, and a centre at 19.5 on pixels 16..23, patch (2, 2)
+    labels = digit_glyphs(10)[1].numpy()
+    pool = split_glyph_indices("train")
+    three, seven = pool[labels[pool] == 3][0], pool[labels[pool] == 7][0]
+    meta = {
+        "labels": np.array([3, 7]),
+        "glyph_index": np.array([three, seven]),
+        "trajectory": np.array([[[11.5, 11.5], [19.5, 19.5]]] * 3),
+        "visible": np.array([[True, False], [False, True], [True, True]]),
+    }
+    targets = patch_digit_targets(meta, size=32, glyph_size=10, patch=8).view(3, 4, 4)
+    expected = torch.full((3, 4, 4), BACKGROUND)
+    expected[0, 1, 1] = expected[2, 1, 1] = 3  # (frame, row, col)
+    expected[1, 2, 2] = expected[2, 2, 2] = 7
+    assert torch.equal(targets, expected)
+    with pytest.raises(ValueError, match="patch 5"):
+        patch_digit_targets(meta, size=32, glyph_size=10, patch=5)
+
+
+@pytest.mark.parametrize("patch", [4, 8])
+def test_targets_agree_with_the_generators_metadata(patch):
+    dataset = DigitPatches("val", length=12, patch=patch)
+    scenes = TemporalQA("val", length=12)
+    for index in range(len(dataset)):
+        item, meta = dataset[index], scenes[index][index % 2]["meta"]
+        assert torch.equal(item["video"], scenes[index][index % 2]["video"])
+        targets = item["targets"]
+        assert targets.shape == (8, (32 // patch) ** 2)
+        for frame in range(8):
+            shown = {int(label) for label, seen in zip(meta["labels"], meta["visible"][frame]) if seen}
+            named = set(targets[frame].tolist()) - {BACKGROUND}
+            assert named == shown, (index, frame)  # every visible digit names a patch, nothing else does
