@@ -149,3 +149,23 @@ def test_save_pretrained_round_trip(tmp_path):
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), module(ids), atol=0, rtol=0)
+
+
+def test_init_from_starts_a_stage_from_an_earlier_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    config = TitansConfig(vocab_size=64, dim=16, block="mac", segment=8,
+                          memory=NeuralMemoryConfig(head_dim=8, chunk_size=4))  # fmt: skip
+    earlier = MemoryLMModule(config)
+    torch.save({"state_dict": earlier.state_dict()}, tmp_path / "stage1.ckpt")
+    later = MemoryLMModule(config, init_from=str(tmp_path / "stage1.ckpt"))
+    assert not torch.equal(later.model.embed.weight, earlier.model.embed.weight)  # fresh until fit starts
+    later.load_initial_weights(later.init_from)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(later(ids), earlier(ids), atol=0, rtol=0)
+    other = MemoryLMModule(TitansConfig(vocab_size=64, dim=16, block="attention"))
+    with pytest.raises(KeyError, match="init_from .*stage1.ckpt: missing weights"):
+        other.load_initial_weights(tmp_path / "stage1.ckpt")
+    with pytest.raises(FileNotFoundError, match="init_from: no checkpoint"):
+        other.load_initial_weights(tmp_path / "none.ckpt")
+    assert MemoryLMModule.starting_weights == ("init_from",)  # a saved module rebuilds without the file

@@ -157,12 +157,40 @@ def test_datamodule_batches_and_rejects_bad_tasks():
     assert list(QUESTIONS) == ["first", "last"]
 
 
-def recall_model(use_memory: bool, memory_kind: str = "titans") -> VideoRecallModel:
+def test_cached_videos_are_the_videos_drawn_without_the_cache():
+    drawn = LongVideoRecall(clips=3, length=5, seed=2)
+    cached = LongVideoRecall(clips=3, length=5, seed=2, cache=True)
+    for i in (0, 3, 0):  # the second visit of 0 comes from the cache
+        assert (
+            torch.equal(cached[i]["video"], drawn[i]["video"]) and cached[i]["caption"] == drawn[i]["caption"]
+        )
+    assert sorted(cached.cached) == [0, 3] and drawn.cached is None
+    module = LongVideoRecallDataModule(clips=3, train_length=8, batch_size=4)
+    assert module.dataset("train").cached == {}  # the data module caches by default
+
+
+def recall_model(use_memory: bool, memory_kind: str = "titans", **overrides) -> VideoRecallModel:
     torch.manual_seed(0)
     memory = VideoMemoryConfig(readout_tokens=2, memory=NeuralMemoryConfig(heads=2, head_dim=8))
     config = VideoRecallConfig(size=16, patch=8, frames_per_clip=2, dim=16, window_clips=2, use_memory=use_memory,
-                               memory_kind=memory_kind, memory=memory, hcam_top_k=2)  # fmt: skip
+                               memory_kind=memory_kind, memory=memory, **{"hcam_top_k": 2, **overrides})  # fmt: skip
     return VideoRecallModel(config).eval()
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_hcam_stop_gradient_decides_whether_the_first_question_trains_the_frame_encoder(detach):
+    # The first clip is outside the window: only the HCAM read reaches it. With HCAM's stop-gradient the
+    # "first" question's loss leaves the first clip's pixels (and so the encoder's view of them) untouched.
+    data = LongVideoRecall(clips=6, frames_per_clip=2, size=16, length=2)
+    video = torch.stack([data[i]["video"] for i in range(2)]).requires_grad_(True)
+    questions = torch.stack([data[i]["questions"] for i in range(2)])
+    model = recall_model(use_memory=True, memory_kind="hcam", hcam_top_k=12, hcam_detach_memory=detach)
+    logits = model(video, questions)
+    first = questions[0].tolist().index(list(QUESTIONS).index("first"))
+    logits[:, first].square().sum().backward()
+    reached_first_clip = video.grad[:, :, :2].abs().sum() > 0
+    assert reached_first_clip == (not detach)
+    assert video.grad[:, :, -4:].abs().sum() > 0  # the window's frames always get a gradient
 
 
 @pytest.mark.parametrize("memory_kind", ["titans", "hcam"])

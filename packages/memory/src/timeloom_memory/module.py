@@ -7,7 +7,8 @@ position right (``exact_match``), under ``train/``, ``val/`` and ``test/``.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +25,37 @@ class MemoryLMModule(TimeloomModule):
 
     Args:
         config: the model's sizes; its ``vocab_size`` must cover the task's tokens.
+        init_from: a `MemoryLMModule` checkpoint whose weights start this run (a curriculum's earlier stage,
+            e.g. shorter sequences); the optimiser, step and data start afresh. Ignored when resuming.
         **kwargs: ``optimizer`` / ``scheduler`` callables of `TimeloomModule`.
     """
 
-    def __init__(self, config: TitansConfig | None = None, **kwargs: Any) -> None:
+    starting_weights: ClassVar[tuple[str, ...]] = ("init_from",)
+
+    def __init__(
+        self, config: TitansConfig | None = None, init_from: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.config = config or TitansConfig()
         self.model = TitansLM(self.config)
+        self.init_from = init_from
+
+    def on_fit_start(self) -> None:
+        # Here, not in __init__: only now does the trainer know whether it resumes from a checkpoint, and
+        # loading copies into the parameters the optimiser already holds.
+        if self.init_from is not None and self.trainer.ckpt_path is None:
+            self.load_initial_weights(self.init_from)
+
+    def load_initial_weights(self, path: str | Path) -> None:
+        """Copy every weight of the checkpoint at ``path`` into this module (they must match exactly)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_from: no checkpoint at {path} (train the earlier stage first)")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" not in checkpoint:
+            raise ValueError(f"init_from: {path} is not a Lightning checkpoint (it has no state_dict)")
+        missing, unexpected = self.load_state_dict(checkpoint["state_dict"], strict=False)
+        if missing or unexpected:
+            raise KeyError(f"init_from {path}: missing weights {missing}, unexpected weights {unexpected}")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)[0]

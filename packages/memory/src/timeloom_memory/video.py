@@ -145,16 +145,28 @@ class HCAMVideoMemory(nn.Module):
 
     ``write`` appends frames ``(B, T, tokens_per_frame, dim)`` (with the frame-index code of `VideoMemory`) to an
     `HCAMState`; ``read(state, queries)`` returns one read ``(B, Lq, dim)`` per query: the softmax mix, over the
-    ``top_k`` frames whose mean token scores highest, of multi-head attention inside each. As in HCAM, no
-    gradient flows into the stored tokens; the read's projections learn.
+    ``top_k`` frames whose mean token scores highest, of multi-head attention inside each. As in HCAM, by
+    default no gradient flows into the stored tokens and only the read's projections learn; with
+    ``detach_memory=False`` a read's gradient also reaches the frames written in the same graph (a video
+    trained in one call), so the encoder learns what the read needs. A state carried across calls is
+    detached by its owner as usual.
     """
 
-    def __init__(self, dim: int = 64, tokens_per_frame: int = 16, heads: int = 2, top_k: int = 4):
+    def __init__(
+        self,
+        dim: int = 64,
+        tokens_per_frame: int = 16,
+        heads: int = 2,
+        top_k: int = 4,
+        detach_memory: bool = True,
+    ):
         super().__init__()
         if dim % 2:
             raise ValueError(f"HCAMVideoMemory needs an even dim for its frame-index code; got {dim}")
         self.dim, self.tokens_per_frame = dim, tokens_per_frame
-        self.hcam = HCAMAttention(dim, heads, chunk_size=tokens_per_frame, top_k=top_k)
+        self.hcam = HCAMAttention(
+            dim, heads, chunk_size=tokens_per_frame, top_k=top_k, detach_memory=detach_memory
+        )
 
     def init_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> HCAMState:
         return self.hcam.init_state(batch_size, self.dim, device, dtype)
@@ -204,6 +216,8 @@ class VideoRecallConfig:
             (`HCAMVideoMemory`: each question's read added to its embedding).
         memory: `VideoMemoryConfig` options (``dim`` and ``tokens_per_frame`` are set from the above).
         hcam_top_k: frames an HCAM read attends inside.
+        hcam_detach_memory: HCAM's stop-gradient on the stored frames. Off, the questions' reads train the
+            frame encoder too; on, only the window's questions do.
     """
 
     size: int = 16
@@ -217,6 +231,7 @@ class VideoRecallConfig:
     memory_kind: Literal["titans", "hcam"] = "titans"
     memory: VideoMemoryConfig = field(default_factory=VideoMemoryConfig)
     hcam_top_k: int = 4
+    hcam_detach_memory: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.memory, dict):
@@ -251,7 +266,9 @@ class VideoRecallModel(nn.Module):
         if not c.use_memory:
             self.memory = None
         elif c.memory_kind == "hcam":
-            self.memory = HCAMVideoMemory(c.dim, c.tokens_per_frame, c.heads, c.hcam_top_k)
+            self.memory = HCAMVideoMemory(
+                c.dim, c.tokens_per_frame, c.heads, c.hcam_top_k, c.hcam_detach_memory
+            )
         else:
             self.memory = VideoMemory(c.memory)
         self.question = nn.Embedding(len(QUESTIONS), c.dim)

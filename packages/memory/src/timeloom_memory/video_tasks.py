@@ -43,6 +43,8 @@ class LongVideoRecall(Dataset):
         length: number of videos.
         seed: base seed.
         split: ``train``, ``val`` or ``test`` (disjoint handwritten glyphs, as in `MovingDigits`).
+        cache: keep each video once drawn (drawing a video renders ``clips`` MovingDigits clips, which
+            costs more CPU than a tiny model's training step on it).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class LongVideoRecall(Dataset):
         length: int = 1000,
         seed: int = 0,
         split: str = "train",
+        cache: bool = False,
     ):
         if clips < 2:
             raise ValueError(f"LongVideoRecall needs clips ≥ 2 (a first and a later clip); got {clips}")
@@ -65,6 +68,7 @@ class LongVideoRecall(Dataset):
             )
         self.clips, self.frames_per_clip, self.questions = clips, frames_per_clip, tuple(questions)
         self.length = length
+        self.cached: dict[int, dict[str, Any]] | None = {} if cache else None
         self.digits = MovingDigits(
             size=size, frames=frames_per_clip, num_digits=1, speed=speed, length=length * clips, seed=seed,
             split=split,
@@ -80,6 +84,14 @@ class LongVideoRecall(Dataset):
         return self.digits[index * self.clips + clip]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.cached is None:
+            return self.draw(index)
+        if index not in self.cached:
+            self.cached[index] = self.draw(index)
+        return self.cached[index]
+
+    def draw(self, index: int) -> dict[str, Any]:
+        """Video ``index`` and its questions, rendered from its clips."""
         clips = [self.clip(index, c) for c in range(self.clips)]
         labels = torch.stack([c["meta"]["labels"][0] for c in clips])
         answers = torch.stack([labels[QUESTIONS[q][1]] for q in self.questions])
@@ -95,7 +107,8 @@ class LongVideoRecall(Dataset):
 
 
 class LongVideoRecallDataModule(TimeloomDataModule):
-    """`LongVideoRecall` splits; see that class for the task arguments."""
+    """`LongVideoRecall` splits; see that class for the task arguments (``cache`` holds every split's videos in
+    memory once drawn: 16 KiB per video at the default sizes)."""
 
     def __init__(
         self,
@@ -111,13 +124,17 @@ class LongVideoRecallDataModule(TimeloomDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        cache: bool = True,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         self.save_hyperparameters()
+        self.cache = cache
         self.lengths = {"train": train_length, "val": val_length, "test": test_length}
         self.task = dict(clips=clips, frames_per_clip=frames_per_clip, size=size, questions=tuple(questions),
                          speed=speed)  # fmt: skip
         LongVideoRecall(length=0, **self.task)  # reject a bad configuration now
 
     def build_dataset(self, split: str) -> LongVideoRecall:
-        return LongVideoRecall(length=self.lengths[split], seed=self.seed, split=split, **self.task)
+        return LongVideoRecall(
+            length=self.lengths[split], seed=self.seed, split=split, cache=self.cache, **self.task
+        )
