@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -54,25 +55,37 @@ def patch_digit_targets(
 
 
 class DigitPatches(Dataset):
-    """`TemporalQA` videos with their per-patch digit targets: ``{"video" (C, T, H, W), "targets" (T, h·w)}``.
+    """One `TemporalQA` frame with a digit in it, and its per-patch digit targets: ``{"video" (C, 1, H, W),
+    "targets" (1, h·w), "frame"}`` (which frame of the video).
 
-    Item ``i`` is one video of conflict group ``i`` (the variant alternates), so every scene kind appears:
-    moving, still, blinking and successive digits, one or two per frame, on the split's own glyphs.
+    Item ``i`` is a frame drawn (by ``(seed, i)``) among the frames of conflict group ``i``'s video (the
+    variant alternates) that show a digit, so every scene kind appears: moving, still, blinking and
+    successive digits, one or two per frame, on the split's own glyphs. One frame per video, because a
+    video's frames are near copies: a batch of frames from as many videos holds more digits to tell apart.
     """
 
-    def __init__(self, split: str = "train", length: int = 1000, patch: int = 8, **scene: Any) -> None:
-        self.scenes = TemporalQA(split, length=length, **scene)
+    def __init__(
+        self, split: str = "train", length: int = 1000, patch: int = 8, seed: int = 0, **scene: Any
+    ) -> None:
+        self.scenes = TemporalQA(split, length=length, seed=seed, **scene)
         if self.scenes.size % patch:
             raise ValueError(f"patch {patch} does not divide the {self.scenes.size}-px canvas")
-        self.patch = patch
+        self.patch, self.seed = patch, seed
 
     def __len__(self) -> int:
         return len(self.scenes)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         item = self.scenes[index][index % 2]
-        targets = patch_digit_targets(item["meta"], self.scenes.size, self.scenes.glyph_size, self.patch)
-        return {"video": item["video"], "targets": targets}
+        meta = item["meta"]
+        shown = np.flatnonzero(meta["visible"].any(1))
+        frame = int(np.random.default_rng([self.seed, index]).choice(shown))
+        targets = patch_digit_targets(meta, self.scenes.size, self.scenes.glyph_size, self.patch)
+        return {
+            "video": item["video"][:, frame : frame + 1],
+            "targets": targets[frame : frame + 1],
+            "frame": frame,
+        }
 
 
 class DigitPatchesDataModule(TimeloomDataModule):
@@ -88,7 +101,7 @@ class DigitPatchesDataModule(TimeloomDataModule):
         train_length: int = 100_000,
         val_length: int = 128,
         test_length: int = 256,
-        batch_size: int = 16,
+        batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
@@ -144,10 +157,10 @@ class DigitPatchModule(TimeloomModule):
     """Stage 0: the encoder's tokens name the digits where they are.
 
     ``objective``: ``region`` (default) classifies the mean of the tokens each digit covers, as a projector's
-    attention pools them; ``patch`` classifies every token alone (`balanced_loss`), which a 2-layer ViT with
-    8-px patches barely learns (13 % at 800 steps). Logged either way: ``val/region_accuracy`` (digits named
+    attention pools them; ``patch`` classifies every token alone (`balanced_loss`), which the tiny 2-layer ViT
+    learns far more slowly (benchmarks/understanding-quality.md, stop 13). Logged either way: ``val/region_accuracy`` (digits named
     from their tokens' mean, chance 10 %), ``val/patch_accuracy`` (digit patches named alone) and
-    ``val/background_accuracy``.
+    ``val/background_accuracy`` (0 under ``region``, which never asks for the background class).
 
     Args:
         encoder: `TimmEncoder` arguments, as in the video-LLM config that will load the weights.
