@@ -2,6 +2,7 @@
 
     python scripts/memory_study.py mqar attention s64            # one MQAR run (through /tmp/cpuslot on a shared box)
     python scripts/memory_study.py sniah titans-mac-sniah         # one S-NIAH training run
+    python scripts/memory_study.py sniah-curriculum titans-mac    # S-NIAH in stages: 64 tokens, depth 0 → 256
     python scripts/memory_study.py sniah-eval                     # accuracy by test length of the S-NIAH runs
     python scripts/memory_study.py report                         # curves (docs/memory-*.png) + results JSON
 
@@ -55,6 +56,10 @@ SNIAH_MODELS = {
 # steps). Tested at every depth, 64 to 8K tokens.
 SNIAH_TRAIN_LENGTH, SNIAH_TRAIN_DEPTHS = 64, (0, 25)
 SNIAH_TEST_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# A length curriculum (`sniah-curriculum`): MAC's memory path learns with the needle always at depth 0 of 64
+# tokens, not with depths mixed, so each stage starts from the last one's weights (`init_from`) and widens
+# the depths, then the length. Stage: (train length, needle depths in percent, CPU-minutes).
+SNIAH_CURRICULUM = ((64, (0,), 3.0), (64, (0, 25), 3.0), (256, (0, 25, 50, 75), 8.0))
 # Long-video recall: Titans memory + window against the window alone.
 # name -> (config, flags); "memory-keep" starts the memory's forgetting at α ≈ 3e-4 instead of 0.018 per token
 # (0.018 leaves (1 − 0.018)^224 ≈ 2 % of the first clip's write after the 7 clips that follow it).
@@ -62,10 +67,15 @@ VIDEO_MODELS = {
     "window": ("video-recall-window-tiny.yaml", []),
     "memory": ("video-recall-tiny.yaml", []),
     "memory-keep": ("video-recall-tiny.yaml", ["--model.init_args.config.memory.memory.alpha_bias=-8"]),
-    "hcam": ("video-recall-hcam-tiny.yaml", []),  # HCAM over frames: top-4 frames, nothing forgotten
-    # every frame read (k = M, the two-level softmax): top-4 of 16 gives the relevance scores no gradient toward
-    # a frame that is never chosen, so "first" can stay unreachable
-    "hcam-all": ("video-recall-hcam-tiny.yaml", ["--model.init_args.config.hcam_top_k=16"]),
+    # HCAM over frames: top-4 frames, nothing forgotten, the questions' reads train the frame encoder
+    "hcam": ("video-recall-hcam-tiny.yaml", []),
+    # the same with HCAM's stop-gradient on stored frames: only the window's "last" question trains the encoder
+    "hcam-stopgrad": ("video-recall-hcam-tiny.yaml", ["--model.init_args.config.hcam_detach_memory=true"]),
+    # every frame read (k = M, the two-level softmax), with the stop-gradient
+    "hcam-all": (
+        "video-recall-hcam-tiny.yaml",
+        ["--model.init_args.config.hcam_top_k=16", "--model.init_args.config.hcam_detach_memory=true"],
+    ),
 }
 TARGET = 0.99
 
@@ -170,17 +180,33 @@ def video(model: str, minutes: float, extra: list[str]) -> None:
     fit(config, RUNS / "video" / model, [*flags, *extra], minutes)
 
 
+def sniah_flags(length: int, depths: tuple[float, ...]) -> list[str]:
+    return [f"--data.init_args.seq_len={length}", f"--data.init_args.test_seq_len={length}",
+            f"--data.init_args.depths=[{','.join(str(d) for d in depths)}]", "--data.init_args.train_length=131072",
+            "--trainer.val_check_interval=128"]  # fmt: skip
+
+
 def sniah(model: str, minutes: float, extra: list[str]) -> None:
-    task = [f"--data.init_args.seq_len={SNIAH_TRAIN_LENGTH}", f"--data.init_args.test_seq_len={SNIAH_TRAIN_LENGTH}",
-            f"--data.init_args.depths=[{','.join(str(d) for d in SNIAH_TRAIN_DEPTHS)}]"]  # fmt: skip
-    flags = [*task, "--data.init_args.train_length=131072", "--trainer.val_check_interval=128", *extra]
+    flags = [*sniah_flags(SNIAH_TRAIN_LENGTH, SNIAH_TRAIN_DEPTHS), *extra]
     fit(SNIAH_MODELS[model], RUNS / "sniah" / model, flags, minutes)
+
+
+def sniah_curriculum(model: str, extra: list[str]) -> None:
+    """`SNIAH_CURRICULUM`'s stages one after another, each from the weights the one before ended with; the
+    last stage's run is ``sniah/<model>-curriculum`` (what `sniah-eval` scores), the others ``…-stage<i>``."""
+    start = None
+    for index, (length, depths, minutes) in enumerate(SNIAH_CURRICULUM, 1):
+        last = index == len(SNIAH_CURRICULUM)
+        run_dir = RUNS / "sniah" / (f"{model}-curriculum" if last else f"{model}-curriculum-stage{index}")
+        init = [] if start is None else [f"--model.init_args.init_from={start}"]
+        fit(SNIAH_MODELS[model], run_dir, [*sniah_flags(length, depths), *init, *extra], minutes)
+        start = run_dir / "checkpoints/last.ckpt"
 
 
 def sniah_eval(samples: int) -> None:
     """`timeloom evaluate memory` on every trained S-NIAH run: exact match by test length and depth."""
     lengths = ",".join(str(n) for n in SNIAH_TEST_LENGTHS)
-    for model in SNIAH_MODELS:
+    for model in sniah_runs():
         run_dir = RUNS / "sniah" / model
         checkpoint = run_dir / "checkpoints/last.ckpt"
         if not checkpoint.exists():
@@ -194,6 +220,11 @@ def sniah_eval(samples: int) -> None:
         command = [TIMELOOM, "evaluate", "memory", "--checkpoint", str(checkpoint), "--task", "sniah",
                    f"--lengths={lengths}", f"--samples={samples}", "--batch-size=4", f"--out={run_dir}/eval"]  # fmt: skip
         subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+def sniah_runs() -> list[str]:
+    """The S-NIAH runs scored and reported: one per model, and each model's curriculum (its last stage)."""
+    return [name for model in SNIAH_MODELS for name in (model, f"{model}-curriculum")]
 
 
 def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
@@ -299,7 +330,7 @@ def recall_report() -> None:
         (RUNS / "video/results.json").write_text(json.dumps(video_results, indent=2))
 
     results = {}
-    for model in SNIAH_MODELS:
+    for model in sniah_runs():
         report_file = RUNS / "sniah" / model / "eval/memory-sniah.json"
         if report_file.exists():
             results[model] = json.loads(report_file.read_text())["by_length"]
@@ -315,7 +346,8 @@ def recall_report() -> None:
                 label=model,
             )
         ax.set(xscale="log", xlabel="test length (tokens)", ylabel="pass-key exact match", ylim=(-0.02, 1.02),
-               title=f"S-NIAH pass-key, trained at {SNIAH_TRAIN_LENGTH} tokens")  # fmt: skip
+               title=f"S-NIAH pass-key (trained at {SNIAH_TRAIN_LENGTH}; curriculum to "
+                     f"{SNIAH_CURRICULUM[-1][0]})")  # fmt: skip
         ax.set_xticks(list(SNIAH_TEST_LENGTHS), [str(n) for n in SNIAH_TEST_LENGTHS])
         ax.legend(fontsize=8)
         figure.tight_layout()
@@ -336,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
+    run = commands.add_parser("sniah-curriculum", help="S-NIAH training in SNIAH_CURRICULUM's stages")
+    run.add_argument("model", choices=SNIAH_MODELS)
     run = commands.add_parser("video", help="one long-video recall training run")
     run.add_argument("model", choices=VIDEO_MODELS)
     run.add_argument("--minutes", type=float, default=6.0, help="CPU-minute budget of the run")
@@ -348,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         mqar(args.model, args.setting, args.minutes, extra)
     elif args.command == "sniah":
         sniah(args.model, args.minutes, extra)
+    elif args.command == "sniah-curriculum":
+        sniah_curriculum(args.model, extra)
     elif args.command == "video":
         video(args.model, args.minutes, extra)
     elif args.command == "sniah-eval":
