@@ -69,6 +69,7 @@ VIDEO_MODELS = {
     "memory-keep": ("video-recall-tiny.yaml", ["--model.init_args.config.memory.memory.alpha_bias=-8"]),
     # HCAM over frames: every frame read (k = M = 16), nothing forgotten, the reads train the frame encoder
     "hcam": ("video-recall-hcam-tiny.yaml", []),
+    "hcam-seed1": ("video-recall-hcam-tiny.yaml", ["--seed_everything=1"]),  # another initialisation
     # the same with a top 4 of the 16 frames
     "hcam-top4-grad": ("video-recall-hcam-tiny.yaml", ["--model.init_args.config.hcam_top_k=4"]),
     # every frame, with HCAM's stop-gradient on stored frames: only the window's "last" question trains the encoder
