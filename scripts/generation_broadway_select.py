@@ -64,7 +64,7 @@ def choose(rows: dict[str, dict[str, float]]) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="results.json of evaluate's prompts study")
-    parser.add_argument("--choose", action="store_true", help="apply the selection rule (one results file)")
+    parser.add_argument("--choose", action="store_true", help="apply the selection rule to all rows given")
     args = parser.parse_args()
     for path in args.results:
         results = json.loads(path.read_text())
@@ -78,8 +78,8 @@ def main() -> None:
                 f"| {name} | ×{r['motion']:.3f} ± {r['motion_ci']:.3f} | {r['identity']:+.1f} ± "
                 f"{r['identity_ci']:.1f} | {r['subject']:+.1f} | {r['frechet']:.1f} | {'met' if met else 'no'} |"
             )
-    if args.choose:
-        chosen = choose(changes(json.loads(args.results[-1].read_text())))
+    if args.choose:  # over every file's rows, each against its own run's plain
+        chosen = choose({n: r for p in args.results for n, r in changes(json.loads(p.read_text())).items()})
         print(f"\nchosen: {chosen}")
         # the last line: the chosen setting as --broadway-with arguments (evaluate's "broadway k=v, ..." name)
         print("" if chosen is None else chosen.removeprefix("broadway ").replace(", ", ","))
