@@ -48,6 +48,21 @@ def changes(results: dict) -> dict[str, dict[str, float]]:
     return rows
 
 
+def seam_profile(results: dict, chunk_frames: int) -> dict[str, list[float]]:
+    """Mean judged displacement per frame pair, by the pair's place in a chunk after the first: the pair that
+    crosses the seam from the previous chunk, pairs inside one latent frame (the decoder's) and pairs that step
+    between the chunk's latent frames. Real clips are flat; a plug-in that adds jerks rather than speed is not."""
+    per_latent = (results["frames"] - 1) // (results["latent_frames"] - 1)  # decoded frames per latent one
+    start, period = 1 + chunk_frames * per_latent, chunk_frames * per_latent  # the first chunk has 1 + C
+    profile = {}
+    for name, entry in results["settings"].items():
+        curve = entry["motion_curve"]
+        profile[name] = [
+            sum(curve[start - 1 + p :: period]) / len(curve[start - 1 + p :: period]) for p in range(period)
+        ]
+    return profile
+
+
 def choose(rows: dict[str, dict[str, float]]) -> str | None:
     """The rule: both bars met → least identity loss (ties: more motion); else the most motion within the
     identity bar; else the least identity loss among settings over the motion bar; else none."""
@@ -65,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="results.json of evaluate's prompts study")
     parser.add_argument("--choose", action="store_true", help="apply the selection rule to all rows given")
+    parser.add_argument("--seams", action="store_true", help="motion by frame pair within a chunk")
+    parser.add_argument("--chunk-frames", type=int, default=2, help="latent frames per chunk (the VDM's C)")
     args = parser.parse_args()
     for path in args.results:
         results = json.loads(path.read_text())
@@ -78,6 +95,19 @@ def main() -> None:
                 f"| {name} | ×{r['motion']:.3f} ± {r['motion_ci']:.3f} | {r['identity']:+.1f} ± "
                 f"{r['identity_ci']:.1f} | {r['subject']:+.1f} | {r['frechet']:.1f} | {'met' if met else 'no'} |"
             )
+    if args.seams:
+        for path in args.results:
+            results = json.loads(path.read_text())
+            per_latent = (results["frames"] - 1) // (results["latent_frames"] - 1)
+            # pair p of a chunk steps from decoded frame start - 1 + p: p = 0 crosses the seam from the last
+            # chunk, p a multiple of per_latent steps between two latent frames of this chunk
+            steps = [
+                "seam" if p == 0 else ("step" if p % per_latent == 0 else "inside")
+                for p in range(args.chunk_frames * per_latent)
+            ]
+            print(f"\n{path}: px/frame by frame pair within a chunk ({', '.join(steps)})\n")
+            for name, values in seam_profile(results, args.chunk_frames).items():
+                print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     if args.choose:  # over every file's rows, each against its own run's plain
         chosen = choose({n: r for p in args.results for n, r in changes(json.loads(p.read_text())).items()})
         print(f"\nchosen: {chosen}")
