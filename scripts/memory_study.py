@@ -311,18 +311,21 @@ def recall_report() -> None:
         if (RUNS / "video" / model / "summary.json").exists()
     }
     if video_runs:
-        figure, ax = plt.subplots(figsize=(5, 3.4))
+        # one panel per question, one colour per run: "first" separates the memories from the window
+        figure, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
         for colour, (model, run_dir) in enumerate(video_runs.items()):
             curve = read_curve(run_dir)
-            for question, style in (("first", "-"), ("last", ":")):
+            for ax, question in zip(axes, ("first", "last")):
                 steps, values = curve["val"].get(f"val/acc_{question}", ([], []))
-                ax.plot(steps, values, style, color=f"C{colour}", marker=".", label=f"{model}: {question}")
+                ax.plot(steps, values, color=f"C{colour}", lw=1, label=model)
             video_results[model] = {**json.loads((run_dir / "summary.json").read_text()),
                                            **{name: values[-1] for name, (_, values) in curve["val"].items()}}  # fmt: skip
-        ax.axhline(0.1, color="grey", lw=0.8, ls="--")  # chance: 10 digits
-        ax.set(xlabel="training step (batch 32)", ylabel="validation accuracy", ylim=(0, 1.02),
-               title="Long-video recall: which digit appeared first / last?")  # fmt: skip
-        ax.legend(fontsize=8)
+        for ax, question in zip(axes, ("first", "last")):
+            ax.axhline(0.1, color="grey", lw=0.8, ls="--")  # chance: 10 digits
+            ax.set(xscale="log", xlabel="training step (batch 32)", ylim=(0, 1.02),
+                   title=f"which digit appeared {question}?")  # fmt: skip
+        axes[0].set_ylabel("validation accuracy")
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         figure.tight_layout()
         figure.savefig(ROOT / "docs/memory-video-recall.png", dpi=120)
         (RUNS / "video/results.json").write_text(json.dumps(video_results, indent=2))
