@@ -189,16 +189,28 @@ def sniah(model: str, minutes: float, extra: list[str]) -> None:
     fit(SNIAH_MODELS[model], RUNS / "sniah" / model, flags, minutes)
 
 
-def sniah_curriculum(model: str, extra: list[str]) -> None:
+def sniah_curriculum(model: str, first_stage: int, extra: list[str]) -> None:
     """`SNIAH_CURRICULUM`'s stages one after another, each from the weights the one before ended with; the
-    last stage's run is ``sniah/<model>-curriculum`` (what `sniah-eval` scores), the others ``…-stage<i>``."""
-    start = None
+    last stage's run is ``sniah/<model>-curriculum`` (what `sniah-eval` scores), the others ``…-stage<i>``.
+    ``first_stage`` > 1 starts from the checkpoint an earlier call left for the stage before it."""
+    stages = len(SNIAH_CURRICULUM)
+
+    def run_dir(index: int) -> Path:
+        return (
+            RUNS
+            / "sniah"
+            / (f"{model}-curriculum" if index == stages else f"{model}-curriculum-stage{index}")
+        )
+
     for index, (length, depths, minutes) in enumerate(SNIAH_CURRICULUM, 1):
-        last = index == len(SNIAH_CURRICULUM)
-        run_dir = RUNS / "sniah" / (f"{model}-curriculum" if last else f"{model}-curriculum-stage{index}")
-        init = [] if start is None else [f"--model.init_args.init_from={start}"]
-        fit(SNIAH_MODELS[model], run_dir, [*sniah_flags(length, depths), *init, *extra], minutes)
-        start = run_dir / "checkpoints/last.ckpt"
+        if index < first_stage:
+            continue
+        init = (
+            []
+            if index == 1
+            else [f"--model.init_args.init_from={run_dir(index - 1) / 'checkpoints/last.ckpt'}"]
+        )
+        fit(SNIAH_MODELS[model], run_dir(index), [*sniah_flags(length, depths), *init, *extra], minutes)
 
 
 def sniah_eval(samples: int) -> None:
@@ -371,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
     run = commands.add_parser("sniah-curriculum", help="S-NIAH training in SNIAH_CURRICULUM's stages")
     run.add_argument("model", choices=SNIAH_MODELS)
+    run.add_argument("--from-stage", type=int, default=1, help="skip the stages before it (their runs exist)")
     run = commands.add_parser("video", help="one long-video recall training run")
     run.add_argument("model", choices=VIDEO_MODELS)
     run.add_argument("--minutes", type=float, default=6.0, help="CPU-minute budget of the run")
@@ -384,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "sniah":
         sniah(args.model, args.minutes, extra)
     elif args.command == "sniah-curriculum":
-        sniah_curriculum(args.model, extra)
+        sniah_curriculum(args.model, args.from_stage, extra)
     elif args.command == "video":
         video(args.model, args.minutes, extra)
     elif args.command == "sniah-eval":
