@@ -15,7 +15,8 @@ temporal fact) written before the question, so only matching it to an option let
 
     python scripts/understanding_study.py binding-probe --steps 500
 
-    python scripts/understanding_study.py score NAME=CKPT[@frames=32][@control=random_frame|text][@protocol=describe] ... \
+    python scripts/understanding_study.py score NAME=CKPT[@frames=32][@time_steps=8][@control=random_frame|text] \
+        [@protocol=describe] ... \
         --groups 256 --out benchmarks/understanding-quality.json
     python scripts/understanding_study.py figure benchmarks/understanding-quality.json \
         --out docs/understanding-accuracy.png
@@ -106,11 +107,21 @@ def caption_answer_correct(module: VideoLLMModule, items: list[dict]) -> list[bo
 
 
 def score_run(
-    checkpoint: str, frames: int | None, control: str, protocol: str, groups: int, batch_groups: int
+    checkpoint: str,
+    frames: int | None,
+    control: str,
+    protocol: str,
+    groups: int,
+    batch_groups: int,
+    time_steps: int | None = None,
 ) -> dict:
     """Accuracy table of one checkpoint on the test split (optionally at another frame count or control, or
-    in the describe-then-answer protocol)."""
+    in the describe-then-answer protocol; ``time_steps`` sets the TC-LLaVA structure's time steps)."""
     overrides = {"frames": frames} if frames else {}
+    if time_steps:
+        config = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["config"]
+        options = config["structure_options"] | {"time_steps": time_steps}
+        overrides["config"] = config | {"structure_options": options}
     module = VideoLLMModule.from_checkpoint(checkpoint, **overrides).eval()
     hp = module.hparams
     channels = module.model.config.encoder.get("in_chans", 1)
@@ -165,7 +176,7 @@ def parse_run(text: str) -> tuple[str, str, dict]:
     name, _, rest = text.partition("=")
     checkpoint, *options = rest.split("@")
     settings = dict(option.split("=", 1) for option in options)
-    unknown = set(settings) - {"frames", "control", "protocol"}
+    unknown = set(settings) - {"frames", "control", "protocol", "time_steps"}
     if (
         not name
         or not checkpoint
@@ -173,7 +184,8 @@ def parse_run(text: str) -> tuple[str, str, dict]:
         or settings.get("protocol", "answer") not in ("answer", "describe")
     ):
         raise SystemExit(
-            f"bad run {text!r}: use NAME=CKPT[@frames=N][@control=random_frame|text][@protocol=answer|describe]"
+            f"bad run {text!r}: use NAME=CKPT[@frames=N][@time_steps=S][@control=random_frame|text]"
+            "[@protocol=answer|describe]"
         )
     return name, checkpoint, settings
 
@@ -191,6 +203,7 @@ def score(args: argparse.Namespace) -> None:
             settings.get("protocol", "answer"),
             args.groups,
             args.batch_groups,
+            int(settings["time_steps"]) if "time_steps" in settings else None,
         )
         results[name] = {"checkpoint": checkpoint, **settings, **table}
         shown = {k: round(v, 3) for k, v in table.items() if not k.startswith("chance")}

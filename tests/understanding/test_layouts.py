@@ -275,3 +275,21 @@ def test_ccam_blocks_and_masks_equal_their_definitions():
         assert cross.equal(expected)
     with pytest.raises(ValueError, match="5 frames > 4 queries"):
         ccam_blocks(4, 5)
+
+
+def test_time_steps_give_a_denser_clip_the_positions_and_blocks_of_training():
+    # CCAM's 32 queries over 8 frames (blocks of 4) vs over 32 frames (blocks of 1), between text
+    def layout(frames: int) -> TokenLayout:
+        blocks = ccam_blocks(32, frames)
+        return LayoutBuilder().text(3, USER).media(VisualTokens.queries(blocks)).text(4, USER).build()
+
+    sparse, dense = layout(8), layout(32)
+    stepped = TCLLaVA(gamma=1.0, time_steps=8)
+    paper = TCLLaVA(gamma=1.0)
+    assert torch.equal(stepped.position_ids(dense), paper.position_ids(sparse))
+    torch.testing.assert_close(stepped.allowed(dense), paper.allowed(sparse), rtol=0, atol=0)
+    assert not torch.equal(paper.position_ids(dense), paper.position_ids(sparse))  # one step per block
+    # no more frames than steps: nothing changes (4 frames keep 4 steps, not spread to 8)
+    assert torch.equal(stepped.position_ids(layout(4)), paper.position_ids(layout(4)))
+    with pytest.raises(ValueError, match="time_steps"):
+        TadRope(time_steps=0)

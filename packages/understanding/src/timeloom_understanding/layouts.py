@@ -300,12 +300,20 @@ class Causal(Structure):
 
 
 class TadRope(Structure):
-    """TC-LLaVA's temporal-aware dual RoPE: ``p(n) = n + γ·τ(n)`` (γ = 0 is vanilla RoPE), causal mask."""
+    """TC-LLaVA's temporal-aware dual RoPE: ``p(n) = n + γ·τ(n)`` (γ = 0 is vanilla RoPE), causal mask.
+
+    ``time_steps`` (our option; None is the paper's one step per frame): each video's frames (or CCAM
+    blocks) fall into this many equal time steps, frame ``f`` of ``T`` into step ``⌊f·S/T⌋``, so a clip
+    sampled denser than in training keeps the steps, positions and frame blocks it was trained with (S = the
+    training frame count). With ``T ≤ S`` nothing changes. Not for streaming, where ``T`` grows.
+    """
 
     name = "tad_rope"
 
-    def __init__(self, gamma: float = 1.0) -> None:
-        self.gamma = gamma
+    def __init__(self, gamma: float = 1.0, time_steps: int | None = None) -> None:
+        if time_steps is not None and time_steps < 1:
+            raise ValueError(f"time_steps must be a positive step count or None; got {time_steps}")
+        self.gamma, self.time_steps = gamma, time_steps
 
     def position_ids(self, layout: TokenLayout) -> Tensor:
         integral = float(self.gamma).is_integer()
@@ -314,13 +322,25 @@ class TadRope(Structure):
         def positions(one: TokenLayout) -> Tensor:
             return tad_positions(one.frame, self.gamma, one.media)
 
-        return _per_sample(layout, positions, dtype)
+        return _per_sample(in_time_steps(layout, self.time_steps), positions, dtype)
 
     def decode_step(self) -> float:
         return 1 + self.gamma
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(gamma={self.gamma})"
+        return f"{type(self).__name__}(gamma={self.gamma}, time_steps={self.time_steps})"
+
+
+def in_time_steps(layout: TokenLayout, steps: int | None) -> TokenLayout:
+    """The layout with each media item's ``T`` frames (or blocks) numbered by time step ``⌊f·steps/T⌋``."""
+    visual = (layout.frame >= 0) & ~layout.pad
+    if steps is None or not visual.any():
+        return layout
+    items = layout.media.clamp(min=0) + (int(layout.media.max()) + 1) * torch.arange(layout.shape[0])[:, None]
+    frames = torch.zeros(int(items.max()) + 1, dtype=torch.long)
+    frames = frames.scatter_reduce(0, items[visual], layout.frame[visual] + 1, "amax")  # T per media item
+    stepped = torch.where(visual, layout.frame * steps // frames[items].clamp(min=1), layout.frame)
+    return dataclasses.replace(layout, frame=stepped)
 
 
 class FrameBlockCausal(Structure):
@@ -339,7 +359,7 @@ class TCLLaVA(TadRope):
     name = "tc_llava"
 
     def mask(self, layout: TokenLayout) -> Mask:
-        return FrameBlockCausal().mask(layout)
+        return FrameBlockCausal().mask(in_time_steps(layout, self.time_steps))
 
 
 class ModalityMutual(Structure):
