@@ -58,8 +58,15 @@ SNIAH_TRAIN_LENGTH, SNIAH_TRAIN_DEPTHS = 64, (0, 25)
 SNIAH_TEST_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # A length curriculum (`sniah-curriculum`): MAC's memory path learns with the needle always at depth 0 of 64
 # tokens, not with depths mixed, so each stage starts from the last one's weights (`init_from`) and widens
-# the depths, then the length. Stage: (train length, needle depths in percent, CPU-minutes).
-SNIAH_CURRICULUM = ((64, (0,), 3.0), (64, (0, 25), 3.0), (256, (0, 25, 50, 75), 8.0))
+# the depths, then the length. Stage: (train length, needle depths in percent, CPU-minutes). Stop 13 ran stages
+# 3 and 4 with `--model.init_args.optimizer.init_args.lr=0.001` (at 3e-3 stage 3 collapsed to chance at step
+# ~180) and stage 4 with `--data.init_args.batch_size=16` (2 s per step at 1K).
+SNIAH_CURRICULUM = (
+    (64, (0,), 3.0),
+    (64, (0, 25), 3.0),
+    (256, (0, 25, 50, 75), 8.0),
+    (1024, (0, 25, 50, 75), 8.0),
+)
 # Long-video recall: Titans memory + window against the window alone.
 # name -> (config, flags); "memory-keep" starts the memory's forgetting at α ≈ 3e-4 instead of 0.018 per token
 # (0.018 leaves (1 − 0.018)^224 ≈ 2 % of the first clip's write after the 7 clips that follow it).
