@@ -350,7 +350,10 @@ def recall_report() -> None:
         (RUNS / "video/results.json").write_text(json.dumps(video_results, indent=2))
 
     results = {}
-    for model in sniah_runs():
+    stages = [
+        f"{model}-curriculum-stage{i}" for model in SNIAH_MODELS for i in range(2, len(SNIAH_CURRICULUM))
+    ]
+    for model in [*sniah_runs(), *stages]:  # a stage appears once scored (`timeloom evaluate memory`)
         report_file = RUNS / "sniah" / model / "eval/memory-sniah.json"
         if report_file.exists():
             results[model] = json.loads(report_file.read_text())["by_length"]
