@@ -74,7 +74,9 @@ class BroadWay(AttentionProcessor):
     Neither form meets issue #5's bar (motion ×1.2 for ≤ 2 points of identity) on this model, so the default
     stays: on 192 held-out prompts it gives ×1.18 for −11.5 ± 3.6 points, most of the extra motion a jerk
     between a chunk's latent frames (its negative weights push the noisy frames away from the cached ones);
-    ``clamp_negative=True`` keeps identity (+0.9 ± 1.6 points) but gives ×1.05 (generation-quality.md, stop 13).
+    ``clamp_negative=True`` keeps identity (+0.9 ± 1.6 points) but gives ×1.05, and only on every block over
+    every step (``alpha=0, beta0=10, active_fraction=1, anchors=[0], targets=[1, 2, 3]``) nears the bar: ×1.19
+    for −2.2 ± 2.4 points (generation-quality.md, stop 13).
 
     Args:
         depth: number of blocks ``D`` of the model.
