@@ -28,8 +28,6 @@ from timeloom_understanding.model import VideoLLM, VideoLLMConfig
 __all__ = ["VideoLLMModule"]
 
 STAGES = ("align", "instruct")
-# a run's starting weights: its checkpoint holds the whole model, so they are not re-read on loading
-_STARTING_WEIGHTS = {"init_from": None, "llm_init": None, "encoder_init": None}
 
 
 class VideoLLMModule(TimeloomModule):
@@ -50,6 +48,8 @@ class VideoLLMModule(TimeloomModule):
             checkpoint, or from a `DigitPatchModule` checkpoint (stage 0). Not with ``init_from``.
         frames, height, width: the media size, for the visual-token count of the context check.
     """
+
+    starting_weights = ("init_from", "llm_init", "encoder_init")
 
     def __init__(
         self,
@@ -90,15 +90,6 @@ class VideoLLMModule(TimeloomModule):
             self.model.visual_tokens_per_media(frames, height, width),
             self.model.config.max_length,
         )
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **overrides: Any) -> TimeloomModule:
-        # the checkpoint holds the whole model: the run's starting weights need not be read, nor still exist
-        return super().from_checkpoint(path, **{**_STARTING_WEIGHTS, **overrides})
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> TimeloomModule:
-        return super().from_pretrained(directory, **{**_STARTING_WEIGHTS, **overrides})
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
         # the default collation leaves lists of conversation items (or of conflict groups) as they are
