@@ -161,7 +161,7 @@ def test_save_and_load_pretrained_keep_the_text_projection(tmp_path):
     assert torch.equal(a, b)
 
 
-def test_init_weights_starts_from_a_checkpoints_weights_without_keeping_its_path(tmp_path):
+def test_init_weights_starts_from_a_checkpoints_weights_and_a_save_rebuilds_without_it(tmp_path):
     trained = micro_module()
     for parameter in trained.parameters():  # weights no fresh module has
         parameter.data.normal_()
@@ -170,7 +170,14 @@ def test_init_weights_starts_from_a_checkpoints_weights_without_keeping_its_path
     restarted = micro_module(init_weights=str(path))
     for (name, a), b in zip(trained.state_dict().items(), restarted.state_dict().values()):
         assert torch.equal(a, b), name
-    assert "init_weights" not in restarted.hparams  # a checkpoint of the restart rebuilds without the file
+    assert restarted.hparams["init_weights"] == str(path)  # recorded with the run
+    restarted.save_pretrained(tmp_path / "restart")
+    path.unlink()  # a saved restart holds its weights: the file it started from may be gone
+    rebuilt = TimeloomModule.from_pretrained(tmp_path / "restart")
+    assert rebuilt.hparams["init_weights"] is None
+    for (name, a), b in zip(restarted.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), name
+    torch.save({"state_dict": trained.state_dict()}, path)
     with pytest.raises(ValueError, match="model.denoiser"):
         micro_module(config=dataclasses.replace(MICRO, width=64), init_weights=str(path))
     with pytest.raises(FileNotFoundError, match="init_weights: no checkpoint at"):

@@ -59,10 +59,12 @@ class CausalVDM(TimeloomModule):
         log_video_every_n_epochs: how often the first validation batch is continued from its first frame.
         init_weights: a `CausalVDM` checkpoint whose weights (its EMA weights, when it has them) this run starts
             from, with its own fresh optimiser and schedule: a warm restart at another learning rate, which
-            ``--ckpt_path`` cannot give (a resume restores the old schedule). Not kept in the hyper-parameters:
-            the weights trained from it are the model.
+            ``--ckpt_path`` cannot give (a resume restores the old schedule). Kept in the hyper-parameters as a
+            record, not re-read when a saved module is rebuilt (`TimeloomModule.starting_weights`).
         **kwargs: ``optimizer`` / ``scheduler`` of `TimeloomModule`.
     """
+
+    starting_weights = ("init_weights",)
 
     def __init__(
         self,
@@ -84,7 +86,6 @@ class CausalVDM(TimeloomModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.hparams.pop("init_weights", None)
         self.config = config or CausalSTDiTConfig()
         self.codec = (
             PixelCodec(self.config.in_channels)
