@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timeloom_kernels.bench import measure, parse_suite_arguments
+from timeloom_kernels.bench import measure, parse_suite_arguments, synchronize
 from tqdm.auto import tqdm
 
 from timeloom_understanding.data import ConversationCollator, TemporalQA
@@ -196,8 +196,7 @@ def streaming_cells(preset: UnderstandingPreset, device, dtype, progress) -> lis
         for first in range(0, preset.stream_frames, preset.ask_every):
             stream.push(video[:, first : first + preset.ask_every])
             replies.append(stream.ask(question, max_new_tokens=answer_tokens))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return time.perf_counter() - start, replies
 
     cells = []
