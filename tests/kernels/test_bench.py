@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from timeloom_kernels.bench import PATTERNS, crossover, iqr_mean, main
+from timeloom_kernels.bench import HAND_WRITTEN, PATTERNS, crossover, iqr_mean, main, write_report
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,14 @@ def test_crossover_of_quadratic_and_linear_fits():
     assert crossover(lengths, quadratic, linear) == pytest.approx(2000, rel=1e-6)
     assert crossover(lengths, [0.1 * n for n in lengths], linear) is None  # the baseline is always faster
     assert crossover(lengths, [1e-4 * n * n + 500 for n in lengths], linear) == 0.0  # never faster
+
+
+def test_a_bench_report_keeps_the_sections_a_person_marked_as_hand_written(tmp_path):
+    report = tmp_path / "suite.md"
+    write_report(report, "# bench\n\n| old table |\n")
+    assert report.read_text() == "# bench\n\n| old table |\n"
+    report.write_text(
+        report.read_text() + f"\nnotes lost on a rerun\n\n## Study {HAND_WRITTEN}\n\n| kept |\n"
+    )
+    write_report(report, "# bench\n\n| new table |")
+    assert report.read_text() == f"# bench\n\n| new table |\n\n## Study {HAND_WRITTEN}\n\n| kept |\n"

@@ -119,6 +119,20 @@ CUDA_PRESETS = {
 # ------------------------------------------------------------------------------------------------ timing
 
 
+HAND_WRITTEN = "(not written by the bench)"
+
+
+def write_report(path: Path, generated: str) -> None:
+    """Write a bench's Markdown report at ``path``, keeping what a person added under an earlier one: all from
+    the first ``## `` heading marked `HAND_WRITTEN` on (a study's figures beside the bench's tables)."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    marked = next(
+        (i for i, line in enumerate(lines) if line.startswith("## ") and HAND_WRITTEN in line), None
+    )
+    kept = "" if marked is None else "\n" + "".join(lines[marked:])
+    path.write_text(generated.rstrip("\n") + "\n" + kept)
+
+
 def iqr_mean(samples: list[float]) -> float:
     """Mean of the samples inside the inter-quartile range (all of them when there are fewer than 4)."""
     if len(samples) < 4:
@@ -753,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         for cell in runner.cells:
             handle.write(json.dumps({**environment, **asdict(cell)}) + "\n")
     (run.out / "kernels_summary.json").write_text(json.dumps({**environment, **summary}, indent=2) + "\n")
-    (run.out / "kernels.md").write_text(markdown(runner.cells, summary, environment) + "\n")
+    write_report(run.out / "kernels.md", markdown(runner.cells, summary, environment))
     print(
         f"wrote {run.out / 'kernels.jsonl'}, kernels_summary.json and kernels.md in {summary['wall_s']:.0f} s"
     )

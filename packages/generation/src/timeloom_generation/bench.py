@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timeloom_kernels.bench import describe_environment, resolve_device_and_dtype
+from timeloom_kernels.bench import describe_environment, resolve_device_and_dtype, write_report
 from tqdm.auto import tqdm
 
 from timeloom.throughput import interleaved_times
@@ -299,7 +299,7 @@ def main(argv: list[str]) -> int:
                 for r in rollouts
             ),
         ]
-    (args.out / "generation.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out / "generation.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timeloom_kernels.bench import describe_environment, iqr_mean, resolve_device_and_dtype
+from timeloom_kernels.bench import describe_environment, iqr_mean, resolve_device_and_dtype, write_report
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append("MQAR accuracy side by side: pass --mqar-steps N")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps(result, indent=2))
-    (args.out / "memory.md").write_text(markdown(result))
+    write_report(args.out / "memory.md", markdown(result))
     print(f"wrote {args.out / 'memory.json'} and {args.out / 'memory.md'}")
     return 0
 

@@ -34,7 +34,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from omegaconf import OmegaConf
-from timeloom_kernels.bench import iqr_mean, measure, parse_suite_arguments, synchronize
+from timeloom_kernels.bench import iqr_mean, measure, parse_suite_arguments, synchronize, write_report
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import (
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "tokenizer.json").write_text(json.dumps(result, indent=2) + "\n")
-    (run.out / "tokenizer.md").write_text(markdown(result))
+    write_report(run.out / "tokenizer.md", markdown(result))
     print(f"wrote {run.out / 'tokenizer.json'} and tokenizer.md in {result['wall_s']:.0f} s")
     return 0
 

@@ -30,11 +30,10 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
-from timeloom_kernels.bench import measure, parse_suite_arguments, synchronize
+from timeloom_kernels.bench import measure, parse_suite_arguments, synchronize, write_report
 from tqdm.auto import tqdm
 
 from timeloom_understanding.data import ConversationCollator, TemporalQA
@@ -267,19 +266,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-HAND_WRITTEN = "(not written by the bench)"
-
-
-def hand_written_sections(path: Path) -> str:
-    """What follows the first ``## `` heading marked `HAND_WRITTEN` in ``path`` (empty if none): sections a
-    person added under the bench's tables, which a new run keeps instead of overwriting."""
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    for index, line in enumerate(lines):
-        if line.startswith("## ") and HAND_WRITTEN in line:
-            return "".join(lines[index:])
-    return ""
-
-
 def main(argv: list[str] | None = None) -> int:
     """`timeloom bench understanding [--out DIR] [--quick | --tiny] [--device cpu|cuda]`."""
     run = parse_suite_arguments(
@@ -305,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "understanding.json").write_text(json.dumps(result, indent=2) + "\n")
-    report = run.out / "understanding.md"
-    kept = hand_written_sections(report)
-    report.write_text(markdown(result) + "\n" + (f"\n{kept}" if kept else ""))
+    write_report(run.out / "understanding.md", markdown(result))
     print(f"wrote {run.out / 'understanding.json'} and {run.out / 'understanding.md'}")
     return 0
 
