@@ -8,6 +8,8 @@ from timeloom_understanding.data import TemporalQA
 from timeloom_understanding.vision_pretraining import (
     BACKGROUND,
     DigitPatches,
+    DigitPatchModule,
+    grid_positions,
     patch_digit_targets,
 )
 
@@ -47,3 +49,27 @@ def test_targets_agree_with_the_generators_metadata(patch):
         shown = {int(label) for label, seen in zip(meta["labels"], meta["visible"][frame]) if seen}
         named = set(item["targets"][0].tolist()) - {BACKGROUND}
         assert shown and named == shown, index  # a frame with a digit; each visible digit names a patch
+
+
+def test_grid_positions_are_row_major_and_span_the_grid():
+    positions = grid_positions(2, 3, torch.device("cpu"))
+    expected = [[-1, -1], [-1, 0], [-1, 1], [1, -1], [1, 0], [1, 1]]
+    assert torch.equal(positions, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_region_and_position_trains_both_heads_and_region_alone_ignores_position():
+    batch = {
+        key: torch.stack([DigitPatches("train", length=8, patch=8)[i][key] for i in range(8)])
+        for key in ("video", "targets")
+    }
+    torch.manual_seed(0)
+    both = DigitPatchModule(objective="region_and_position")
+    torch.manual_seed(0)
+    region = DigitPatchModule(objective="region")
+    out = both.model(batch["video"], batch["targets"])
+    assert out["position"].shape == out["position_targets"].shape == (8 * 16, 2)
+    region_loss = region._loss(region.model(batch["video"], batch["targets"]))
+    position_error = torch.nn.functional.mse_loss(out["position"], out["position_targets"])
+    torch.testing.assert_close(both._loss(out), region_loss + position_error)
+    both._loss(out).backward()
+    assert both.model.position.weight.grad.abs().sum() > 0

@@ -116,22 +116,24 @@ class DigitPatchesDataModule(TimeloomDataModule):
         return DigitPatches(split, self.lengths[split], self.hparams.patch, **self.scene)
 
 
-OBJECTIVES = ("region", "patch")
+OBJECTIVES = ("region", "region_and_position", "patch")
 
 
 class DigitPatchClassifier(nn.Module):
-    """The video-LLM's encoder (same `TimmEncoder` arguments) and a linear head naming a digit (or background)
-    from a token (``patch``) or from the mean of the tokens a digit covers (``region``)."""
+    """The video-LLM's encoder (same `TimmEncoder` arguments), a linear head naming a digit (or background)
+    from a token (``patch``) or from the mean of the tokens a digit covers (``region``), and a linear head
+    reading each token's own place in the grid (``position``)."""
 
     def __init__(self, encoder: dict[str, Any]) -> None:
         super().__init__()
         self.encoder = TimmEncoder(**encoder)
         self.head = nn.Linear(self.encoder.width, BACKGROUND + 1)
+        self.position = nn.Linear(self.encoder.width, 2)
 
     def forward(self, video: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """``video (B, C, T, H, W)``, ``targets (B, T, h·w)`` → per-token logits and targets, and per-region
         logits and targets (one region per digit visible in a frame), each as ``(N, 11)`` and ``(N,)``."""
-        tokens = self.encoder(video)[0]  # (B, T, h·w, width)
+        tokens, (rows, cols) = self.encoder(video)  # (B, T, h·w, width)
         members = F.one_hot(targets, BACKGROUND + 1).float()[..., :BACKGROUND]  # (B, T, h·w, 10)
         size = members.sum(2)  # (B, T, 10) patches per digit
         pooled = torch.einsum("btpk,btpc->btkc", members, tokens) / size.clamp(min=1)[..., None]
@@ -142,7 +144,17 @@ class DigitPatchClassifier(nn.Module):
             "patch_targets": targets.flatten(),
             "region_logits": self.head(pooled[present]),
             "region_targets": digits[present],
+            "position": self.position(tokens).flatten(0, 2),
+            "position_targets": grid_positions(rows, cols, tokens.device).repeat(
+                tokens.shape[0] * tokens.shape[1], 1
+            ),
         }
+
+
+def grid_positions(rows: int, cols: int, device: torch.device) -> Tensor:
+    """``(rows·cols, 2)`` (row, column) of every patch in row-major order, scaled to [−1, 1]."""
+    row, col = torch.meshgrid(torch.linspace(-1, 1, rows), torch.linspace(-1, 1, cols), indexing="ij")
+    return torch.stack((row.flatten(), col.flatten()), -1).to(device)
 
 
 def balanced_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -157,14 +169,16 @@ class DigitPatchModule(TimeloomModule):
     """Stage 0: the encoder's tokens name the digits where they are.
 
     ``objective``: ``region`` (default) classifies the mean of the tokens each digit covers, as a projector's
-    attention pools them; ``patch`` classifies every token alone (`balanced_loss`), which the tiny 2-layer ViT
+    attention pools them; ``region_and_position`` adds a regression of every token's own grid place, so the
+    tokens keep where they are (Video-CCAM's projector sees no patch positions: a digit's place, and so its
+    direction, reaches it only through the tokens); ``patch`` classifies every token alone (`balanced_loss`), which the tiny 2-layer ViT
     learns far more slowly (benchmarks/understanding-quality.md, stop 13). Logged either way: ``val/region_accuracy`` (digits named
     from their tokens' mean, chance 10 %), ``val/patch_accuracy`` (digit patches named alone) and
     ``val/background_accuracy`` (0 under ``region``, which never asks for the background class).
 
     Args:
         encoder: `TimmEncoder` arguments, as in the video-LLM config that will load the weights.
-        objective: ``region`` or ``patch``.
+        objective: ``region``, ``region_and_position`` or ``patch``.
     """
 
     def __init__(
@@ -183,7 +197,10 @@ class DigitPatchModule(TimeloomModule):
     def _loss(self, out: dict[str, Tensor]) -> Tensor:
         if self.objective == "patch":
             return balanced_loss(out["patch_logits"], out["patch_targets"])
-        return F.cross_entropy(out["region_logits"], out["region_targets"])
+        loss = F.cross_entropy(out["region_logits"], out["region_targets"])
+        if self.objective == "region_and_position":
+            loss = loss + F.mse_loss(out["position"], out["position_targets"])
+        return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(self.model(batch["video"], batch["targets"]))
@@ -202,6 +219,7 @@ class DigitPatchModule(TimeloomModule):
         patch_right = out["patch_logits"].argmax(-1) == out["patch_targets"]
         digit = out["patch_targets"] != BACKGROUND
         region_right = out["region_logits"].argmax(-1) == out["region_targets"]
+        self.log(f"{split}/position_mse", F.mse_loss(out["position"], out["position_targets"]))
         # weighted by count, so the epoch figure is the share of all regions (patches)
         for name, right in (
             ("region_accuracy", region_right),
