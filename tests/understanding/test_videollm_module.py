@@ -107,16 +107,21 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
     )
 
 
+def train_two_steps(module, batch) -> None:
+    """Two AdamW steps at a high rate: weights no freshly built module has."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    for _ in range(2):
+        module.training_step(batch, 0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def test_llm_init_takes_only_the_llm_of_a_text_stage(tmp_path):
     text_stage = tiny_module()  # tied embeddings
     text_items = TemporalQA(length=2, seed=5, control="text")
     batch = text_stage.on_before_batch_transfer([text_items[0], text_items[1]], 0)
     assert batch["video"] is None
-    optimizer = torch.optim.AdamW(text_stage.parameters(), lr=1e-2)
-    for _ in range(2):  # move the LLM away from its initialisation
-        text_stage.training_step(batch, 0).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_two_steps(text_stage, batch)  # the LLM moves away from its initialisation
     torch.save({"state_dict": text_stage.state_dict()}, tmp_path / "text.ckpt")
     fresh = tiny_module()
     video_stage = tiny_module(llm_init=str(tmp_path / "text.ckpt"))
@@ -139,11 +144,7 @@ def test_a_video_llm_starts_from_the_pretrained_encoder(tmp_path):
     torch.manual_seed(1)
     stage0 = DigitPatchModule(ENCODER)
     batch = {"video": torch.rand(2, 1, 8, 32, 32) * 2 - 1, "targets": torch.randint(11, (2, 8, 16))}
-    optimizer = torch.optim.AdamW(stage0.parameters(), lr=1e-2)
-    for _ in range(2):  # move the encoder away from any initialisation
-        stage0.training_step(batch, 0).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_two_steps(stage0, batch)  # the encoder moves away from any initialisation
     torch.save({"state_dict": stage0.state_dict()}, tmp_path / "vit.ckpt")
     fresh = tiny_module()
     run = tiny_module(encoder_init=str(tmp_path / "vit.ckpt"))
