@@ -137,6 +137,9 @@ def fit(config: str, run_dir: Path, flags: list[str], minutes: float) -> None:
         "best_val_acc": max(curve["val_acc"], default=None),
         "final_val_acc": curve["val_acc"][-1] if curve["val_acc"] else None,
         "first_step_at_target": next((s for s, a in zip(curve["val_step"], curve["val_acc"]) if a >= TARGET), None),
+        # every other validation set (a mixture's settings): best and last accuracy
+        "other_val_acc": {name: {"best": max(values), "final": values[-1]} for name, (_, values) in curve["val"].items()
+                          if name.endswith("/acc") and name != "val/acc"},
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
@@ -165,19 +168,39 @@ def read_curve(run_dir: Path) -> dict:
                 curve["train_step"].append(step)
                 curve["train_acc"].append(float(row["train/acc"]))
             for name, value in row.items():  # every validation metric, e.g. val/acc_first
-                if name.startswith("val/") and value:
+                if name.startswith("val") and value:  # also a mixture's val_<setting>/…
                     steps, values = curve["val"].setdefault(name, ([], []))
                     steps.append(step)
                     values.append(float(value))
     return curve
 
 
-def mqar(model: str, setting: str, minutes: float, extra: list[str]) -> None:
+def mqar(
+    model: str,
+    setting: str,
+    minutes: float,
+    mix: list[str],
+    cosine_steps: int | None,
+    tag: str,
+    extra: list[str],
+) -> None:
+    """One MQAR run at ``setting``; ``mix`` trains the smaller settings beside it (Zoology's multi-setting
+    training, validated per setting, `val/acc` staying ``setting``'s); ``cosine_steps`` decays the rate to 0
+    over that many steps (also the run's step limit: pick it from the model's steps per CPU-minute)."""
     task = MQAR_SETTINGS[setting]
     flags = [f"--data.init_args.{key}={value}" for key, value in task.items()]
+    if mix:
+        pairs = ",".join(f"[{MQAR_SETTINGS[s]['seq_len']},{MQAR_SETTINGS[s]['num_pairs']}]" for s in mix)
+        flags.append(f"--data.init_args.mix_with=[{pairs}]")
+    if cosine_steps:
+        flags += [
+            f"--trainer.max_steps={cosine_steps}",
+            "--model.init_args.scheduler.init_args.min_lr_ratio=0",
+        ]
     # enough distinct training items that a long run does not cycle, and a validation every 64 steps
     flags += ["--data.init_args.train_length=65536", "--trainer.val_check_interval=64", *extra]
-    fit(MODELS[model], RUNS / "mqar" / f"{model}-{setting}", flags, minutes)
+    name = f"{model}-{setting}" + (f"-{tag}" if tag else "")
+    fit(MODELS[model], RUNS / "mqar" / name, flags, minutes)
 
 
 def video(model: str, minutes: float, extra: list[str]) -> None:
@@ -388,6 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument(
         "--minutes", type=float, default=30.0, help="CPU-time budget of the run (the issue's 30)"
     )
+    run.add_argument("--mix", nargs="*", default=[], choices=MQAR_SETTINGS, help="settings trained beside it")
+    run.add_argument("--cosine-steps", type=int, help="decay the rate to 0 over these steps (and stop there)")
+    run.add_argument("--tag", default="", help="run name suffix (a probe)")
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
@@ -403,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("recall-report", help="the video recall and S-NIAH figures alone")
     args, extra = parser.parse_known_args(argv)
     if args.command == "mqar":
-        mqar(args.model, args.setting, args.minutes, extra)
+        mqar(args.model, args.setting, args.minutes, args.mix, args.cosine_steps, args.tag, extra)
     elif args.command == "sniah":
         sniah(args.model, args.minutes, extra)
     elif args.command == "sniah-curriculum":

@@ -12,6 +12,8 @@ import torch
 import yaml
 from timeloom_memory import MemoryLMModule, MQARDataModule, NeuralMemoryConfig, TitansConfig, TitansLM
 
+from timeloom.module import StateDictMismatchError
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -164,8 +166,24 @@ def test_init_from_starts_a_stage_from_an_earlier_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(later(ids), earlier(ids), atol=0, rtol=0)
     other = MemoryLMModule(TitansConfig(vocab_size=64, dim=16, block="attention"))
-    with pytest.raises(KeyError, match="init_from .*stage1.ckpt: missing weights"):
+    with pytest.raises(StateDictMismatchError, match="init_from .*stage1.ckpt does not fit.*unexpected keys"):
         other.load_initial_weights(tmp_path / "stage1.ckpt")
     with pytest.raises(FileNotFoundError, match="init_from: no checkpoint"):
         other.load_initial_weights(tmp_path / "none.ckpt")
     assert MemoryLMModule.starting_weights == ("init_from",)  # a saved module rebuilds without the file
+
+
+def test_fit_on_an_mqar_mixture_reports_every_setting(tmp_path):
+    from lightning.pytorch import Trainer
+
+    torch.manual_seed(0)
+    config = TitansConfig(vocab_size=256, dim=16, depth=1, heads=2, block="attention", ffn_mult=0.0)
+    data = MQARDataModule(vocab_size=256, seq_len=64, num_pairs=4, mix_with=[[32, 2]], train_length=32,
+                          val_length=8, batch_size=4)  # fmt: skip
+    trainer = Trainer(max_steps=4, val_check_interval=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(MemoryLMModule(config), data)
+    metrics = trainer.callback_metrics
+    # the main setting under val/ (what early stopping watches), the mixed-in one under its own name
+    assert {"val/acc", "val/loss", "val_seq32x2/acc", "val_seq32x2/loss"} <= set(metrics)
+    assert not any("dataloader_idx" in name for name in metrics)

@@ -15,18 +15,52 @@ def test_mqar_labels_are_the_values_of_the_queried_keys(random_non_queries):
     for i in range(len(data)):
         item = data[i]
         inputs, labels = item["input_ids"].numpy(), item["labels"].numpy()
-        assert inputs.shape == labels.shape == (n,)
-        keys, values = inputs[0 : 2 * d : 2], inputs[1 : 2 * d : 2]
-        assert len(set(keys)) == d and len(set(values)) == d
-        assert ((keys >= 1) & (keys < v // 2)).all() and ((values >= v // 2) & (values < v)).all()
-        where = np.flatnonzero(labels != IGNORE)
-        assert len(where) == d and (where >= 2 * d).all()
-        pairs = dict(zip(keys.tolist(), values.tolist()))
-        assert sorted(inputs[where].tolist()) == sorted(keys.tolist())  # every key queried once
-        for t in where:
-            assert labels[t] == pairs[inputs[t]]  # the value is predicted at the query key
+        check_mqar_sequence(inputs, labels, v, n, d)
         if not random_non_queries:
             assert (inputs[2 * d :][labels[2 * d :] == IGNORE] == 0).all()
+
+
+def check_mqar_sequence(inputs, labels, v, n, d):
+    """One MQAR sequence follows the construction: D distinct pairs, then each key queried once, the value
+    labelled at the query key and nowhere else."""
+    assert inputs.shape == labels.shape == (n,)
+    keys, values = inputs[0 : 2 * d : 2], inputs[1 : 2 * d : 2]
+    assert len(set(keys)) == d and len(set(values)) == d
+    assert ((keys >= 1) & (keys < v // 2)).all() and ((values >= v // 2) & (values < v)).all()
+    where = np.flatnonzero(labels != IGNORE)
+    assert len(where) == d and (where >= 2 * d).all()
+    pairs = dict(zip(keys.tolist(), values.tolist()))
+    assert sorted(inputs[where].tolist()) == sorted(keys.tolist())  # every key queried once
+    for t in where:
+        assert labels[t] == pairs[inputs[t]]  # the value is predicted at the query key
+
+
+def test_mqar_mixture_batches_one_setting_each_in_equal_turns():
+    v, settings = 256, [(128, 8), (64, 4), (32, 2)]
+    module = MQARDataModule(vocab_size=v, seq_len=128, num_pairs=8, mix_with=[[64, 4], [32, 2]], train_length=48,
+                            val_length=8, batch_size=4)  # fmt: skip
+    module.setup("fit")
+    data = module.dataset("train")
+    assert len(data) == 12
+    for i in range(len(data)):
+        (n, d), batch = settings[i % 3], data[i]
+        assert batch["meta"] == {"num_pairs": d, "seq_len": n}
+        same = MQAR(vocab_size=v, seq_len=n, num_pairs=d, length=48, split="train")
+        for row in range(4):
+            inputs, labels = batch["input_ids"][row].numpy(), batch["labels"][row].numpy()
+            check_mqar_sequence(inputs, labels, v, n, d)
+            assert (inputs == same[4 * i + row]["input_ids"].numpy()).all()  # that setting's own sequence
+    shapes = [tuple(batch["input_ids"].shape) for batch in module.train_dataloader()]  # a shuffled epoch
+    assert (
+        sorted(shapes) == sorted([(4, n) for n, _ in settings] * 4)
+        and shapes != [(4, n) for n, _ in settings] * 4
+    )
+    assert module.val_names == ["seq128x8", "seq64x4", "seq32x2"]
+    for loader, (n, d) in zip(module.val_dataloader(), settings):  # one validation set per setting
+        batch = next(iter(loader))
+        assert batch["input_ids"].shape == (4, n) and ((batch["labels"] != IGNORE).sum(1) == d).all()
+    with pytest.raises(ValueError, match="vocab_size > seq_len"):
+        MQARDataModule(vocab_size=128, seq_len=64, num_pairs=4, mix_with=[[128, 8]])
 
 
 def test_mqar_is_deterministic_per_index_and_split():

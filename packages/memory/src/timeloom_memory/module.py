@@ -2,7 +2,9 @@
 
 Logits are computed only at labelled positions (6 % of MQAR's), the loss is their cross-entropy, and the
 metrics are the per-position accuracy there (``acc``) and the share of sequences with every labelled
-position right (``exact_match``), under ``train/``, ``val/`` and ``test/``.
+position right (``exact_match``), under ``train/``, ``val/`` and ``test/``. A data module with several
+validation sets (`MQARDataModule(mix_with=…)`) names them in ``val_names``: the first is logged under ``val/``
+(what early stopping and checkpoints watch), each other one under ``val_<name>/``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from timeloom.module import TimeloomModule
+from timeloom.module import TimeloomModule, load_state_dict_checked
 from timeloom_memory.tasks import IGNORE
 from timeloom_memory.titans import TitansConfig, TitansLM
 
@@ -47,15 +49,14 @@ class MemoryLMModule(TimeloomModule):
             self.load_initial_weights(self.init_from)
 
     def load_initial_weights(self, path: str | Path) -> None:
-        """Copy every weight of the checkpoint at ``path`` into this module (they must match exactly)."""
+        """Copy every weight of the checkpoint at ``path`` into this module (they must match exactly: a
+        `StateDictMismatchError` names the keys that do not)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"init_from: no checkpoint at {path} (train the earlier stage first)")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if "state_dict" not in checkpoint:
             raise ValueError(f"init_from: {path} is not a Lightning checkpoint (it has no state_dict)")
-        missing, unexpected = self.load_state_dict(checkpoint["state_dict"], strict=False)
-        if missing or unexpected:
-            raise KeyError(f"init_from {path}: missing weights {missing}, unexpected weights {unexpected}")
+        load_state_dict_checked(self, checkpoint["state_dict"], f"init_from {path}")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)[0]
@@ -90,16 +91,17 @@ class MemoryLMModule(TimeloomModule):
         loss, acc, exact = self.scores(batch)
         on_step = split == "train"
         size = len(batch["input_ids"])
-        self.log(f"{split}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=size)
-        self.log(f"{split}/acc", acc, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=size)
-        self.log(f"{split}/exact_match", exact, on_step=on_step, on_epoch=not on_step, batch_size=size)
+        for name, value in (("loss", loss), ("acc", acc), ("exact_match", exact)):
+            self.log(f"{split}/{name}", value, prog_bar=name != "exact_match", on_step=on_step,
+                     on_epoch=not on_step, batch_size=size, add_dataloader_idx=False)  # fmt: skip
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._log_scores(batch, "train")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._log_scores(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = "val" if dataloader_idx == 0 else f"val_{self.trainer.datamodule.val_names[dataloader_idx]}"
+        self._log_scores(batch, split)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._log_scores(batch, "test")

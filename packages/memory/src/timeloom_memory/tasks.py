@@ -12,15 +12,17 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from timeloom.data import TimeloomDataModule
+from timeloom.data import TimeloomDataModule, collate_batch
+from timeloom.data.loader import make_eval_loader, make_train_loader
 
 __all__ = [
     "MQAR",
     "SNIAH",
     "IGNORE",
     "MQARDataModule",
+    "MQARMixture",
     "SNIAHDataModule",
     "SelectiveCopying",
     "SelectiveCopyingDataModule",
@@ -99,6 +101,52 @@ class MQAR(_RecallDataset):
             "labels": torch.from_numpy(labels),
             "meta": {"num_pairs": d},
         }
+
+
+class MQARMixture(Dataset):
+    """Zoology's multi-setting MQAR training: several ``(seq_len, num_pairs)`` settings in one training set.
+
+    Item i is a whole batch of ``batch_size`` `MQAR` sequences of setting ``i mod len(settings)`` (sequences
+    ``i·batch_size …`` of that setting's own `MQAR`), so the settings take equal turns and a batch of short
+    sequences costs what they cost, not what the longest would (padding every sequence to it).
+    """
+
+    def __init__(
+        self,
+        settings: list[tuple[int, int]],
+        batch_size: int,
+        vocab_size: int = 256,
+        length: int = 1000,
+        seed: int = 0,
+        split: str = "train",
+        **task,
+    ):
+        if not settings:
+            raise ValueError("MQARMixture needs at least one (seq_len, num_pairs) setting")
+        self.batch_size, self.length = batch_size, length
+        self.tasks = [
+            MQAR(vocab_size, seq_len, num_pairs, length=length * batch_size, seed=seed, split=split, **task)
+            for seq_len, num_pairs in settings
+        ]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(f"MQARMixture index {index} out of range 0..{self.length - 1}")
+        task = self.tasks[index % len(self.tasks)]
+        items = [task[j] for j in range(index * self.batch_size, (index + 1) * self.batch_size)]
+        return {
+            "input_ids": torch.stack([item["input_ids"] for item in items]),
+            "labels": torch.stack([item["labels"] for item in items]),
+            "meta": {"num_pairs": task.num_pairs, "seq_len": task.seq_len},
+        }
+
+
+def _whole_batch(items: list[dict]) -> dict:
+    """Collate for a loader whose items are already batches (`MQARMixture`, one item per batch)."""
+    return items[0]
 
 
 class SelectiveCopying(_RecallDataset):
@@ -220,7 +268,13 @@ class _RecallDataModule(TimeloomDataModule):
 
 
 class MQARDataModule(_RecallDataModule):
-    """`MQAR` splits; see that class for the task arguments."""
+    """`MQAR` splits; see that class for the task arguments.
+
+    ``mix_with`` (Zoology's multi-setting training): more ``(seq_len, num_pairs)`` settings trained beside
+    ``(seq_len, num_pairs)``, in equal turns, one setting per batch (`MQARMixture`; ``train_length`` counts
+    sequences); the vocabulary is shared, so it must exceed every setting's length. Validation runs one set
+    per setting, named in ``val_names`` (the first, this module's own setting, is what ``val/`` reports).
+    """
 
     def __init__(
         self,
@@ -229,6 +283,7 @@ class MQARDataModule(_RecallDataModule):
         num_pairs: int = 4,
         power_a: float = 0.01,
         random_non_queries: bool = True,
+        mix_with: list[tuple[int, int]] = (),
         train_length: int = 20_000,
         val_length: int = 1000,
         test_length: int = 1000,
@@ -240,12 +295,34 @@ class MQARDataModule(_RecallDataModule):
         super().__init__(train_length, val_length, test_length, batch_size=batch_size, num_workers=num_workers,
                          seed=seed, pin_memory=pin_memory)  # fmt: skip
         self.save_hyperparameters()
-        self.task = dict(vocab_size=vocab_size, seq_len=seq_len, num_pairs=num_pairs, power_a=power_a,
-                         random_non_queries=random_non_queries)  # fmt: skip
-        MQAR(length=0, **self.task)  # reject a bad configuration now
+        self.task = dict(vocab_size=vocab_size, power_a=power_a, random_non_queries=random_non_queries)
+        self.settings = [(seq_len, num_pairs), *(tuple(setting) for setting in mix_with)]
+        self.val_names = [f"seq{n}x{d}" for n, d in self.settings]
+        for n, d in self.settings:  # reject a bad configuration now
+            MQAR(seq_len=n, num_pairs=d, length=0, **self.task)
 
-    def build_dataset(self, split: str) -> MQAR:
-        return MQAR(length=self.lengths[split], seed=self.seed, split=split, **self.task)
+    def build_dataset(self, split: str) -> MQAR | MQARMixture:
+        if split == "train" and len(self.settings) > 1:
+            return MQARMixture(self.settings, self.batch_size, length=self.lengths["train"] // self.batch_size,
+                               seed=self.seed, split="train", **self.task)  # fmt: skip
+        (n, d), *_ = self.settings
+        return MQAR(
+            seq_len=n, num_pairs=d, length=self.lengths[split], seed=self.seed, split=split, **self.task
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if len(self.settings) == 1:
+            return super().train_dataloader()
+        return make_train_loader(self.dataset("train"), batch_size=1, seed=self.seed, num_workers=self.num_workers,
+                                 collate_fn=_whole_batch, pin_memory=self.pin_memory)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if len(self.settings) == 1:
+            return super().val_dataloader()
+        sets = [MQAR(seq_len=n, num_pairs=d, length=self.lengths["val"], seed=self.seed, split="val", **self.task)
+                for n, d in self.settings]  # fmt: skip
+        return [make_eval_loader(data, batch_size=self.batch_size, num_workers=self.num_workers,
+                                 collate_fn=collate_batch, pin_memory=self.pin_memory) for data in sets]  # fmt: skip
 
 
 class SelectiveCopyingDataModule(_RecallDataModule):
