@@ -181,17 +181,21 @@ def mqar(
     minutes: float,
     mix: list[str],
     cosine_steps: int | None,
+    init_from: str,
     tag: str,
     extra: list[str],
 ) -> None:
     """One MQAR run at ``setting``; ``mix`` trains the smaller settings beside it (Zoology's multi-setting
     training, validated per setting, `val/acc` staying ``setting``'s); ``cosine_steps`` decays the rate to 0
-    over that many steps (also the run's step limit: pick it from the model's steps per CPU-minute)."""
+    over that many steps (also the run's step limit: pick it from the model's steps per CPU-minute);
+    ``init_from`` starts from the weights an earlier MQAR run ended with (a curriculum stage; same model)."""
     task = MQAR_SETTINGS[setting]
     flags = [f"--data.init_args.{key}={value}" for key, value in task.items()]
     if mix:
         pairs = ",".join(f"[{MQAR_SETTINGS[s]['seq_len']},{MQAR_SETTINGS[s]['num_pairs']}]" for s in mix)
         flags.append(f"--data.init_args.mix_with=[{pairs}]")
+    if init_from:
+        flags.append(f"--model.init_args.init_from={RUNS / 'mqar' / init_from / 'checkpoints/last.ckpt'}")
     if cosine_steps:
         flags += [
             f"--trainer.max_steps={cosine_steps}",
@@ -309,6 +313,13 @@ def report() -> None:
     figure, axes = plt.subplots(1, len(MQAR_SETTINGS), figsize=(4.2 * len(MQAR_SETTINGS), 3.4), squeeze=False)
     for ax, (setting, task) in zip(axes[0], MQAR_SETTINGS.items()):
         for model in MODELS:
+            # a run that mixed this setting into a larger one's training: its validation here, dashed
+            for other, other_task in MQAR_SETTINGS.items():
+                name = f"val_seq{task['seq_len']}x{task['num_pairs']}/acc"
+                steps, values = read_curve(RUNS / "mqar" / f"{model}-{other}")["val"].get(name, ([], []))
+                if other != setting and steps:
+                    ax.plot(steps, values, ls="--", color=f"C{list(MODELS).index(model)}",
+                            label=f"{model} (mixed into {other}, V {other_task['vocab_size']})")  # fmt: skip
             run_dir = RUNS / "mqar" / f"{model}-{setting}"
             curve = read_curve(run_dir)
             finished = (run_dir / "summary.json").exists()
@@ -413,7 +424,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     run.add_argument("--mix", nargs="*", default=[], choices=MQAR_SETTINGS, help="settings trained beside it")
     run.add_argument("--cosine-steps", type=int, help="decay the rate to 0 over these steps (and stop there)")
-    run.add_argument("--tag", default="", help="run name suffix (a probe)")
+    run.add_argument(
+        "--init-from", default="", help="an earlier MQAR run (its name) whose weights start this one"
+    )
+    run.add_argument("--tag", default="", help="run name suffix (a probe, a curriculum stage)")
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
@@ -429,7 +443,16 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("recall-report", help="the video recall and S-NIAH figures alone")
     args, extra = parser.parse_known_args(argv)
     if args.command == "mqar":
-        mqar(args.model, args.setting, args.minutes, args.mix, args.cosine_steps, args.tag, extra)
+        mqar(
+            args.model,
+            args.setting,
+            args.minutes,
+            args.mix,
+            args.cosine_steps,
+            args.init_from,
+            args.tag,
+            extra,
+        )
     elif args.command == "sniah":
         sniah(args.model, args.minutes, extra)
     elif args.command == "sniah-curriculum":
