@@ -31,7 +31,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from timeloom_understanding.data import ASPECTS, DESCRIBE, ConversationCollator, TemporalQA, flatten_groups
+from timeloom_understanding.data import (
+    ASPECTS,
+    DESCRIBE,
+    DIRECTIONS,
+    ConversationCollator,
+    TemporalQA,
+    flatten_groups,
+)
 from timeloom_understanding.module import VideoLLMModule
 from tqdm import tqdm
 
@@ -336,6 +343,159 @@ def digit_probe(args: argparse.Namespace) -> None:
             )
 
 
+def _ccam_attention_on_digits(model, items: list[dict], features: torch.Tensor) -> torch.Tensor:
+    """Per item, the share of the first CCAM layer's cross-attention (averaged over heads and queries) that
+    lands on patches a digit covers, next to those patches' share of what the queries may read."""
+    from timeloom_understanding.layouts import ccam_blocks, ccam_query_mask
+    from timeloom_understanding.vision_pretraining import BACKGROUND, patch_digit_targets
+
+    projector, layer = model.projector, model.projector.layers[0]
+    batch, frames, per_frame, _ = features.shape
+    patch = model.encoder.vit.patch_embed.patch_size[0]
+    size = items[0]["video"].shape[-1]
+    digit = torch.stack(
+        [patch_digit_targets(item["meta"], size, 10, patch) != BACKGROUND for item in items]
+    ).flatten(1)  # (B, T·N)
+    queries = projector.queries.expand(batch, -1, -1)
+    queries = queries + layer.self_attention(
+        layer.self_norm(queries), ccam_query_mask(projector.num_queries, frames)
+    )
+    attention = layer.cross_attention
+    split = lambda t: t.unflatten(-1, (attention.heads, -1)).transpose(1, 2)
+    q = split(attention.q(layer.cross_norm(queries)))
+    k = split(attention.kv(projector.frames_in(features).flatten(1, 2)).chunk(2, dim=-1)[0])
+    readable = (
+        torch.arange(frames).repeat_interleave(per_frame)[None]
+        <= ccam_blocks(projector.num_queries, frames)[:, None]
+    )  # (Q, T·N): the causal cross-attention mask
+    weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~readable, -torch.inf).softmax(-1)
+    on_digits = (weights * digit[:, None, None].float()).sum(-1).mean((1, 2))
+    digit_share = (digit[:, None].float() * readable).sum(-1).mean(-1) / readable.sum(-1).float().mean()
+    return torch.stack((on_digits, digit_share), -1)
+
+
+def _direction_features(module: VideoLLMModule, items: list[dict]) -> dict[str, torch.Tensor]:
+    """Per item, what a direction probe reads at each stage of the model: the encoder's tokens of the first and
+    last frame, the projector's visual tokens, the LLM's last-layer states over the visual tokens and its
+    state where it picks the deciding token."""
+    model = module.model
+    batch = module.collate(items)
+    video = batch["video"]
+    features, grid = model.encoder(video)
+    tokens, _ = model.projector(features, grid)
+    hidden, layout, labels = model.hidden_states(batch)
+    supervised = labels[:, 1:] != -100
+    rows = [torch.nonzero(supervised[b]).flatten() for b in range(len(items))]
+    last_reply = [len(model.tokenizer.encode(item["conversations"][-1]["value"])) + 1 for item in items]
+    deciding = torch.stack([hidden[b, r[-n]] for b, (r, n) in enumerate(zip(rows, last_reply))])
+    visual = torch.stack([hidden[b][layout.visual[b]] for b in range(len(items))])
+    return {
+        "attention": _ccam_attention_on_digits(model, items, features),
+        "encoder (frames 1, T)": features[:, [0, -1]].flatten(1),
+        "projector (visual tokens)": tokens.flatten(1),
+        "LLM at visual tokens": visual.flatten(1),
+        "LLM at the deciding token": deciding,
+    }
+
+
+def direction_probe(args: argparse.Namespace) -> None:
+    """Where is the direction lost? Logistic-regression probes for digit 0's direction (4 classes, chance 25
+    %) on each stage's features, fitted on train-split direction items, scored on the test split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    results = {}
+    for name, checkpoint in (run.split("=", 1) for run in args.runs):
+        module = VideoLLMModule.from_checkpoint(checkpoint).eval()
+        hp = module.hparams
+        per_split = {}
+        for split, groups in (("train", args.train_groups), ("test", args.groups)):
+            data = TemporalQA(
+                split, length=groups, size=hp["height"], frames=hp["frames"], aspects=["direction"]
+            )
+            chunks: dict[str, list[torch.Tensor]] = defaultdict(list)
+            answers = []
+            with torch.no_grad():
+                for start in tqdm(range(0, groups, args.batch_groups), desc=f"{name} {split}", leave=False):
+                    items = flatten_groups(
+                        [data[i] for i in range(start, min(start + args.batch_groups, groups))]
+                    )
+                    for key, value in _direction_features(module, items).items():
+                        chunks[key].append(value)
+                    answers += [item["answer"] for item in items]
+            per_split[split] = ({k: torch.cat(v).numpy() for k, v in chunks.items()}, answers)
+        (train, train_y), (test, test_y) = per_split["train"], per_split["test"]
+        attention = torch.from_numpy(test.pop("attention")).mean(0).tolist()
+        train.pop("attention")
+        results[name] = {"CCAM layer-0 attention on digit patches": attention[0], "their share": attention[1]}
+        print(
+            f"{name:24s} CCAM layer-0 attention on digit patches {attention[0]:.3f} (their share {attention[1]:.3f})"
+        )
+        for key in train:
+            probe = make_pipeline(StandardScaler(), LogisticRegression(C=args.c, max_iter=2000))
+            probe.fit(train[key], train_y)
+            results[name][key] = float(probe.score(test[key], test_y))
+            print(f"{name:24s} {key:28s} dims {train[key].shape[1]:6d}  test {results[name][key]:.3f}")
+    print(json.dumps(results, indent=1))
+
+
+def _direction_videos(split: str, start: int, groups: int, size: int, frames: int):
+    """Videos ``(2·groups, C, T, H, W)`` of direction groups ``start…`` and their answers as class indices."""
+    data = TemporalQA(split, length=start + groups, size=size, frames=frames, aspects=["direction"])
+    items = flatten_groups([data[i] for i in range(start, start + groups)])
+    answers = torch.tensor([list(DIRECTIONS).index(item["answer"]) for item in items])
+    return torch.stack([item["video"] for item in items]), answers
+
+
+def _learn_direction(checkpoint: str, args: argparse.Namespace) -> list[float]:
+    """Held-out accuracy every 50 steps of a fresh projector + linear head learning the direction."""
+    from timeloom_understanding.projectors import make_projector
+
+    torch.manual_seed(0)
+    module = VideoLLMModule.from_checkpoint(checkpoint)
+    encoder, config, size, frames = (
+        module.model.encoder,
+        module.model.config,
+        module.hparams["height"],
+        module.hparams["frames"],
+    )
+    encoder.requires_grad_(args.train_encoder)
+    projector = make_projector(config.projector, encoder.width, 128, **config.projector_options)
+    tokens = projector.num_tokens(frames, encoder.grid(size, size))
+    head = torch.nn.Linear(tokens * 128, len(DIRECTIONS))
+    learning = [*projector.parameters(), *head.parameters()]
+    learning += list(encoder.parameters()) if args.train_encoder else []
+    optimizer = torch.optim.AdamW(learning, lr=1e-3, weight_decay=0.01)
+    test_video, test_answers = _direction_videos("test", 0, args.groups, size, frames)
+    curve = []
+    for step in tqdm(range(1, args.steps + 1), desc=Path(checkpoint).parts[-3], leave=False):
+        video, answers = _direction_videos("train", step * 16, 16, size, frames)
+        loss = torch.nn.functional.cross_entropy(head(projector(*encoder(video))[0].flatten(1)), answers)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 50 == 0:
+            with torch.no_grad():
+                guesses = head(projector(*encoder(test_video))[0].flatten(1)).argmax(-1)
+            curve.append((guesses == test_answers).float().mean().item())
+    return curve
+
+
+def projector_probe(args: argparse.Namespace) -> None:
+    """Can a fresh projector read the direction from a checkpoint's encoder tokens at all? The projector
+    (the checkpoint's own kind and options) and a linear head on its visual tokens learn digit 0's direction
+    directly (4 classes, chance 25 %), the encoder frozen or learning too; scored on held-out test-split
+    videos. The signal is strong, unlike the LM's: how fast it is learnt says how readable the tokens are."""
+    for name, checkpoint in (run.split("=", 1) for run in args.runs):
+        started = time.process_time()
+        curve = _learn_direction(checkpoint, args)
+        cpu = (time.process_time() - started) / 60
+        shown = " ".join(f"{50 * (k + 1)}: {a:.2f}" for k, a in enumerate(curve))
+        state = "learning" if args.train_encoder else "frozen"
+        print(f"{name:24s} encoder {state}: {shown} ({cpu:.1f} CPU-min)")
+
+
 def table(args: argparse.Namespace) -> None:
     """The results as a Markdown table: accuracy per aspect, reversed twins, pairs, overall; chance below."""
     results = json.loads(Path(args.results).read_text())
@@ -389,6 +549,19 @@ def main() -> None:
     digits.add_argument("--steps", type=int, default=300)
     digits.add_argument("--patch", type=int, default=8, help="patch side in pixels (8: the tiny configs)")
     digits.set_defaults(handler=digit_probe)
+    directions = commands.add_parser("direction-probe", help="where does a checkpoint lose the direction?")
+    directions.add_argument("runs", nargs="+", help="NAME=CKPT")
+    directions.add_argument("--train-groups", type=int, default=400)
+    directions.add_argument("--groups", type=int, default=128, help="held-out conflict groups")
+    directions.add_argument("--batch-groups", type=int, default=32)
+    directions.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the probes")
+    directions.set_defaults(handler=direction_probe)
+    readable = commands.add_parser("projector-probe", help="can a fresh projector learn the direction?")
+    readable.add_argument("runs", nargs="+", help="NAME=CKPT (its encoder, frozen unless --train-encoder)")
+    readable.add_argument("--steps", type=int, default=200)
+    readable.add_argument("--groups", type=int, default=64, help="held-out conflict groups")
+    readable.add_argument("--train-encoder", action="store_true")
+    readable.set_defaults(handler=projector_probe)
     args = parser.parse_args()
     args.handler(args)
 
