@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from timeloom_generation.broadway import BroadWay, broadway_arguments, motion_enhance, row_energy
+from timeloom_generation.broadway import (
+    BroadWay,
+    broadway_arguments,
+    high_band,
+    high_band_energy,
+    motion_enhance,
+    part_energy,
+    row_energy,
+)
 from timeloom_generation.sampling import ARSampler
 from timeloom_generation.vstar import TemporalAttentionRegularization, gaussian_band
 from timeloom_kernels import attention_context, clear_processors, set_processor
@@ -77,6 +85,37 @@ def test_fme_keeps_row_sums_and_masked_zeros_and_is_the_identity_at_beta_one():
     torch.testing.assert_close(enhanced[0, 0, 3].double(), torch.fft.ifft(spectrum).real)
 
 
+def test_partial_band_fme_matches_a_per_row_fft_reference():
+    """The spec's high band ``min(k, n - k) >= ceil(n/2) - tau`` (never DC): bins and edit checked row by row
+    with the FFT; a band holding every non-DC bin is the closed form."""
+    assert high_band(9, 1).nonzero().flatten().tolist() == [4, 5]
+    assert high_band(8, 1).nonzero().flatten().tolist() == [3, 4, 5]  # 2 tau + 1 bins around Nyquist
+    assert torch.equal(high_band(8, 4), high_band(8, None)) and not high_band(8, None)[0]
+    probs, visible = causal_map(4, 9, seed=5)  # rows of 6 to 9 visible keys
+    beta = torch.tensor([2.0, 3.0]).view(2, 1, 1, 1)  # one per sample
+    torch.testing.assert_close(
+        motion_enhance(probs, visible, beta, tau=9), motion_enhance(probs, visible, beta)
+    )
+    for clamp in (False, True):
+        edited = motion_enhance(probs, visible, beta, clamp_negative=clamp, tau=1)
+        for b, h, i in ((0, 0, 0), (1, 2, 3), (1, 1, 2)):
+            n = int(visible[b, h, i].sum())
+            spectrum = torch.fft.fft(probs[b, h, i, :n].double())
+            band = [k for k in range(1, n) if min(k, n - k) >= math.ceil(n / 2) - 1]
+            spectrum[band] *= float(beta[b])
+            expected = torch.fft.ifft(spectrum).real
+            if clamp:
+                expected = expected.clamp(min=0) / expected.clamp(min=0).sum()
+            torch.testing.assert_close(edited[b, h, i, :n].double(), expected)
+            assert (edited[b, h, i, n:] == 0).all()
+        torch.testing.assert_close(edited.sum(-1), torch.ones(2, 3, 4))
+    # the band's energy (Parseval, 1/n) against the FFT of one row
+    n = int(visible[1, 0, 2].sum())
+    spectrum = torch.fft.fft(probs[1, 0, 2, :n].double())
+    expected = sum(abs(spectrum[k]) ** 2 for k in range(1, n) if min(k, n - k) >= math.ceil(n / 2) - 1) / n
+    torch.testing.assert_close(high_band_energy(probs, visible, 1)[1, 0, 2].double(), expected)
+
+
 def test_adaptive_beta_restores_the_energy_and_alpha_zero_beta_one_is_the_identity():
     probs, visible = causal_map(4, 6)
     ctx = AttentionContext(
@@ -92,6 +131,13 @@ def test_adaptive_beta_restores_the_energy_and_alpha_zero_beta_one_is_the_identi
     assert beta.flatten()[0] > 1 and e3 >= e1 - 1e-6
     identity = BroadWay(depth=4, alpha=0.0, beta0=1.0)
     torch.testing.assert_close(identity.adaptive_beta(ctx, probs, probs, visible).flatten(), torch.ones(2))
+    # with a partial band, beta restores the per-sample energy exactly: E3 = E2_L + beta^2 E2_H = E1
+    band = BroadWay(depth=4, alpha=0.5, beta0=1.0, tau=1)
+    beta = band.adaptive_beta(ctx, probs, mixed, visible)
+    final = motion_enhance(mixed, visible, beta, tau=1)
+    e3 = row_energy(final[1])[counted[1]].mean()
+    assert beta.flatten()[0] > 1
+    torch.testing.assert_close(e3, e1)
 
 
 def test_broadway_on_a_cached_chunk_matches_a_per_row_reference():
@@ -149,6 +195,47 @@ def test_broadway_on_a_cached_chunk_matches_a_per_row_reference():
     torch.testing.assert_close(edited["3"].sum(-1), torch.ones(batch, heads, rows))
 
 
+def test_fme_on_the_noisy_keys_keeps_the_cached_keys_weights_and_matches_a_per_row_reference():
+    """``fme_keys="noisy"`` on a hand-made map in the history layout (1 clean + 2 noisy frames, each sees itself
+    and the frames before): the clean row and every row's clean key keep their weights, the noisy part of a noisy
+    row becomes ``m/n + beta (a - m/n)`` (clamped: negatives zeroed, rescaled to ``m``), with beta from the
+    noisy part's own energies, and rows stay distributions."""
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.3, 0.0], [0.2, 0.5, 0.3]])
+    probs[1, 2] = 0.2  # unnormalised until here; the mask below hides it
+    visible = torch.ones(3, 3, dtype=torch.bool).tril()
+    probs = torch.where(visible, probs, 0.0)
+    probs = (probs / probs.sum(-1, keepdim=True)).expand(1, 1, 3, 3)  # (batch, heads, rows, keys)
+    scores = torch.where(visible, probs.log(), -math.inf)
+    ctx = AttentionContext(
+        name="blocks.2.temporal.attend",
+        step=0,
+        num_steps=4,
+        q_shape=(1, 1, 3, 3),
+        extra={"videos": 1, "clean_rows": 1},
+    )
+    for clamp, beta0 in ((False, 3.0), (True, 10.0)):
+        broadway = BroadWay(depth=4, alpha=0.0, beta0=beta0, fme_keys="noisy", clamp_negative=clamp)
+        broadway.logits(ctx, scores)
+        edited = broadway.probs(ctx, probs)[0, 0]
+        assert torch.equal(edited[0], probs[0, 0, 0])  # the clean row
+        assert torch.equal(edited[:, 0], probs[0, 0, :, 0])  # the clean key, in every row
+        assert torch.equal(edited[1], probs[0, 0, 1])  # one noisy key: nothing to edit
+        assert edited[1, 2] == 0 and edited[0, 1:].eq(0).all()  # masked keys
+        # row 2's noisy part (0.5, 0.3) of mass 0.8: alpha 0 keeps its energy, so beta is beta0
+        mass, part = 0.8, torch.tensor([0.5, 0.3])
+        expected = mass / 2 + beta0 * (part - mass / 2)
+        if clamp:  # 0.4 +- 1.0: the smaller weight goes negative, so the part collapses onto the larger
+            expected = expected.clamp(min=0) * mass / expected.clamp(min=0).sum()
+        torch.testing.assert_close(edited[2, 1:], expected)
+        torch.testing.assert_close(edited.sum(-1), torch.ones(3))
+    # the adaptive beta's energies are the noisy part's, as a distribution: (0.5² + 0.3²) / 0.8²
+    part = visible & torch.tensor([False, True, True])
+    torch.testing.assert_close(part_energy(probs, part)[0, 0, 2], torch.tensor(0.34 / 0.64))
+    # on a whole row the part is the row: the same edit as the default's
+    full, full_visible = causal_map(4, 6)
+    torch.testing.assert_close(part_energy(full, full_visible), row_energy(full))
+
+
 def test_default_mapping_of_anchor_and_target_blocks(random_model):
     assert BroadWay(depth=4).anchor_of == {"blocks.3.temporal.attend": "blocks.2.temporal.attend"}
     base = BroadWay(depth=28)
@@ -167,6 +254,12 @@ def plugins(depth: int = 4):
         "broadway": lambda model: BroadWay(depth=depth, alpha=0.6, beta0=1.5, active_fraction=0.5).attach(
             model
         ),
+        "broadway-noisy-keys": lambda model: BroadWay(
+            depth=depth, alpha=0.3, beta0=5.0, active_fraction=0.5, fme_keys="noisy"
+        ).attach(model),
+        "broadway-band": lambda model: BroadWay(
+            depth=depth, alpha=0.3, beta0=5.0, active_fraction=0.5, tau=1, clamp_negative=True
+        ).attach(model),
         "vstar": lambda model: set_processor(model, TEMPORAL, TemporalAttentionRegularization(sigma=1.0)),
     }
 
@@ -209,7 +302,7 @@ def test_plugins_edit_only_active_steps_and_blocks_from_the_first_named_layer(ra
     assert changed[:, 1:].abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("plugin", ["broadway", "vstar"])
+@pytest.mark.parametrize("plugin", ["broadway", "broadway-noisy-keys", "broadway-band", "vstar"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_cache_stays_exact_with_plugins_on(random_model, plugin, guidance):
     model = random_model(depth=4)
@@ -230,7 +323,7 @@ def test_cache_stays_exact_with_plugins_on(random_model, plugin, guidance):
     assert (cached - bare).abs().max() > 1e-3  # the plug-in did act
 
 
-@pytest.mark.parametrize("plugin", ["broadway", "vstar"])
+@pytest.mark.parametrize("plugin", ["broadway", "broadway-noisy-keys", "broadway-band", "vstar"])
 def test_plugins_are_batch_invariant(random_model, plugin):
     model = random_model(depth=4)
     plugins()[plugin](model)
@@ -313,3 +406,10 @@ def test_broadway_arguments_parse_the_known_floats_and_name_an_unknown_one():
         broadway_arguments("targets=1+x")
     with pytest.raises(argparse.ArgumentTypeError, match="'clamp_negative=yes'.*0 or 1"):
         broadway_arguments("clamp_negative=yes")
+    assert broadway_arguments("fme_keys=noisy,tau=1") == {"fme_keys": "noisy", "tau": 1}
+    with pytest.raises(argparse.ArgumentTypeError, match="fme_keys='clean'.*one of"):
+        broadway_arguments("fme_keys=clean")
+    with pytest.raises(ValueError, match="fme_keys must be one of"):
+        BroadWay(depth=4, fme_keys="clean")
+    with pytest.raises(ValueError, match="tau must be"):
+        BroadWay(depth=4, tau=-1)

@@ -31,7 +31,20 @@ from torch import Tensor, nn
 
 from timeloom_generation.vstar import noisy_rows
 
-__all__ = ["BroadWay", "broadway_arguments", "motion_enhance", "row_energy", "temporal_layer"]
+__all__ = [
+    "BroadWay",
+    "broadway_arguments",
+    "high_band",
+    "high_band_energy",
+    "motion_enhance",
+    "noisy_keys",
+    "part_energy",
+    "row_energy",
+    "temporal_layer",
+]
+
+# FME's keys: the whole visible row, only the keys of the frames being denoised, or only the cached frames' keys
+FME_KEYS = ("all", "noisy", "cached")
 
 
 def temporal_layer(block: int) -> str:
@@ -43,21 +56,94 @@ def row_energy(probs: Tensor) -> Tensor:
     return probs.pow(2).sum(-1)
 
 
-def motion_enhance(
-    probs: Tensor, visible: Tensor, beta: Tensor | float, clamp_negative: bool = False
-) -> Tensor:
-    """``1/n + β·(a − 1/n)`` on visible keys, 0 elsewhere; rows with ``n < 2`` visible keys are kept.
+def high_band(n: int, tau: int | None, device=None) -> Tensor:
+    """``(n,)`` bool: the FFT bins FME scales, ``min(k, n − k) ≥ ⌈n/2⌉ − τ`` (the 2τ+1 bins around Nyquist),
+    never DC; every non-DC bin when ``tau`` is None (upstream's F = 16, τ = 7)."""
+    k = torch.arange(n, device=device)
+    folded = torch.minimum(k, n - k)
+    if tau is None:
+        return folded > 0
+    return (folded > 0) & (folded >= math.ceil(n / 2) - tau)
 
-    ``probs``/``visible`` ``(..., Lq, Lk)``; ``beta`` broadcasts to ``(..., 1, 1)``. ``clamp_negative``
-    (BroadWay v1) zeroes the negative weights and renormalises the row, so it stays a distribution.
+
+def visible_keys_by_count(visible: Tensor):
+    """For each count ``n ≥ 2`` of visible keys in a row: ``(n, rows, keys)``, the flat indices of the rows with
+    ``n`` visible keys and, per row, its visible keys' indices in order (``(R,)``, ``(R, n)``)."""
+    flat = visible.reshape(-1, visible.shape[-1])
+    counts = flat.sum(-1)
+    for n in counts.unique().tolist():
+        if n >= 2:
+            rows = (counts == n).nonzero().squeeze(-1)
+            keys = flat[rows].float().argsort(dim=-1, descending=True, stable=True)[:, :n].sort(-1).values
+            yield n, rows, keys
+
+
+def motion_enhance(
+    probs: Tensor,
+    visible: Tensor,
+    beta: Tensor | float,
+    clamp_negative: bool = False,
+    tau: int | None = None,
+) -> Tensor:
+    """Scale the high band of each row's spectrum over its ``n`` visible keys by β; other keys keep their
+    weight, and rows with ``n < 2`` visible keys are kept.
+
+    ``probs``/``visible`` ``(..., Lq, Lk)``; ``beta`` broadcasts to ``(..., 1, 1)``. With every non-DC bin in the
+    band (``tau`` None) the edit is the closed form ``m/n + β·(a − m/n)``, ``m`` the visible keys' mass (1 on a
+    whole row); with ``tau`` it is done with the FFT over the visible keys in order. DC is never scaled, so the
+    mass is kept. ``clamp_negative`` (BroadWay v1) zeroes the negative weights and rescales the visible keys to
+    their mass, so the row stays a distribution.
     """
     count = visible.sum(-1, keepdim=True).clamp(min=1)
-    uniform = visible / count
-    enhanced = torch.where(visible, uniform + beta * (probs - uniform), torch.zeros_like(probs))
-    if clamp_negative:  # the row summed to 1 before the clamp, so its sum after it is at least 1
-        enhanced = enhanced.clamp(min=0)
-        enhanced = enhanced / enhanced.sum(-1, keepdim=True)
+    mass = torch.where(visible, probs, 0).sum(-1, keepdim=True)
+    if tau is None:
+        uniform = mass / count
+        enhanced = torch.where(visible, uniform + beta * (probs - uniform), probs)
+    else:
+        scale = torch.as_tensor(beta, dtype=probs.dtype, device=probs.device).expand(probs.shape)
+        scale = scale[..., 0].reshape(-1)  # one β per row
+        flat = probs.reshape(-1, probs.shape[-1]).clone()
+        for n, rows, keys in visible_keys_by_count(visible.expand_as(probs)):
+            spectrum = torch.fft.fft(flat[rows.unsqueeze(-1), keys].double(), dim=-1)
+            band = high_band(n, tau, probs.device)
+            spectrum = torch.where(band, spectrum * scale[rows].double().unsqueeze(-1), spectrum)
+            flat[rows.unsqueeze(-1), keys] = torch.fft.ifft(spectrum, dim=-1).real.to(probs.dtype)
+        enhanced = flat.view_as(probs)
+    if clamp_negative:  # the part's sum is its mass before the clamp, so at least that after it
+        part = torch.where(visible, enhanced.clamp(min=0), 0)
+        enhanced = torch.where(visible, part * mass / part.sum(-1, keepdim=True).clamp(min=1e-12), probs)
     return torch.where(count >= 2, enhanced, probs)
+
+
+def high_band_energy(probs: Tensor, part: Tensor, tau: int | None) -> Tensor:
+    """The high band's share of `part_energy` (Parseval, factor 1/n): ``(..., Lq, Lk) -> (..., Lq)``, 0 on rows
+    with fewer than 2 keys in ``part``. Every non-DC bin (``tau`` None): the energy less its DC part ``1/n``."""
+    count = part.sum(-1)
+    if tau is None:
+        return torch.where(count >= 2, part_energy(probs, part) - 1 / count.clamp(min=1), 0)
+    weights = torch.where(part, probs, 0)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+    flat = weights.reshape(-1, weights.shape[-1])
+    energy = torch.zeros(flat.shape[0], dtype=probs.dtype, device=probs.device)
+    for n, rows, keys in visible_keys_by_count(part.expand_as(probs)):
+        spectrum = torch.fft.fft(flat[rows.unsqueeze(-1), keys].double(), dim=-1)
+        band = high_band(n, tau, probs.device)
+        energy[rows] = (spectrum.abs().pow(2) * band).sum(-1).div(n).to(probs.dtype)
+    return energy.view(weights.shape[:-1])
+
+
+def part_energy(probs: Tensor, part: Tensor) -> Tensor:
+    """``Σ_j (a_j / m)²`` over the keys in ``part``, ``m`` their mass: the energy of that part as a
+    distribution (on a whole row, `row_energy`). ``(..., Lq, Lk) -> (..., Lq)``."""
+    weights = torch.where(part, probs, 0)
+    return row_energy(weights) / weights.sum(-1).pow(2).clamp(min=1e-12)
+
+
+def noisy_keys(ctx: AttentionContext, q_len: int, k_len: int, device=None) -> Tensor:
+    """``(1, Lk)`` bool: the keys of frames being denoised. They are the queries' noisy frames, which come last
+    in the keys (after the cache's frames, or the clean history's)."""
+    noisy = q_len - int(ctx.extra.get("clean_rows", 0))
+    return (torch.arange(k_len, device=device) >= k_len - noisy).unsqueeze(0)
 
 
 class BroadWay(AttentionProcessor):
@@ -95,6 +181,8 @@ class BroadWay(AttentionProcessor):
         beta0: float = 5.0,
         active_fraction: float = 0.4,
         clamp_negative: bool = False,
+        fme_keys: str = "all",
+        tau: int | None = None,
         anchors: list[int] | None = None,
         targets: list[int] | None = None,
     ) -> None:
@@ -108,7 +196,11 @@ class BroadWay(AttentionProcessor):
         if any(t <= max(anchors) for t in targets):
             raise ValueError(f"every target {targets} must come after the anchors {anchors} (same forward)")
         self.alpha, self.beta0, self.active_fraction = alpha, beta0, active_fraction
-        self.clamp_negative = clamp_negative
+        if fme_keys not in FME_KEYS:
+            raise ValueError(f"fme_keys must be one of {FME_KEYS}; got {fme_keys!r}")
+        if tau is not None and tau < 0:
+            raise ValueError(f"tau must be None (every non-DC bin) or >= 0; got {tau}")
+        self.clamp_negative, self.fme_keys, self.tau = clamp_negative, fme_keys, tau
         self.anchor_of = {
             temporal_layer(b): temporal_layer(anchors[(b - anchors[0]) % len(anchors)]) for b in targets
         }
@@ -141,14 +233,16 @@ class BroadWay(AttentionProcessor):
             mixed = probs
         else:
             mixed = (1 - self.alpha) * probs + self.alpha * self._maps[self.anchor_of[ctx.name]]
+        if self.fme_keys != "all":  # the rest of the row keeps its weights
+            denoised = noisy_keys(ctx, probs.shape[-2], probs.shape[-1], probs.device)
+            visible = visible & (denoised if self.fme_keys == "noisy" else ~denoised)
         beta = self.adaptive_beta(ctx, probs, mixed, visible)
-        enhanced = motion_enhance(mixed, visible, beta, self.clamp_negative)
+        enhanced = motion_enhance(mixed, visible, beta, self.clamp_negative, self.tau)
         return torch.where(noisy, enhanced, probs)
 
     def adaptive_beta(self, ctx: AttentionContext, before: Tensor, after: Tensor, visible: Tensor) -> Tensor:
         """β per sample from the conditional branch, as ``(B', 1, 1, 1)`` for the call's batch ``B'``."""
         counted = visible.sum(-1) >= 2  # (B', H, Lq): rows whose energies count
-        inverse_n = 1 / visible.sum(-1).clamp(min=1)
         cond = ctx.cfg_slice("cond") if ctx.cfg is not None else slice(None)
         branches = len(ctx.cfg) if ctx.cfg is not None else 1
         # The temporal layout is (videos · positions): the sampler says how many videos (else: one pool).
@@ -159,10 +253,10 @@ class BroadWay(AttentionProcessor):
             values = values[cond].reshape(videos, -1)
             return (values * weights).sum(-1) / weights.sum(-1).clamp(min=1)
 
-        e1 = per_sample(row_energy(before))
-        e2 = per_sample(row_energy(after))
-        e2_low = per_sample(inverse_n)
-        e2_high = e2 - e2_low
+        e1 = per_sample(part_energy(before, visible))
+        e2 = per_sample(part_energy(after, visible))
+        e2_high = per_sample(high_band_energy(after, visible, self.tau))
+        e2_low = e2 - e2_high
         ratio = ((e1 - e2_low).clamp(min=0) / e2_high.clamp(min=1e-8)).sqrt()
         beta = torch.where(e2_high < 1e-8, torch.full_like(e1, self.beta0), ratio.clamp(min=self.beta0))
         return (
@@ -172,12 +266,13 @@ class BroadWay(AttentionProcessor):
         )
 
 
-def broadway_arguments(text: str) -> dict[str, float | bool | list[int]]:
-    """``"beta0=10,clamp_negative=1,targets=1+3"`` -> ``{"beta0": 10.0, "clamp_negative": True, "targets":
-    [1, 3]}``: BroadWay's floats, its flag (0/1) and its block lists joined by ``+`` (``targets=`` empty: none)."""
+def broadway_arguments(text: str) -> dict[str, float | bool | str | list[int]]:
+    """``"beta0=10,clamp_negative=1,fme_keys=noisy,targets=1+3"`` -> ``{"beta0": 10.0, "clamp_negative": True,
+    "fme_keys": "noisy", "targets": [1, 3]}``: BroadWay's floats, its flag (0/1), its FME keys, its band ``tau``
+    and its block lists joined by ``+`` (``targets=`` empty: none)."""
     floats, flags, blocks = ("alpha", "beta0", "active_fraction"), ("clamp_negative",), ("anchors", "targets")
-    known = floats + flags + blocks
-    arguments: dict[str, float | bool | list[int]] = {}
+    known = floats + flags + blocks + ("fme_keys", "tau")
+    arguments: dict[str, float | bool | str | list[int]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
         if key not in known:
@@ -187,6 +282,12 @@ def broadway_arguments(text: str) -> dict[str, float | bool | list[int]]:
                 arguments[key] = float(value)
             elif key in flags:
                 arguments[key] = bool({"0": False, "1": True}[value])
+            elif key == "fme_keys":
+                if value not in FME_KEYS:
+                    raise argparse.ArgumentTypeError(f"fme_keys={value!r} in {text!r}: one of {FME_KEYS}")
+                arguments[key] = value
+            elif key == "tau":
+                arguments[key] = int(value)
             else:
                 arguments[key] = [int(b) for b in value.split("+") if b]
         except (ValueError, KeyError):

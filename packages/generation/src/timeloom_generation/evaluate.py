@@ -73,7 +73,7 @@ class Setting:
 
     name: str
     prompts: list[str | list[str]]
-    broadway: dict[str, float | bool | list[int]] | None = (
+    broadway: dict[str, float | bool | str | list[int]] | None = (
         None  # `BroadWay` arguments beside the depth; None: off
     )
     tar: bool = False
@@ -437,7 +437,7 @@ def prompted_study(
         settings.append(Setting("broadway", captions, broadway={}))
     for arguments in args.broadway_with:
         name = "broadway " + ", ".join(
-            f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else f'{value:g}'}"
+            f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value if isinstance(value, str) else f'{value:g}'}"
             for key, value in arguments.items()
         )
         settings.append(Setting(name, captions, broadway=arguments))
