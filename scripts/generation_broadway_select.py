@@ -26,6 +26,39 @@ def paired(entry: dict, plain: dict, key: str) -> tuple[float, float]:
     return mean, 1.96 * spread / math.sqrt(len(deltas))
 
 
+def pooled(paths: list[Path]) -> dict[str, dict[str, float]]:
+    """Per setting found in more than one results file: the paired changes over all their videos together,
+    each video against the plain row of its own run (motion: the ratio of the pooled means)."""
+    videos: dict[str, list[tuple[dict, dict]]] = {}
+    for path in paths:
+        settings = json.loads(path.read_text())["settings"]
+        for name, entry in settings.items():
+            if name != "plain" and not name.startswith("real"):
+                videos.setdefault(name, []).append((entry["per_video"], settings["plain"]["per_video"]))
+    rows = {}
+    for name, runs in videos.items():
+        if len(runs) < 2:
+            continue
+        merged = {
+            side: {
+                key: [v for run in runs for v in run[i][key]] for key in ("motion_px", "identity_vs_prompt")
+            }
+            for i, side in enumerate(("entry", "plain"))
+        }
+        entry, plain = {"per_video": merged["entry"]}, {"per_video": merged["plain"]}
+        scale = sum(plain["per_video"]["motion_px"]) / len(plain["per_video"]["motion_px"])
+        motion, motion_ci = paired(entry, plain, "motion_px")
+        identity, identity_ci = paired(entry, plain, "identity_vs_prompt")
+        rows[name] = {
+            "videos": len(plain["per_video"]["motion_px"]),
+            "motion": 1 + motion / scale,
+            "motion_ci": motion_ci / scale,
+            "identity": 100 * identity,
+            "identity_ci": 100 * identity_ci,
+        }
+    return rows
+
+
 def changes(results: dict) -> dict[str, dict[str, float]]:
     """Per setting other than plain and the real clips: motion ratio, identity points, their intervals."""
     settings = results["settings"]
@@ -81,6 +114,7 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path, help="results.json of evaluate's prompts study")
     parser.add_argument("--choose", action="store_true", help="apply the selection rule to all rows given")
     parser.add_argument("--seams", action="store_true", help="motion by frame pair within a chunk")
+    parser.add_argument("--pool", action="store_true", help="settings run in several files, pooled")
     parser.add_argument("--chunk-frames", type=int, default=2, help="latent frames per chunk (the VDM's C)")
     args = parser.parse_args()
     for path in args.results:
@@ -108,6 +142,16 @@ def main() -> None:
             print(f"\n{path}: px/frame by frame pair within a chunk ({', '.join(steps)})\n")
             for name, values in seam_profile(results, args.chunk_frames).items():
                 print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    if args.pool:
+        print("\nPooled over the files that ran each setting\n")
+        print("| setting | videos | motion | identity, points | bar |")
+        print("|---|---|---|---|---|")
+        for name, r in pooled(args.results).items():
+            met = r["motion"] >= MOTION_BAR and r["identity"] >= IDENTITY_BAR
+            print(
+                f"| {name} | {r['videos']} | ×{r['motion']:.3f} ± {r['motion_ci']:.3f} | {r['identity']:+.1f} ± "
+                f"{r['identity_ci']:.1f} | {'met' if met else 'no'} |"
+            )
     if args.choose:  # over every file's rows, each against its own run's plain
         chosen = choose({n: r for p in args.results for n, r in changes(json.loads(p.read_text())).items()})
         print(f"\nchosen: {chosen}")

@@ -42,7 +42,7 @@ def test_evaluate_writes_every_setting_side_by_side(tmp_path, untrained_judge):
             "--count", "2",
             "--length-factor", "1",
             "--broadway",
-            "--broadway-with", "beta0=10,active_fraction=0.4,clamp_negative=1",
+            "--broadway-with", "beta0=10,active_fraction=0.4,clamp_negative=1,fme_keys=cached,tau=2",
             "--vstar", "the digit 3 moves left; the digit 3 moves up",
             "--out", str(out),
         ]
@@ -54,12 +54,12 @@ def test_evaluate_writes_every_setting_side_by_side(tmp_path, untrained_judge):
         "real, codec round trip",
         "plain",
         "broadway",
-        "broadway beta0=10, active_fraction=0.4, clamp_negative=1",
+        "broadway beta0=10, active_fraction=0.4, clamp_negative=1, fme_keys=cached, tau=2",
     ]
     # a setting's name gives back its arguments (scripts/generation_broadway_select.py relies on it)
-    assert broadway_arguments("beta0=10,active_fraction=0.4,clamp_negative=1") == broadway_arguments(
-        list(report["settings"])[-1].removeprefix("broadway ").replace(", ", ",")
-    )
+    assert broadway_arguments(
+        "beta0=10,active_fraction=0.4,clamp_negative=1,fme_keys=cached,tau=2"
+    ) == broadway_arguments(list(report["settings"])[-1].removeprefix("broadway ").replace(", ", ","))
     plain = report["settings"]["plain"]
     assert plain["videos"] == 2 and plain["frames"] == report["frames"] == 9
     assert len(plain["identity_vs_prompt"]["curve"]) == 9 and len(plain["motion_curve"]) == 8

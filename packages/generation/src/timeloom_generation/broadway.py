@@ -8,6 +8,8 @@ After the softmax of the temporal attention, during the first ``active_fraction`
   ``a' = 1/n + β·(a − 1/n)`` on its visible keys: the high band is every non-DC bin (upstream's F = 16, τ = 7),
   where scaling the non-DC spectrum by β is exactly this closed form. Row sums stay 1, masked keys stay 0.
   Negative weights are kept (ByTheWay v3); ``clamp_negative`` zeroes them and renormalises (BroadWay v1).
+  ``tau`` narrows the band to the spec's 2τ+1 bins around Nyquist (done with the FFT); ``fme_keys`` edits only
+  the noisy or only the cached keys of a row, keeping the other part's weights.
 - **Adaptive β** per sample, from the conditional branch, applied to both: with energies ``E = Σ_j a_j²``
   averaged over noisy rows (n ≥ 2), heads and positions, ``E₁`` before TSG, ``E₂`` after it, its DC part
   ``E₂_L = mean 1/n`` and the rest ``E₂_H = E₂ − E₂_L``: ``β = max(β₀, √((E₁ − E₂_L)/E₂_H))``, so ``E₃ ≥ E₁``.
@@ -170,6 +172,10 @@ class BroadWay(AttentionProcessor):
         beta0: the floor β₀ of the adaptive FME scale (with α = 0 and β₀ = 1 the plug-in is the identity).
         active_fraction: steps ``k < ceil(fraction · S)`` of each chunk are edited.
         clamp_negative: BroadWay v1's FME, negative weights zeroed and rows renormalised (v3 keeps them).
+        fme_keys: the keys FME edits: ``"all"`` visible ones (upstream), only the ``"noisy"`` keys of the frames
+            being denoised, or only the ``"cached"`` (clean) ones; the rest of the row keeps its weights, and
+            the adaptive β uses the edited part's energies.
+        tau: the high band, the bins with ``min(k, n − k) ≥ ⌈n/2⌉ − τ``; None: every non-DC bin (upstream).
         anchors, targets: block indices overriding the default mapping; each target pairs with
             ``anchors[(b − anchors[0]) mod len(anchors)]``.
     """
