@@ -1,7 +1,9 @@
 """`timeloom evaluate generation` end to end on a micro VDM, and its errors on bad input."""
 
+import importlib.util
 import json
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +116,34 @@ def test_the_demo_writes_long_videos_a_filmstrip_and_the_evaluation(tmp_path, un
     ):
         assert (out / name).stat().st_size > 0
     assert "the generation demo wrote" in capsys.readouterr().out
+
+
+def test_the_selection_script_pools_a_setting_over_the_runs_that_made_it(tmp_path):
+    """Two runs of one setting, each paired with its own plain: pooled motion is the ratio of the pooled means
+    and identity the mean per-video change, over all videos together."""
+    spec = importlib.util.spec_from_file_location(
+        "select", Path(__file__).parents[2] / "scripts" / "generation_broadway_select.py"
+    )
+    select = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(select)
+    runs = [  # (plain motion, setting motion, plain identity, setting identity) per video
+        [(2.0, 2.5, 0.5, 0.4), (2.0, 2.3, 0.3, 0.3)],
+        [(1.0, 1.3, 0.2, 0.25), (3.0, 3.3, 0.6, 0.5), (2.0, 2.6, 0.4, 0.4)],
+    ]
+    paths = []
+    for index, videos in enumerate(runs):
+        plain = {"motion_px": [v[0] for v in videos], "identity_vs_prompt": [v[2] for v in videos]}
+        entry = {"motion_px": [v[1] for v in videos], "identity_vs_prompt": [v[3] for v in videos]}
+        settings = {"plain": {"per_video": plain}, "broadway x=1": {"per_video": entry}}
+        if index:
+            settings["broadway once"] = {"per_video": entry}  # in one run only: not pooled
+        paths.append(tmp_path / f"run{index}.json")
+        paths[-1].write_text(json.dumps({"settings": settings}))
+    pooled = select.pooled(paths)
+    assert list(pooled) == ["broadway x=1"]
+    everything = [v for videos in runs for v in videos]
+    assert pooled["broadway x=1"]["videos"] == 5
+    motion = sum(v[1] for v in everything) / sum(v[0] for v in everything)
+    assert pooled["broadway x=1"]["motion"] == pytest.approx(motion)
+    identity = 100 * sum(v[3] - v[2] for v in everything) / 5
+    assert pooled["broadway x=1"]["identity"] == pytest.approx(identity)
