@@ -99,6 +99,29 @@ def test_timm_encoder_returns_the_frame_grid():
         encoder(torch.randn(1, 3, 2, 32, 32))
 
 
+def test_side_encoder_tokens_join_the_pooled_encoder_tokens():
+    torch.manual_seed(0)
+    fine = vit_options(patch_size=4, embed_dim=16, num_heads=2)  # an 8x8 grid beside ENCODER's 4x4
+    config = VideoLLMConfig(
+        encoder=fine, side_encoder=ENCODER, llm=LLMConfig(hidden_size=32, layers=1, heads=2)
+    )
+    model = VideoLLM(config).eval()
+    video = torch.randn(2, 1, 3, 32, 32)
+    features, grid = model.encode_frames(video)
+    fine_tokens, _ = model.encoder(video)
+    side_tokens, _ = model.side_encoder(video)
+    # reference: each 2x2 block of fine tokens averaged by hand, in raster order of the coarse grid
+    blocks = fine_tokens.reshape(2, 3, 4, 2, 4, 2, 16).mean((3, 5)).reshape(2, 3, 16, 16)
+    assert grid == (4, 4) and features.shape == (2, 3, 16, 16 + 32)
+    torch.testing.assert_close(features, torch.cat((blocks, side_tokens), -1))
+    assert model.visual_tokens_per_media(3, 32, 32) == 3 * 16 == model.encode_media(video)[0].shape[1]
+    odd = VideoLLMConfig(  # 6x6 beside 4x4 tokens
+        encoder=vit_options(patch_size=16, img_size=96), side_encoder=vit_options(patch_size=24, img_size=96)
+    )
+    with pytest.raises(ValueError, match="differ by no integer factor"):
+        VideoLLM(odd).encode_frames(torch.randn(1, 1, 1, 96, 96))
+
+
 # ---- the HF backbone under our masks ----------------------------------------------------------------------
 def reference_logits(model: VideoLLM, batch: dict, side: str) -> torch.Tensor:
     """A hand-written Llama forward: explicit softmax over our bool mask, RoPE at our positions."""

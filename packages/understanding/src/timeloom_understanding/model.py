@@ -36,6 +36,9 @@ class VideoLLMConfig:
 
     Args:
         encoder: `TimmEncoder` arguments (a timm ViT name plus overrides; random init).
+        side_encoder: a second encoder's arguments, or None. Its tokens join the encoder's channel-wise, both
+            average-pooled to the coarser of their grids, so a frozen pretrained encoder (what the digits are)
+            can sit beside one that learns with the LLM (where they are and how they move).
         projector: ``mlp``, ``ccam``, ``slowfast`` or ``memory`` (a window of recent frames plus a neural
             memory of the earlier ones); ``projector_options`` go to its constructor.
         llm: the language model.
@@ -48,6 +51,7 @@ class VideoLLMConfig:
     encoder: dict[str, Any] = field(
         default_factory=lambda: vit_options(patch_size=4, embed_dim=64, depth=2, num_heads=4)
     )
+    side_encoder: dict[str, Any] | None = None
     projector: str = "mlp"
     projector_options: dict[str, Any] = field(default_factory=dict)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -63,22 +67,32 @@ class VideoLLM(nn.Module):
         self.config = config
         self.tokenizer = TextTokenizer(config.tokenizer_path)
         self.encoder = TimmEncoder(**config.encoder)
+        self.side_encoder = TimmEncoder(**config.side_encoder) if config.side_encoder else None
         self.llm = build_causal_lm(config.llm, self.tokenizer.vocab_size)
         hidden = self.llm.get_input_embeddings().embedding_dim
-        self.projector = make_projector(
-            config.projector, self.encoder.width, hidden, **config.projector_options
-        )
+        width = sum(encoder.width for encoder in self.encoders)
+        self.projector = make_projector(config.projector, width, hidden, **config.projector_options)
         self.structure = make_structure(config.structure, **config.structure_options)
         self.media_ids = torch.tensor([self.tokenizer.id(p) for p in MEDIA_PLACEHOLDERS])
 
     def visual_tokens_per_media(self, frames: int, height: int, width: int) -> int:
         """How many LLM tokens one ``frames × height × width`` media item becomes."""
-        return self.projector.num_tokens(frames, self.encoder.grid(height, width))
+        return self.projector.num_tokens(frames, min(e.grid(height, width) for e in self.encoders))
+
+    @property
+    def encoders(self) -> list[TimmEncoder]:
+        return [self.encoder] + ([self.side_encoder] if self.side_encoder is not None else [])
+
+    def encode_frames(self, video: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """``(N, C, T, H, W)`` → frame tokens ``(N, T, h·w, C_v)`` and the grid ``(h, w)``: the encoder's, with
+        the side encoder's joined channel-wise, each average-pooled to the coarser grid."""
+        outputs = [encoder(video) for encoder in self.encoders]
+        grid = min(g for _, g in outputs)
+        return torch.cat([_pool_grid(f, g, grid) for f, g in outputs], dim=-1), grid
 
     def encode_media(self, video: Tensor):
         """``(N, C, T, H, W)`` → visual tokens ``(N, N_v, D)`` and their `VisualTokens` description."""
-        features, grid = self.encoder(video)
-        return self.projector(features, grid)
+        return self.projector(*self.encode_frames(video))
 
     def build_inputs(self, batch: dict[str, Any], side: str = "right") -> tuple[Tensor, TokenLayout, Tensor]:
         """Splice visual tokens into the text: ``inputs_embeds (B, L, D)``, the layout, ``labels (B, L)``."""
@@ -302,6 +316,19 @@ class VideoLLM(nn.Module):
         """Next-token cross-entropy over the supervised tokens, and their count."""
         logits, targets, _ = self.supervised_logits(batch)
         return F.cross_entropy(logits.float(), targets), len(targets)
+
+
+def _pool_grid(features: Tensor, grid: tuple[int, int], target: tuple[int, int]) -> Tensor:
+    """Frame tokens ``(N, T, h·w, C)`` on ``grid`` average-pooled to the coarser ``target`` grid."""
+    if grid == target:
+        return features
+    factor = grid[0] // target[0]
+    if grid != (target[0] * factor, target[1] * factor):
+        raise ValueError(f"the encoders' token grids {grid} and {target} differ by no integer factor")
+    batch, frames, _, channels = features.shape
+    maps = features.reshape(batch * frames, *grid, channels).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(maps, factor).permute(0, 2, 3, 1)
+    return pooled.reshape(batch, frames, target[0] * target[1], channels)
 
 
 def _name(batch: dict[str, Any], index: int) -> str:

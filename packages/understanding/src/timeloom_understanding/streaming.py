@@ -121,7 +121,7 @@ class OnlineStream:
                 f"the stream holds at most {self.max_frames} frames; {self.frames} pushed, "
                 f"{frames.shape[1]} more given"
             )
-        features, grid = self.model.encoder(frames.unsqueeze(0))
+        features, grid = self.model.encode_frames(frames.unsqueeze(0))
         if self.grid not in (None, grid):
             raise ValueError(f"frames on a {grid} token grid after frames on {self.grid}")
         if self.reuse_cache:  # per-frame projector: this chunk's tokens, renumbered after the earlier frames
