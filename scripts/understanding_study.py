@@ -351,8 +351,8 @@ def _ccam_attention_on_digits(model, items: list[dict], features: torch.Tensor) 
 
     projector, layer = model.projector, model.projector.layers[0]
     batch, frames, per_frame, _ = features.shape
-    patch = model.encoder.vit.patch_embed.patch_size[0]
     size = items[0]["video"].shape[-1]
+    patch = size // int(per_frame**0.5)  # the projector's grid: the coarser encoder's
     digit = torch.stack(
         [patch_digit_targets(item["meta"], size, 10, patch) != BACKGROUND for item in items]
     ).flatten(1)  # (B, T·N)
@@ -381,7 +381,7 @@ def _direction_features(module: VideoLLMModule, items: list[dict]) -> dict[str, 
     model = module.model
     batch = module.collate(items)
     video = batch["video"]
-    features, grid = model.encoder(video)
+    features, grid = model.encode_frames(video)
     tokens, _ = model.projector(features, grid)
     hidden, layout, labels = model.hidden_states(batch)
     supervised = labels[:, 1:] != -100
@@ -454,30 +454,29 @@ def _learn_direction(checkpoint: str, args: argparse.Namespace) -> list[float]:
 
     torch.manual_seed(0)
     module = VideoLLMModule.from_checkpoint(checkpoint)
-    encoder, config, size, frames = (
-        module.model.encoder,
-        module.model.config,
-        module.hparams["height"],
-        module.hparams["frames"],
-    )
-    encoder.requires_grad_(args.train_encoder)
-    projector = make_projector(config.projector, encoder.width, 128, **config.projector_options)
-    tokens = projector.num_tokens(frames, encoder.grid(size, size))
+    model, size, frames = module.model, module.hparams["height"], module.hparams["frames"]
+    encoders = [*model.encoders]  # the side encoder's tokens too, as the model joins them
+    for encoder in encoders:
+        encoder.requires_grad_(args.train_encoder)
+    width = sum(encoder.width for encoder in encoders)
+    projector = make_projector(model.config.projector, width, 128, **model.config.projector_options)
+    tokens = model.visual_tokens_per_media(frames, size, size)
     head = torch.nn.Linear(tokens * 128, len(DIRECTIONS))
     learning = [*projector.parameters(), *head.parameters()]
-    learning += list(encoder.parameters()) if args.train_encoder else []
+    learning += [p for encoder in encoders for p in encoder.parameters()] if args.train_encoder else []
     optimizer = torch.optim.AdamW(learning, lr=1e-3, weight_decay=0.01)
     test_video, test_answers = _direction_videos("test", 0, args.groups, size, frames)
     curve = []
     for step in tqdm(range(1, args.steps + 1), desc=Path(checkpoint).parts[-3], leave=False):
         video, answers = _direction_videos("train", step * 16, 16, size, frames)
-        loss = torch.nn.functional.cross_entropy(head(projector(*encoder(video))[0].flatten(1)), answers)
+        guesses = head(projector(*model.encode_frames(video))[0].flatten(1))
+        loss = torch.nn.functional.cross_entropy(guesses, answers)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 50 == 0:
             with torch.no_grad():
-                guesses = head(projector(*encoder(test_video))[0].flatten(1)).argmax(-1)
+                guesses = head(projector(*model.encode_frames(test_video))[0].flatten(1)).argmax(-1)
             curve.append((guesses == test_answers).float().mean().item())
     return curve
 
