@@ -273,7 +273,8 @@ def sniah_runs() -> list[str]:
 
 def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
     """Validation accuracy of a run's last checkpoint split by where the query is: among the first ``reach``
-    tokens (the MAC segment or attention window, so attention alone sees the context) or past them. Beside it,
+    tokens (the MAC segment or attention window, so attention alone sees the context) or past them; and by
+    whether its value token is less than ``reach`` tokens back (inside one window) or not. Beside it,
     how often the answer is one of the sequence's own values: the 1/num_pairs plateau answers a context value
     without binding it to its key, and past ``reach`` only a memory (or a second layer) can know those values."""
     import torch
@@ -291,15 +292,37 @@ def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
     values = input_ids[:, 1 : 2 * task["num_pairs"] : 2]
     a_value = (answers.unsqueeze(-1) == values.unsqueeze(1)).any(-1)
     labelled, position = labels != IGNORE, torch.arange(labels.shape[1])
+    # how far back the queried key's value token is (at s256 every query is past the first 32 tokens, so
+    # only this split says whether a window alone could see the answer)
+    keys = input_ids[:, 0 : 2 * task["num_pairs"] : 2]
+    value_at = 2 * (input_ids.unsqueeze(-1) == keys.unsqueeze(1)).float().argmax(-1) + 1
     result = {"reach": reach}
-    for name, where in (("near", position < reach), ("far", position >= reach)):
+    splits = (("near", position < reach), ("far", position >= reach),
+              ("value_within_reach", position - value_at < reach), ("value_beyond_reach", position - value_at >= reach))  # fmt: skip
+    for name, where in splits:
         chosen = labelled & where
+        if not chosen.any():
+            continue
         result[name] = {
             "queries": int(chosen.sum()),
             "acc": round(float((answers == labels)[chosen].float().mean()), 3),
             "answer_is_a_context_value": round(float(a_value[chosen].float().mean()), 3),
         }
     return result
+
+
+def init_run(run_dir: Path) -> Path | None:
+    """The MQAR run whose weights started ``run_dir`` (`--init-from`), from its summary's flags."""
+    summary = run_dir / "summary.json"
+    flags = json.loads(summary.read_text())["flags"] if summary.exists() else []
+    path = next((f.split("=", 1)[1] for f in flags if f.startswith("--model.init_args.init_from=")), None)
+    return Path(path).parents[1] if path else None
+
+
+def earlier_steps(run_dir: Path) -> int:
+    """Training steps of the curriculum stages before ``run_dir`` (0 for a run from scratch)."""
+    stage = init_run(run_dir)
+    return 0 if stage is None else read_curve(stage)["steps"] + earlier_steps(stage)
 
 
 def report() -> None:
@@ -313,13 +336,22 @@ def report() -> None:
     figure, axes = plt.subplots(1, len(MQAR_SETTINGS), figsize=(4.2 * len(MQAR_SETTINGS), 3.4), squeeze=False)
     for ax, (setting, task) in zip(axes[0], MQAR_SETTINGS.items()):
         for model in MODELS:
-            # a run that mixed this setting into a larger one's training: its validation here, dashed
+            colour = f"C{list(MODELS).index(model)}"
+            # a run that mixed this setting into a larger one's training: its validation here, dashed, and the
+            # curriculum stage it started from (`--init-from`), dotted; steps count from the first stage's start
             for other, other_task in MQAR_SETTINGS.items():
+                mixed = RUNS / "mqar" / f"{model}-{other}"
                 name = f"val_seq{task['seq_len']}x{task['num_pairs']}/acc"
-                steps, values = read_curve(RUNS / "mqar" / f"{model}-{other}")["val"].get(name, ([], []))
+                steps, values = read_curve(mixed)["val"].get(name, ([], []))
                 if other != setting and steps:
-                    ax.plot(steps, values, ls="--", color=f"C{list(MODELS).index(model)}",
+                    start = earlier_steps(mixed)
+                    ax.plot([start + s for s in steps], values, ls="--", color=colour,
                             label=f"{model} (mixed into {other}, V {other_task['vocab_size']})")  # fmt: skip
+                stage = init_run(mixed)
+                if stage is not None and stage.name.startswith(f"{model}-{setting}-"):
+                    curve = read_curve(stage)
+                    ax.plot(curve["val_step"], curve["val_acc"], ls=":", color=colour,
+                            label=f"{model} ({stage.name[len(model) + 1:]}, stage before {other})")  # fmt: skip
             run_dir = RUNS / "mqar" / f"{model}-{setting}"
             curve = read_curve(run_dir)
             finished = (run_dir / "summary.json").exists()
@@ -329,18 +361,20 @@ def report() -> None:
                     summaries[f"{model}-{setting}"]["by_reach"] = by_reach(run_dir, task)
             elif not curve["val_step"]:
                 continue
+            start = earlier_steps(run_dir)
             ax.plot(
-                curve["val_step"],
+                [start + s for s in curve["val_step"]],
                 curve["val_acc"],
                 marker=".",
-                color=f"C{list(MODELS).index(model)}",
-                label=model if finished else f"{model} (unfinished, {curve['cpu_minutes']} CPU-min)",
+                color=colour,
+                label=(model if finished else f"{model} (unfinished, {curve['cpu_minutes']} CPU-min)")
+                + (f" (from step {start})" if start else ""),
             )
         ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
         ax.set(title=f"MQAR seq {task['seq_len']} / {task['num_pairs']} pairs / V {task['vocab_size']}",
                xlabel="training step (batch 64)", ylabel="validation accuracy", ylim=(0, 1.02))  # fmt: skip
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=6, loc="lower right")
     figure.tight_layout()
     figure.savefig(ROOT / "docs/memory-mqar-curves.png", dpi=120)
     (RUNS / "mqar/results.json").write_text(json.dumps(summaries, indent=2))
