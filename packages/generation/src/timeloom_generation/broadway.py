@@ -159,12 +159,14 @@ class BroadWay(AttentionProcessor):
     argument away: ``BroadWay(depth, alpha=0.6, beta0=1.5, active_fraction=0.2)``, or
     ``--broadway-with "alpha=0.6,beta0=1.5,active_fraction=0.2"`` on the commands.
 
-    Neither form meets issue #5's bar (motion ×1.2 for ≤ 2 points of identity) on this model, so the default
-    stays: on 192 held-out prompts it gives ×1.18 for −11.5 ± 3.6 points, most of the extra motion a jerk
-    between a chunk's latent frames (its negative weights push the noisy frames away from the cached ones);
-    ``clamp_negative=True`` keeps identity (+0.9 ± 1.6 points) but gives ×1.05, and only on every block over
-    every step (``alpha=0, beta0=10, active_fraction=1, anchors=[0], targets=[1, 2, 3]``) nears the bar: ×1.19
-    for −2.2 ± 2.4 points (generation-quality.md, stop 13).
+    No form meets issue #5's bar (motion ×1.2 for ≤ 2 points of identity) on this model, so the default stays:
+    on 192 held-out prompts it gives ×1.18 for −11.5 ± 3.6 points, most of the extra motion a jerk between a
+    chunk's latent frames (its negative weights push the noisy frames away from the cached ones).
+    ``clamp_negative=True`` on every block over every step (``alpha=0, beta0=10, active_fraction=1,
+    anchors=[0], targets=[1, 2, 3]``) keeps identity and speeds the digit evenly, but by ×1.175 ± 0.016 for
+    −2.0 ± 1.6 points pooled over two held-out sets (384 videos): short of ×1.2. FME on the noisy keys only
+    (``fme_keys="noisy"``) or the cached keys only moves the digit less (×0.98–1.10), and a partial band
+    (``tau``) slows it (generation-quality.md, stops 13 and 14).
 
     Args:
         depth: number of blocks ``D`` of the model.
