@@ -181,13 +181,15 @@ def mqar(
     minutes: float,
     mix: list[str],
     cosine_steps: int | None,
+    cosine_budget: bool,
     init_from: str,
     tag: str,
     extra: list[str],
 ) -> None:
     """One MQAR run at ``setting``; ``mix`` trains the smaller settings beside it (Zoology's multi-setting
     training, validated per setting, `val/acc` staying ``setting``'s); ``cosine_steps`` decays the rate to 0
-    over that many steps (also the run's step limit: pick it from the model's steps per CPU-minute);
+    over that many steps (also the run's step limit: pick it from the model's steps per CPU-minute), and
+    ``cosine_budget`` over the run's CPU-minutes instead (no guess of the steps they buy);
     ``init_from`` starts from the weights an earlier MQAR run ended with (a curriculum stage; same model)."""
     task = MQAR_SETTINGS[setting]
     flags = [f"--data.init_args.{key}={value}" for key, value in task.items()]
@@ -196,11 +198,14 @@ def mqar(
         flags.append(f"--data.init_args.mix_with=[{pairs}]")
     if init_from:
         flags.append(f"--model.init_args.init_from={RUNS / 'mqar' / init_from / 'checkpoints/last.ckpt'}")
+    if cosine_steps and cosine_budget:
+        raise SystemExit("--cosine-steps and --cosine-budget are two clocks for one decay: pick one")
     if cosine_steps:
-        flags += [
-            f"--trainer.max_steps={cosine_steps}",
-            "--model.init_args.scheduler.init_args.min_lr_ratio=0",
-        ]
+        flags.append(f"--trainer.max_steps={cosine_steps}")
+    if cosine_budget:
+        flags.append("--model.init_args.scheduler.init_args.horizon=cpu_budget")
+    if cosine_steps or cosine_budget:
+        flags.append("--model.init_args.scheduler.init_args.min_lr_ratio=0")
     # enough distinct training items that a long run does not cycle, and a validation every 64 steps
     flags += ["--data.init_args.train_length=65536", "--trainer.val_check_interval=64", *extra]
     name = f"{model}-{setting}" + (f"-{tag}" if tag else "")
@@ -459,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--mix", nargs="*", default=[], choices=MQAR_SETTINGS, help="settings trained beside it")
     run.add_argument("--cosine-steps", type=int, help="decay the rate to 0 over these steps (and stop there)")
     run.add_argument(
+        "--cosine-budget", action="store_true", help="decay the rate to 0 over the run's CPU-minutes"
+    )
+    run.add_argument(
         "--init-from", default="", help="an earlier MQAR run (its name) whose weights start this one"
     )
     run.add_argument("--tag", default="", help="run name suffix (a probe, a curriculum stage)")
@@ -483,6 +491,7 @@ def main(argv: list[str] | None = None) -> None:
             args.minutes,
             args.mix,
             args.cosine_steps,
+            args.cosine_budget,
             args.init_from,
             args.tag,
             extra,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 
+from timeloom.throughput import CpuTimeBudget
 from timeloom.video_io import make_grid_video, write_video
 
 
@@ -29,6 +31,9 @@ class WarmupCosine(LambdaLR):
 
     ``total_steps=None`` means "the trainer's estimated number of optimiser steps"; the module fills it in
     when training starts. Without a finite estimate (``max_epochs=-1``) the rate holds after warm-up.
+    ``horizon="cpu_budget"`` decays over the run's `timeloom.throughput.CpuTimeBudget` instead (the share of
+    it spent), so a budget of CPU minutes needs no guess of the steps it will buy; like the budget, it starts
+    afresh when a run resumes.
     """
 
     def __init__(
@@ -37,19 +42,34 @@ class WarmupCosine(LambdaLR):
         warmup_steps: int = 100,
         total_steps: int | None = None,
         min_lr_ratio: float = 0.1,
+        horizon: str = "steps",
     ):
+        if horizon not in ("steps", "cpu_budget"):
+            raise ValueError(f"WarmupCosine horizon must be 'steps' or 'cpu_budget', got {horizon!r}")
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
+        self.horizon = horizon
+        # the decay's share done, where steps are not the clock (set when training starts)
+        self.progress: Callable[[], float] | None = None
         super().__init__(optimizer, self.factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("progress")  # the running trainer's clock, set again when training starts
+        return state
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        if self.total_steps is None:
+        if self.progress is not None:
+            progress = self.progress()
+        elif self.total_steps is not None:
+            total = max(self.total_steps, self.warmup_steps + 1)
+            progress = (step - self.warmup_steps) / (total - self.warmup_steps)
+        else:
             return 1.0
-        total = max(self.total_steps, self.warmup_steps + 1)
-        progress = min((step - self.warmup_steps) / (total - self.warmup_steps), 1.0)
+        progress = min(max(progress, 0.0), 1.0)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -94,10 +114,18 @@ class TimeloomModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # Not in configure_optimizers: asking for the step estimate there builds the train loader before a
         # checkpoint's loader state is restored, and a mid-epoch resume would then restart the epoch.
+        budget = next((c for c in self.trainer.callbacks if isinstance(c, CpuTimeBudget)), None)
         for config in self.trainer.lr_scheduler_configs:
-            steps = self.trainer.estimated_stepping_batches
-            if isinstance(config.scheduler, WarmupCosine) and config.scheduler.total_steps is None:
-                config.scheduler.total_steps = int(steps) if math.isfinite(steps) else None
+            schedule = config.scheduler
+            if not isinstance(schedule, WarmupCosine):
+                continue
+            if schedule.horizon == "cpu_budget":
+                if budget is None:
+                    raise ValueError("WarmupCosine(horizon='cpu_budget') needs a CpuTimeBudget callback")
+                schedule.progress = budget.spent_share
+            elif schedule.total_steps is None:
+                steps = self.trainer.estimated_stepping_batches
+                schedule.total_steps = int(steps) if math.isfinite(steps) else None
 
     # -- throughput accounting (used by `timeloom.throughput.Throughput`) ----------------------------------
     def count_samples(self, batch: Any) -> int:

@@ -195,6 +195,10 @@ class CpuTimeBudget(pl.Callback):
     def used_minutes(self) -> float:
         return (time.process_time() - self._start) / 60
 
+    def spent_share(self) -> float:
+        """The budget's share used so far, 0 to 1 (`WarmupCosine(horizon="cpu_budget")` decays over it)."""
+        return min(self.used_minutes() / self.minutes, 1.0)
+
     def on_fit_start(self, trainer, pl_module) -> None:
         self._start = time.process_time()
 

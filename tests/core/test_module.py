@@ -45,6 +45,53 @@ def test_warmup_cosine_without_a_horizon_holds_the_rate():
     assert [schedule.factor(step) for step in (4, 100, 10**6)] == [1.0, 1.0, 1.0]
 
 
+def test_warmup_cosine_follows_a_progress_share_when_steps_are_unbounded():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = WarmupCosine(optimizer, warmup_steps=4, min_lr_ratio=0.1)
+    shares = iter([0.0, 0.5, 1.0, 1.5])
+    schedule.progress = lambda: next(shares)
+    assert schedule.factor(2) == pytest.approx(3 / 5)  # warm-up still counts steps, not the share
+    assert [schedule.factor(10) for _ in range(4)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+
+
+class TinyRegression(TimeloomModule):
+    def __init__(self, horizon: str):
+        super().__init__(scheduler=lambda optimizer: WarmupCosine(optimizer, warmup_steps=0, horizon=horizon))
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+
+
+def test_a_cosine_over_the_cpu_budget_decays_an_unbounded_run(tmp_path):
+    rates = []
+
+    class RecordRate(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = pl.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[CpuTimeBudget(0.005, check_every_n_batches=1), RecordRate()])  # fmt: skip
+    trainer.fit(TinyRegression("cpu_budget"), torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=8))
+    assert len(rates) > 10 and all(a >= b for a, b in zip(rates, rates[1:]))
+    assert rates[0] > 0.9e-3 and rates[-1] < 0.2e-3  # from the base rate to near the floor (0.1 of it)
+    schedule = trainer.lr_scheduler_configs[0].scheduler
+    torch.save(schedule.state_dict(), tmp_path / "schedule.pt")  # a checkpoint holds no clock
+    assert torch.load(tmp_path / "schedule.pt", weights_only=True)["horizon"] == "cpu_budget"
+
+
+def test_a_cosine_over_the_cpu_budget_without_one_is_a_clear_error():
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    with pytest.raises(ValueError, match="needs a CpuTimeBudget"):
+        trainer.fit(
+            TinyRegression("cpu_budget"), torch.utils.data.DataLoader(torch.randn(16, 4), batch_size=8)
+        )
+    with pytest.raises(ValueError, match="horizon must be"):
+        WarmupCosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), horizon="wall")
+
+
 def test_save_and_load_pretrained_roundtrip(tmp_path):
     module = tiny_module()
     video = torch.rand(2, 1, 3, 8, 8) * 2 - 1
