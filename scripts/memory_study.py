@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,11 +92,18 @@ def committed_memory_package() -> tuple[str, dict]:
     working tree then train the code of one commit, never someone's half-made edit."""
     commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     snapshot = Path("/tmp/memory-study-src") / commit
-    if not snapshot.exists():
-        snapshot.mkdir(parents=True)
+    if (
+        not snapshot.exists()
+    ):  # extracted aside, then renamed: two runs starting at once never share a half-made one
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=f".{commit}-"))
         archive = subprocess.run(["git", "archive", commit, "packages/memory/src"], cwd=ROOT, check=True,
                                  capture_output=True).stdout  # fmt: skip
-        subprocess.run(["tar", "-x", "-C", str(snapshot)], input=archive, check=True)
+        subprocess.run(["tar", "-x", "-C", str(staging)], input=archive, check=True)
+        try:
+            staging.rename(snapshot)
+        except OSError:  # another run got there first with the same commit's files
+            shutil.rmtree(staging)
     env = dict(os.environ, PYTHONPATH=str(snapshot / "packages/memory/src"))
     return commit, env
 
