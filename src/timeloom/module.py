@@ -224,6 +224,17 @@ class TimeloomModule(pl.LightningModule):
         return parser.instantiate(parser.parse_object({"module": init_args})).module
 
 
+def checkpoint_state_dict(path: str | Path, argument: str) -> dict[str, torch.Tensor]:
+    """The weights of the Lightning checkpoint at ``path``, which the init ``argument`` named (for the errors):
+    a missing file or a file without a ``state_dict`` fails here, before any weight is copied."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{argument}: no checkpoint at {path} (train that stage first)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{argument}: {path} is not a Lightning checkpoint (it has no state_dict)")
+    return checkpoint["state_dict"]
+
+
 class StateDictMismatchError(ValueError):
     """Saved weights do not fit the module they are loaded into; the message names every disagreeing key."""
 

@@ -17,13 +17,12 @@ context. Temporal RoPE depends only on frame differences, so window positions re
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from timeloom.module import TimeloomModule, load_state_dict_checked
+from timeloom.module import TimeloomModule, checkpoint_state_dict, load_state_dict_checked
 from timeloom_generation.codec import PixelCodec, TokenizerCodec
 from timeloom_generation.diffusion import noise_to, sample_levels, velocity_target
 from timeloom_generation.model import CausalSTDiT, CausalSTDiTConfig
@@ -127,10 +126,7 @@ class CausalVDM(TimeloomModule):
 
     def load_weights_of(self, path: str) -> None:
         """This module's weights from the checkpoint at ``path`` (same sizes, or an error naming the keys)."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"init_weights: no checkpoint at {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        load_state_dict_checked(self, checkpoint["state_dict"], source=path)
+        load_state_dict_checked(self, checkpoint_state_dict(path, "init_weights"), source=path)
 
     @property
     def clip_frames(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from timeloom.module import TimeloomModule, load_state_dict_checked
+from timeloom.module import TimeloomModule, checkpoint_state_dict, load_state_dict_checked
 from timeloom_memory.tasks import IGNORE
 from timeloom_memory.titans import TitansConfig, TitansLM
 
@@ -51,12 +51,7 @@ class MemoryLMModule(TimeloomModule):
     def load_initial_weights(self, path: str | Path) -> None:
         """Copy every weight of the checkpoint at ``path`` into this module (they must match exactly: a
         `StateDictMismatchError` names the keys that do not)."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"init_from: no checkpoint at {path} (train the earlier stage first)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" not in checkpoint:
-            raise ValueError(f"init_from: {path} is not a Lightning checkpoint (it has no state_dict)")
-        load_state_dict_checked(self, checkpoint["state_dict"], f"init_from {path}")
+        load_state_dict_checked(self, checkpoint_state_dict(path, "init_from"), f"init_from {path}")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)[0]

@@ -25,7 +25,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from timeloom.module import TimeloomModule
+from timeloom.module import TimeloomModule, checkpoint_state_dict
 from timeloom_tokenizer.inflate import DiscriminatorSlot, InflationStrategy, transfer_state
 from timeloom_tokenizer.losses import TokenizerLoss
 from timeloom_tokenizer.model import OmniTokenizer, OmniTokenizerConfig
@@ -129,14 +129,9 @@ class OmniTokenizerModule(TimeloomModule):
         Returns the checkpoint's keys that this module does not use; raises `KeyError` naming every weight
         the checkpoint cannot fill.
         """
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"init_from: no checkpoint at {path} (train the previous stage first)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" not in checkpoint:
-            raise ValueError(f"init_from: {path} is not a Lightning checkpoint (it has no state_dict)")
         try:
             state, unused = transfer_state(
-                checkpoint["state_dict"],
+                checkpoint_state_dict(path, "init_from"),
                 self.state_dict(),
                 channels=self.config.channels,
                 patch=self.config.patch,
