@@ -382,7 +382,7 @@ def _direction_features(module: VideoLLMModule, items: list[dict]) -> dict[str, 
     batch = module.collate(items)
     video = batch["video"]
     features, grid = model.encode_frames(video)
-    tokens, _ = model.projector(features, grid)
+    tokens, _ = model.project(features, grid)
     hidden, layout, labels = model.hidden_states(batch)
     supervised = labels[:, 1:] != -100
     rows = [torch.nonzero(supervised[b]).flatten() for b in range(len(items))]
@@ -390,7 +390,10 @@ def _direction_features(module: VideoLLMModule, items: list[dict]) -> dict[str, 
     deciding = torch.stack([hidden[b, r[-n]] for b, (r, n) in enumerate(zip(rows, last_reply))])
     visual = torch.stack([hidden[b][layout.visual[b]] for b in range(len(items))])
     return {
-        "attention": _ccam_attention_on_digits(model, items, features),
+        # the main projector's attention, on the channels it reads (all of them unless a side projector)
+        "attention": _ccam_attention_on_digits(
+            model, items, features[..., : model.projector.frames_in.in_features]
+        ),
         "encoder (frames 1, T)": features[:, [0, -1]].flatten(1),
         "projector (visual tokens)": tokens.flatten(1),
         "LLM at visual tokens": visual.flatten(1),

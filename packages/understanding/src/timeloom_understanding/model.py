@@ -23,11 +23,13 @@ from timeloom_understanding.encoders import TimmEncoder, vit_options
 from timeloom_understanding.hf_backbone import LLMConfig, build_causal_lm, decoder_hidden_states, new_cache
 from timeloom_understanding.layouts import ASSISTANT, LayoutBuilder, TokenLayout, make_structure
 from timeloom_understanding.pine import OptionSpans, pine_hidden_states
-from timeloom_understanding.projectors import make_projector
+from timeloom_understanding.projectors import make_projector, zero_output_layer
 from timeloom_understanding.text import IGNORE_INDEX, MEDIA_PLACEHOLDERS, TextTokenizer
 from timeloom_understanding.time_tokens import TimedAnswer, render
 
-__all__ = ["VideoLLM", "VideoLLMConfig"]
+__all__ = ["SIDE_JOINS", "VideoLLM", "VideoLLMConfig"]
+
+SIDE_JOINS = ("channels", "projector")
 
 
 @dataclass
@@ -36,9 +38,15 @@ class VideoLLMConfig:
 
     Args:
         encoder: `TimmEncoder` arguments (a timm ViT name plus overrides; random init).
-        side_encoder: a second encoder's arguments, or None. Its tokens join the encoder's channel-wise, both
-            average-pooled to the coarser of their grids, so a frozen pretrained encoder (what the digits are)
-            can sit beside one that learns with the LLM (where they are and how they move).
+        side_encoder: a second encoder's arguments, or None. Its tokens and the encoder's are average-pooled to
+            the coarser of their grids, so a frozen pretrained encoder (what the digits are) can sit beside one
+            that learns with the LLM (where they are and how they move).
+        side_join: how the side encoder's tokens reach the LLM. ``channels``: joined to the encoder's
+            channel-wise, into one projector. ``projector``: through a projector of their own (the same kind and
+            options, so the same tokens and `VisualTokens`), whose tokens are added to the main projector's;
+            its output layer starts at zero, so a one-encoder model widened with a fresh side path computes
+            the same function until the side path learns (digit tokens cannot crowd the main projector's
+            attention, where stop 14 lost the direction).
         projector: ``mlp``, ``ccam``, ``slowfast`` or ``memory`` (a window of recent frames plus a neural
             memory of the earlier ones); ``projector_options`` go to its constructor.
         llm: the language model.
@@ -52,6 +60,7 @@ class VideoLLMConfig:
         default_factory=lambda: vit_options(patch_size=4, embed_dim=64, depth=2, num_heads=4)
     )
     side_encoder: dict[str, Any] | None = None
+    side_join: str = "channels"
     projector: str = "mlp"
     projector_options: dict[str, Any] = field(default_factory=dict)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -70,7 +79,17 @@ class VideoLLM(nn.Module):
         self.side_encoder = TimmEncoder(**config.side_encoder) if config.side_encoder else None
         self.llm = build_causal_lm(config.llm, self.tokenizer.vocab_size)
         hidden = self.llm.get_input_embeddings().embedding_dim
-        width = sum(encoder.width for encoder in self.encoders)
+        if config.side_join not in SIDE_JOINS:
+            raise ValueError(f"side_join must be one of {SIDE_JOINS}; got {config.side_join!r}")
+        self.side_projector = None
+        if self.side_encoder is not None and config.side_join == "projector":
+            width = self.encoder.width
+            self.side_projector = make_projector(
+                config.projector, self.side_encoder.width, hidden, **config.projector_options
+            )
+            zero_output_layer(self.side_projector)
+        else:
+            width = sum(encoder.width for encoder in self.encoders)
         self.projector = make_projector(config.projector, width, hidden, **config.projector_options)
         self.structure = make_structure(config.structure, **config.structure_options)
         self.media_ids = torch.tensor([self.tokenizer.id(p) for p in MEDIA_PLACEHOLDERS])
@@ -90,9 +109,18 @@ class VideoLLM(nn.Module):
         grid = min(g for _, g in outputs)
         return torch.cat([_pool_grid(f, g, grid) for f, g in outputs], dim=-1), grid
 
+    def project(self, features: Tensor, grid: tuple[int, int]):
+        """Frame tokens from `encode_frames` → visual tokens ``(N, N_v, D)`` and their `VisualTokens`
+        description; with a side projector, its tokens (from the side encoder's channels) are added."""
+        if self.side_projector is None:
+            return self.projector(features, grid)
+        main, side = features.split([self.encoder.width, self.side_encoder.width], dim=-1)
+        tokens, visual = self.projector(main, grid)
+        return tokens + self.side_projector(side, grid)[0], visual
+
     def encode_media(self, video: Tensor):
         """``(N, C, T, H, W)`` → visual tokens ``(N, N_v, D)`` and their `VisualTokens` description."""
-        return self.projector(*self.encode_frames(video))
+        return self.project(*self.encode_frames(video))
 
     def build_inputs(self, batch: dict[str, Any], side: str = "right") -> tuple[Tensor, TokenLayout, Tensor]:
         """Splice visual tokens into the text: ``inputs_embeds (B, L, D)``, the layout, ``labels (B, L)``."""

@@ -7,7 +7,9 @@ names the parameters that learn (``fnmatch`` patterns over parameter names; the 
 ``init_from`` starts from a `save_pretrained` folder or a Lightning checkpoint, e.g. stage 2 from stage 1;
 ``llm_init`` takes only the LLM from one, e.g. from a text stage (`TemporalQA(control="text")`), as real
 video-LLMs start from a pretrained LLM, and ``encoder_init`` only the vision encoder, e.g. from the digit
-pretraining stage (`DigitPatchModule`), as they start from a pretrained vision encoder.
+pretraining stage (`DigitPatchModule`), as they start from a pretrained vision encoder; ``side_encoder_init``
+does the same for the side encoder. ``init_from`` may also widen a one-encoder checkpoint with a fresh side path
+(`VideoLLMConfig.side_join` ``projector``, whose zeroed output keeps the checkpoint's function at step 0).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from safetensors.torch import load_file
 
-from timeloom.module import TimeloomModule, default_optimizer, default_scheduler, load_state_dict_checked
+from timeloom.module import (
+    TimeloomModule,
+    checkpoint_state_dict,
+    default_optimizer,
+    default_scheduler,
+    load_state_dict_checked,
+)
 from timeloom_understanding.data import ConversationCollator, flatten_groups
 from timeloom_understanding.model import VideoLLM, VideoLLMConfig
 
@@ -46,10 +54,13 @@ class VideoLLMModule(TimeloomModule):
             text stage; the encoder and projector keep their fresh initialisation. Not with ``init_from``.
         encoder_init: the vision encoder's weights (only its ``encoder.`` parameters) from such a folder or
             checkpoint, or from a `DigitPatchModule` checkpoint (stage 0). Not with ``init_from``.
+        side_encoder_init: the side encoder's weights, from the ``encoder.`` parameters of such a source.
+            With ``init_from`` only when that checkpoint has no side path: its side keys are then the only
+            ones allowed missing, and the side projector keeps its zeroed output.
         frames, height, width: the media size, for the visual-token count of the context check.
     """
 
-    starting_weights = ("init_from", "llm_init", "encoder_init")
+    starting_weights = ("init_from", "llm_init", "encoder_init", "side_encoder_init")
 
     def __init__(
         self,
@@ -59,6 +70,7 @@ class VideoLLMModule(TimeloomModule):
         init_from: str | None = None,
         llm_init: str | None = None,
         encoder_init: str | None = None,
+        side_encoder_init: str | None = None,
         frames: int = 8,
         height: int = 32,
         width: int = 32,
@@ -73,11 +85,19 @@ class VideoLLMModule(TimeloomModule):
             raise ValueError(
                 f"give init_from ({init_from}) or llm_init/encoder_init ({llm_init}, {encoder_init}), not both"
             )
+        if side_encoder_init and self.model.side_encoder is None:
+            raise ValueError(
+                f"side_encoder_init {side_encoder_init} given, but the config has no side_encoder"
+            )
         if init_from:
-            load_state_dict_checked(self.model, _stage_weights(Path(init_from)), source=init_from)
-        for part, source in (("llm", llm_init), ("encoder", encoder_init)):
+            _load_widened(self.model, init_from, side_encoder_init)
+        for target, source in (
+            ("llm", llm_init),
+            ("encoder", encoder_init),
+            ("side_encoder", side_encoder_init),
+        ):
             if source:
-                _load_part(getattr(self.model, part), part, source)
+                _load_part(getattr(self.model, target), target, source)
         if trainable is not None:
             names = [name for name, _ in self.model.named_parameters()]
             unmatched = [p for p in trainable if not any(fnmatch(name, p) for name in names)]
@@ -129,12 +149,31 @@ class VideoLLMModule(TimeloomModule):
             self.log(f"{split}/accuracy/{aspect}", decided[rows].mean(), batch_size=count)
 
 
+SIDE_PATH = ("side_encoder.", "side_projector.")
+
+
+def _load_widened(model: VideoLLM, source: str, side_encoder_init: str | None) -> None:
+    """Load ``init_from`` strictly; a checkpoint without a side path may start a model with one: then exactly
+    the side keys may be missing, and they keep the model's fresh weights (the side projector's zeroed output)."""
+    weights = _stage_weights(Path(source), "init_from")
+    has_side = any(name.startswith(SIDE_PATH) for name in weights)
+    if side_encoder_init and has_side:
+        raise ValueError(
+            f"init_from {source} holds a side path already; side_encoder_init {side_encoder_init} would overwrite it"
+        )
+    if not has_side and model.side_projector is not None:
+        fresh_side = {k: v for k, v in model.state_dict().items() if k.startswith(SIDE_PATH)}
+        weights = {**weights, **fresh_side}
+    load_state_dict_checked(model, weights, source=source)
+
+
 def _load_part(target: torch.nn.Module, part: str, source: str) -> None:
-    """Load only the ``{part}.*`` weights of a checkpoint or `save_pretrained` folder into ``target``."""
-    prefix = f"{part}."
+    """Load the ``encoder.*`` weights (for the side encoder too) or the ``{part}.*`` ones of a checkpoint or
+    `save_pretrained` folder into ``target``."""
+    prefix = "encoder." if part == "side_encoder" else f"{part}."
     weights = {
         name.removeprefix(prefix): value
-        for name, value in _stage_weights(Path(source)).items()
+        for name, value in _stage_weights(Path(source), f"{part}_init").items()
         if name.startswith(prefix)
     }
     if not weights:
@@ -142,9 +181,9 @@ def _load_part(target: torch.nn.Module, part: str, source: str) -> None:
     load_state_dict_checked(target, weights, source=source)
 
 
-def _stage_weights(path: Path) -> dict[str, torch.Tensor]:
+def _stage_weights(path: Path, argument: str) -> dict[str, torch.Tensor]:
     """The `VideoLLM` weights in a `save_pretrained` folder or in a Lightning checkpoint of this module."""
     if path.is_dir():
         return load_file(path / "model.safetensors")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = checkpoint_state_dict(path, argument)
     return {name.removeprefix("model."): value for name, value in state.items() if name.startswith("model.")}

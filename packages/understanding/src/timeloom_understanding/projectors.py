@@ -27,7 +27,14 @@ from timeloom_understanding.layouts import (
     ccam_query_mask,
 )
 
-__all__ = ["PROJECTORS", "CCAMProjector", "MLPProjector", "SlowFastProjector", "make_projector"]
+__all__ = [
+    "PROJECTORS",
+    "CCAMProjector",
+    "MLPProjector",
+    "SlowFastProjector",
+    "make_projector",
+    "zero_output_layer",
+]
 
 
 class MLPProjector(nn.Module):
@@ -39,6 +46,10 @@ class MLPProjector(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(in_dim, hidden or out_dim), nn.GELU(), nn.Linear(hidden or out_dim, out_dim)
         )
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.net[-1]
 
     def num_tokens(self, frames: int, grid: tuple[int, int]) -> int:
         return frames * (grid[0] // self.pool) * (grid[1] // self.pool)
@@ -134,6 +145,10 @@ class CCAMProjector(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, out_dim)
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.out
+
     def num_tokens(self, frames: int, grid: tuple[int, int]) -> int:
         return self.num_queries
 
@@ -171,6 +186,10 @@ class SlowFastProjector(nn.Module):
     def slow_indices(self, frames: int) -> Tensor:
         count = min(self.slow_frames, frames)
         return torch.linspace(0, frames - 1, count).round().long()
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.net[-1]
 
     def num_tokens(self, frames: int, grid: tuple[int, int]) -> int:
         return frames + len(self.slow_indices(frames)) * (grid[0] // self.pool) * (grid[1] // self.pool)
@@ -213,3 +232,14 @@ def make_projector(name: str, in_dim: int, out_dim: int, **options) -> nn.Module
     if name not in PROJECTORS:
         raise ValueError(f"unknown projector {name!r}; choose one of {sorted([*PROJECTORS, 'memory'])}")
     return PROJECTORS[name](in_dim, out_dim, **options)
+
+
+def zero_output_layer(projector: nn.Module) -> None:
+    """Zero the projector's last linear layer: its tokens start at zero, so a projector added beside another
+    changes nothing until it learns (the gradient reaches that layer's weight at once)."""
+    if not hasattr(projector, "output_layer"):
+        raise ValueError(
+            f"{type(projector).__name__} has no single output layer to zero; use mlp, ccam or slowfast"
+        )
+    nn.init.zeros_(projector.output_layer.weight)
+    nn.init.zeros_(projector.output_layer.bias)

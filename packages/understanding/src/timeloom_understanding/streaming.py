@@ -125,7 +125,7 @@ class OnlineStream:
         if self.grid not in (None, grid):
             raise ValueError(f"frames on a {grid} token grid after frames on {self.grid}")
         if self.reuse_cache:  # per-frame projector: this chunk's tokens, renumbered after the earlier frames
-            tokens, visual = self.model.projector(features, grid)
+            tokens, visual = self.model.project(features, grid)
             visual = VisualTokens(visual.kind, visual.frame + self.frames, visual.row, visual.col)
             self._extend(tokens, LayoutBuilder().media(visual, USER, 0).build())
         self.features.append(features)
@@ -219,7 +219,7 @@ class OnlineStream:
         """The projector on the visible frames; the memory projector writes only frames not yet written."""
         projector = self.model.projector
         if not isinstance(projector, MemoryProjector):
-            return projector(features, self.grid)
+            return self.model.project(features, self.grid)
         past = max(features.shape[1] - projector.window_frames, 0)
         if self.memory is not None and self.memory.written > past:  # asked about an earlier time: start over
             stream = projector.write_past(features[:, :past], self.grid, None)
