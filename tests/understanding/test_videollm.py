@@ -122,6 +122,36 @@ def test_side_encoder_tokens_join_the_pooled_encoder_tokens():
         VideoLLM(odd).encode_frames(torch.randn(1, 1, 1, 96, 96))
 
 
+def test_a_side_projector_adds_its_tokens_and_starts_at_zero():
+    torch.manual_seed(0)
+    fine = vit_options(patch_size=4, embed_dim=16, num_heads=2)  # an 8x8 grid, pooled to ENCODER's 4x4
+    config = VideoLLMConfig(
+        encoder=ENCODER,
+        side_encoder=fine,
+        side_join="projector",
+        projector="ccam",
+        projector_options={"num_queries": 8, "width": 32},
+        llm=LLMConfig(hidden_size=32, layers=1, heads=2),
+    )
+    model = VideoLLM(config).eval()
+    assert model.projector.frames_in.in_features == 32 and model.side_projector.frames_in.in_features == 16
+    video = torch.randn(2, 1, 4, 32, 32)
+    features, grid = model.encode_frames(video)
+    main_only = model.projector(features[..., :32], grid)
+    tokens, visual = model.encode_media(video)
+    assert torch.equal(tokens, main_only[0])  # the zeroed side output adds exactly nothing
+    for name in ("kind", "frame", "row", "col"):
+        assert torch.equal(getattr(visual, name), getattr(main_only[1], name))
+    torch.nn.init.normal_(model.side_projector.out.weight)
+    side = model.side_projector(features[..., 32:], grid)[0]
+    torch.testing.assert_close(model.encode_media(video)[0], main_only[0] + side)
+    for frames in (2, 4, 8):  # CCAM: as many tokens whatever the frame count, both paths alike
+        tokens, _ = model.encode_media(torch.randn(1, 1, frames, 32, 32))
+        assert tokens.shape[1] == model.visual_tokens_per_media(frames, 32, 32) == 8
+    with pytest.raises(ValueError, match="side_join must be one of"):
+        VideoLLM(VideoLLMConfig(encoder=ENCODER, side_encoder=ENCODER, side_join="sum"))
+
+
 # ---- the HF backbone under our masks ----------------------------------------------------------------------
 def reference_logits(model: VideoLLM, batch: dict, side: str) -> torch.Tensor:
     """A hand-written Llama forward: explicit softmax over our bool mask, RoPE at our positions."""

@@ -21,10 +21,13 @@ CONFIGS = sorted((ROOT / "configs/understanding").glob("*-tiny*.yaml"))
 ENCODER = vit_options()
 
 
-def tiny_module(tie_embeddings: bool = True, **kwargs) -> VideoLLMModule:
+def tiny_module(tie_embeddings: bool = True, side_join: str | None = None, **kwargs) -> VideoLLMModule:
+    """The tiny module; ``side_join`` adds a side encoder (ENCODER's options) joined that way."""
     torch.manual_seed(0)
     config = VideoLLMConfig(
         encoder=ENCODER,
+        side_encoder=ENCODER if side_join else None,
+        side_join=side_join or "channels",
         llm=LLMConfig(hidden_size=32, layers=2, heads=4, tie_embeddings=tie_embeddings),
         structure="tc_llava",
         max_length=256,
@@ -158,6 +161,60 @@ def test_a_video_llm_starts_from_the_pretrained_encoder(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         tiny_module(init_from=str(tmp_path / "vit.ckpt"), encoder_init=str(tmp_path / "vit.ckpt"))
     assert run.hparams["encoder_init"] == str(tmp_path / "vit.ckpt")
+
+
+def test_a_one_encoder_checkpoint_widens_with_a_side_path_that_changes_nothing(tmp_path):
+    narrow = tiny_module()
+    train_two_steps(narrow, narrow.on_before_batch_transfer(items(), 0))
+    torch.save({"state_dict": narrow.state_dict()}, tmp_path / "narrow.ckpt")
+    stage0 = DigitPatchModule(ENCODER)
+    train_two_steps(
+        stage0, {"video": torch.rand(2, 1, 8, 32, 32) * 2 - 1, "targets": torch.randint(11, (2, 8, 16))}
+    )
+    torch.save({"state_dict": stage0.state_dict()}, tmp_path / "vit.ckpt")
+    wide = tiny_module(
+        side_join="projector",
+        init_from=str(tmp_path / "narrow.ckpt"),
+        side_encoder_init=str(tmp_path / "vit.ckpt"),
+    )
+    for name, value in wide.model.state_dict().items():
+        if name.startswith("side_encoder."):
+            expected = stage0.model.state_dict()[name.removeprefix("side_")]
+        elif name.startswith("side_projector."):
+            continue
+        else:
+            expected = narrow.model.state_dict()[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    batch = narrow.on_before_batch_transfer(items(3, seed=9), 0)
+    with torch.no_grad():  # before any step the widened model is the checkpoint's, bit for bit
+        assert torch.equal(wide.eval().model.logits(batch), narrow.eval().model.logits(batch))
+    assert wide.hparams["side_encoder_init"] == str(tmp_path / "vit.ckpt")
+
+
+def test_widening_names_what_else_disagrees(tmp_path):
+    narrow = tiny_module().state_dict()
+    torch.save(
+        {"state_dict": {k: v for k, v in narrow.items() if k != "model.projector.net.2.bias"}},
+        tmp_path / "a.ckpt",
+    )
+    with pytest.raises(StateDictMismatchError, match=r"1 missing keys: projector\.net\.2\.bias$"):
+        tiny_module(side_join="projector", init_from=str(tmp_path / "a.ckpt"))
+    joined = tiny_module(side_join="channels")  # stop 14's vs-full: one projector over both encoders
+    torch.save({"state_dict": joined.state_dict()}, tmp_path / "joined.ckpt")
+    with pytest.raises(
+        StateDictMismatchError, match="missing keys: side_projector.*shape mismatches: projector"
+    ):
+        tiny_module(side_join="projector", init_from=str(tmp_path / "joined.ckpt"))
+    with pytest.raises(ValueError, match="holds a side path already"):
+        tiny_module(
+            side_join="channels",
+            init_from=str(tmp_path / "joined.ckpt"),
+            side_encoder_init=str(tmp_path / "a.ckpt"),
+        )
+    with pytest.raises(ValueError, match="the config has no side_encoder"):
+        tiny_module(side_encoder_init=str(tmp_path / "a.ckpt"))
+    with pytest.raises(FileNotFoundError, match="side_encoder_init: no checkpoint at"):
+        tiny_module(side_join="projector", side_encoder_init=str(tmp_path / "gone.ckpt"))
 
 
 def test_a_run_reloads_without_its_starting_weights(tmp_path):
