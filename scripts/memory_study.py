@@ -37,6 +37,7 @@ MODELS = {
     "titans-mac": "titans-mac-tiny.yaml",
     "titans-mag": "titans-mag-tiny.yaml",
     "titans-mal": "titans-mal-tiny.yaml",
+    "titans-lmm": "titans-lmm-tiny.yaml",
 }
 # MQAR settings, grown from the issue's start (seq 64 / 4 pairs / vocab 256) to Zoology's seq 256 / 16 pairs
 # (vocab 512 there: MQAR needs vocab > seq).
@@ -219,6 +220,31 @@ def mqar(
     flags += ["--data.init_args.train_length=65536", "--trainer.val_check_interval=64", *extra]
     name = f"{model}-{setting}" + (f"-{tag}" if tag else "")
     fit(MODELS[model], RUNS / "mqar" / name, flags, minutes)
+
+
+def mqar_curriculum(
+    model: str, stage1_minutes: float, total_minutes: float, tag: str, extra: list[str]
+) -> None:
+    """§1.0's recipe in one call: seq 64 / 4 pairs (vocab 512) alone until 0.99 or ``stage1_minutes``, then
+    the 64/128/256 mixture from its weights, the rate decaying to 0 over the CPU-minutes left of
+    ``total_minutes`` (both stages share the budget). ``extra`` flags (e.g. a model option) go to both stages;
+    the runs are ``<model>-s64-<tag>-stage1`` and ``<model>-s256-<tag>``."""
+    first = f"{tag}-stage1"
+    mqar(
+        model, "s64", stage1_minutes, [], None, False, "", first, ["--data.init_args.vocab_size=512", *extra]
+    )
+    used = json.loads((RUNS / "mqar" / f"{model}-s64-{first}" / "summary.json").read_text())["cpu_minutes"]
+    mqar(
+        model,
+        "s256",
+        round(total_minutes - used, 2),
+        ["s64", "s128"],
+        None,
+        True,
+        f"{model}-s64-{first}",
+        tag,
+        extra,
+    )
 
 
 def video(model: str, minutes: float, extra: list[str]) -> None:
@@ -479,6 +505,15 @@ def main(argv: list[str] | None = None) -> None:
         "--init-from", default="", help="an earlier MQAR run (its name) whose weights start this one"
     )
     run.add_argument("--tag", default="", help="run name suffix (a probe, a curriculum stage)")
+    run = commands.add_parser("mqar-curriculum", help="§1.0's two stages (seq 64 alone, then the mixture)")
+    run.add_argument("model", choices=MODELS)
+    run.add_argument(
+        "--stage1-minutes", type=float, required=True, help="CPU-minutes at most for seq 64 alone"
+    )
+    run.add_argument(
+        "--minutes", type=float, default=30.0, help="CPU-minutes of both stages (the issue's 30)"
+    )
+    run.add_argument("--tag", required=True, help="run name part (a recipe or model variant)")
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
@@ -505,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
             args.tag,
             extra,
         )
+    elif args.command == "mqar-curriculum":
+        mqar_curriculum(args.model, args.stage1_minutes, args.minutes, args.tag, extra)
     elif args.command == "sniah":
         sniah(args.model, args.minutes, extra)
     elif args.command == "sniah-curriculum":

@@ -140,3 +140,28 @@ def test_memory_layers_pick_which_blocks_remember():
         model("mag", memory_layers=[5])
     with pytest.raises(ValueError, match="divide segment"):
         model("mac", segment=6)
+
+
+@pytest.mark.parametrize("block", ["mac", "mag"])
+def test_the_gate_can_put_the_sigmoid_on_the_attention_branch(block):
+    """``gate_sigmoid_on="attention"``: ``W_O(σ(norm y) ⊙ norm m)``, so the memory's readout passes linearly."""
+    m = model(block, gate_sigmoid_on="attention")
+    gate = m.blocks[0].gate
+    y, mem = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    expected = gate.out(torch.sigmoid(gate.norm_y(y)) * gate.norm_m(mem))
+    torch.testing.assert_close(gate(y, mem), expected, atol=1e-12, rtol=0)
+    ids = tokens(length=32)
+    with torch.no_grad():
+        whole, _ = m(ids)
+        states, pieces = None, []
+        for start, end in [(0, 8), (8, 16), (16, 32)]:
+            logits, states = m(ids[:, start:end], states)
+            pieces.append(logits)
+        default, _ = model(block)(ids)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=0)
+    assert (whole - default).abs().max() > 1e-6  # the option changes the model
+
+
+def test_an_unknown_gate_branch_is_a_clear_error():
+    with pytest.raises(ValueError, match="gate_sigmoid_on"):
+        model("mag", gate_sigmoid_on="both")

@@ -95,6 +95,35 @@ def test_the_three_kernels_agree_on_momentum(chunk_size):
         assert any(s.abs().max() > 1e-3 for s in states["dual"].momentum)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 8])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("read", ["after", "before"])
+def test_without_momentum_the_kernels_equal_the_definition(chunk_size, depth, read):
+    """``momentum=False`` (η = 0): the dual kernel skips the surprise terms; outputs, weights and the surprise
+    ``S_n = −θ_n u_n`` still equal the scan, the sequential kernel and the token loop, also in pieces."""
+    x = inputs(length=13)
+    results = {}
+    for update in ("dual", "scan", "sequential"):
+        m = memory(chunk_size=chunk_size, depth=depth, read=read, update=update, momentum=False)
+        with torch.no_grad():
+            y, state = raw_readout(m, x)
+            pieces, streamed = [], None
+            for piece in x.split(5, dim=1):  # pieces across chunk boundaries, with a pending tail
+                out, streamed = m(piece, streamed)
+                pieces.append(out)
+            whole, _ = m(x)
+        torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=TOL, rtol=0)
+        results[update] = (y, m.current_weights(state), state.momentum)
+    expected_y, expected_w = token_by_token(m, x)
+    for y, weights, surprise in results.values():
+        torch.testing.assert_close(y, expected_y, atol=TOL, rtol=0)
+        for got, want in zip(weights, expected_w):
+            torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+        for got, want in zip(surprise, results["sequential"][2]):
+            torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    assert any(s.abs().max() > 1e-3 for s in results["dual"][2])
+
+
 def test_linear_scan_equals_the_loop():
     a, x, h0 = torch.rand(2, 11, dtype=torch.float64), torch.randn(2, 11, 3, 4, dtype=torch.float64), None
     h0 = torch.randn(2, 3, 4, dtype=torch.float64)

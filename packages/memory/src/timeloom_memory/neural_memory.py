@@ -56,6 +56,8 @@ class NeuralMemoryConfig:
         conv_kernel: causal depthwise convolution after the q/k/v projections (0 turns it off).
         update: chunk kernel, see the module docstring.
         surprise_clip: clip each token's gradient to this Frobenius norm (None: no clip).
+        momentum: False fixes η = 0 (``S_t = −θ_t u_t``: plain gradient steps; with ``depth=1`` the gated delta
+            rule, Titans App. C); the chunk kernels then skip the surprise terms, which are zero.
         eta_bias, alpha_bias: initial gate biases (η ≈ 0.88 and α ≈ 0.018 at start).
     """
 
@@ -70,6 +72,7 @@ class NeuralMemoryConfig:
     conv_kernel: int = 4
     update: Literal["dual", "scan", "sequential"] = "dual"
     surprise_clip: float | None = None
+    momentum: bool = True
     eta_bias: float = 2.0
     alpha_bias: float = -4.0
 
@@ -334,19 +337,21 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, read: str = "after") -
 
 
 def dual_chunk(
-    weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None, coefficients=None
-) -> ChunkResult:
+    weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None, coefficients=None,
+    with_momentum=True,
+) -> ChunkResult:  # fmt: skip
     """The chunk in matmuls, no per-token weights (spec §2.3 "dual").
 
     Layer ``l``'s output at token ``i`` is ``D_{i,0} W' z_i + c_i S' z_i − Σ_j C_{i,j} θ_j δ_j (ẑ_j·z_i)``:
     a masked n×n product, like attention. ``coefficients`` (`chunk_coefficients` of this chunk's gates) may
     come precomputed: they depend on the gates alone, so a call computes them for all its chunks at once.
+    ``with_momentum=False`` (η = 0, so ``c = 0`` and ``S_n = −θ_n u_n``) skips the terms of ``S'``.
     """
     inputs, deltas = inner_gradients(weights, k, v)
     theta = clipped_theta(theta, inputs, deltas, surprise_clip)
     co = coefficients if coefficients is not None else chunk_coefficients(log_eta, log_keep, read)
     mix = co.read_C * theta.unsqueeze(-2)  # (B, H, n, n): C_{i,j} θ_j
-    d0, c = co.read_d0.unsqueeze(-1), co.read_c.unsqueeze(-1)
+    d0, c = co.read_d0.unsqueeze(-1), co.read_c.unsqueeze(-1) if with_momentum else None
     z = q
     for i, (w, s) in enumerate(zip(weights, momentum)):
         a = _minus_matmul(_decayed_read(z, w, s, d0, c), mix * (z @ inputs[i].mT), deltas[i])
@@ -355,9 +360,19 @@ def dual_chunk(
     w_coef, s_coef = (co.end_C * theta).unsqueeze(-1), (co.end_E * theta).unsqueeze(-1)
     # Σ_j coef_j δ_j ẑ_jᵀ = Δᵀ diag(coef) Ẑ (Eq. 17 as one matmul), subtracted inside the same call.
     end_w = [
-        _minus_matmul(torch.addcmul(end_d0 * w, end_c, s), *_weighted_outer(dl, zl, w_coef))
+        _minus_matmul(
+            torch.addcmul(end_d0 * w, end_c, s) if with_momentum else end_d0 * w,
+            *_weighted_outer(dl, zl, w_coef),
+        )
         for w, s, dl, zl in zip(weights, momentum, deltas, inputs)
     ]
+    if not with_momentum:  # S_n = −θ_n u_n: the last token's rank-1 step
+        last = theta[..., -1, None, None]
+        return (
+            z,
+            end_w,
+            [-(last * dl[..., -1, :, None]) * zl[..., -1, None, :] for dl, zl in zip(deltas, inputs)],
+        )
     end_s = [
         _minus_matmul(end_e0 * s, *_weighted_outer(dl, zl, s_coef))
         for s, dl, zl in zip(momentum, deltas, inputs)
@@ -372,12 +387,15 @@ def _weighted_outer(delta: Tensor, z: Tensor, coef: Tensor) -> tuple[Tensor, Ten
     return delta.mT, z * coef
 
 
-def _decayed_read(z: Tensor, w: Tensor, s: Tensor, d0: Tensor, c: Tensor) -> Tensor:
-    """``d0_i W' z_i + c_i S' z_i`` for every row ``i`` of ``z``, scaling the narrower side of the product.
+def _decayed_read(z: Tensor, w: Tensor, s: Tensor, d0: Tensor, c: Tensor | None) -> Tensor:
+    """``d0_i W' z_i + c_i S' z_i`` for every row ``i`` of ``z``, scaling the narrower side of the product
+    (``c = None``: no momentum, the first term alone).
 
     The row factors commute with the matmul, so a layer that widens (in < out) scales its inputs and adds
     the second product inside the first's call: no elementwise pass over its wide output.
     """
+    if c is None:
+        return (d0 * z) @ w.mT if w.shape[-1] < w.shape[-2] else d0 * (z @ w.mT)
     if w.shape[-1] < w.shape[-2]:
         return _add_matmul((d0 * z) @ w.mT, c * z, s.mT)
     return torch.addcmul(d0 * (z @ w.mT), c, z @ s.mT)
@@ -463,6 +481,9 @@ def sequential_chunk(
             outputs.append(mlp_forward(w, q[:, :, t : t + 1]))
     return torch.cat(outputs, dim=2), w, s
 
+
+# log η without momentum (`NeuralMemoryConfig.momentum=False`)
+NO_MOMENTUM = -1e4
 
 CHUNK_KERNELS = {"dual": dual_chunk, "scan": scan_chunk, "sequential": sequential_chunk}
 
@@ -562,7 +583,9 @@ class NeuralMemory(nn.Module):
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """θ, log η, log(1 − α), each ``(B, H, L)``, in log space so long products stay finite."""
         g = self.to_gates(x).view(x.shape[0], x.shape[1], 3, self.config.heads).permute(2, 0, 3, 1)
-        return self.config.theta_max * torch.sigmoid(g[0]), F.logsigmoid(g[1]), F.logsigmoid(-g[2])
+        # without momentum log η = −1e4: exp is exactly 0, and cumulative sums stay finite (no −inf − −inf)
+        log_eta = F.logsigmoid(g[1]) if self.config.momentum else torch.full_like(g[1], NO_MOMENTUM)
+        return self.config.theta_max * torch.sigmoid(g[0]), log_eta, F.logsigmoid(-g[2])
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         """``W_O(RMSNorm(y) ⊙ SiLU(x W_G))``, heads concatenated (Gated DeltaNet's output gate)."""
@@ -614,7 +637,7 @@ class NeuralMemory(nn.Module):
                 coefficients = [co if co is None else ChunkCoefficients(*co) for co in coefficients]
             weights, momentum, outputs = state.weights, state.momentum, []
             for *chunk, co in zip(*pieces, coefficients):
-                extra = {"coefficients": co} if co is not None else {}
+                extra = {} if c.update != "dual" else {"coefficients": co, "with_momentum": c.momentum}
                 y, end_w, end_s = kernel(
                     weights, momentum, *chunk, read=c.read, surprise_clip=c.surprise_clip, **extra
                 )
@@ -647,6 +670,7 @@ class NeuralMemory(nn.Module):
         _, weights, _ = dual_chunk(
             p.weights, p.momentum, p.pending_k, p.pending_k, p.pending_v,
             p.pending_theta, p.pending_log_eta, p.pending_log_keep, surprise_clip=self.config.surprise_clip,
+            with_momentum=self.config.momentum,
         )  # fmt: skip
         return weights
 

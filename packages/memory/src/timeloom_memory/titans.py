@@ -53,6 +53,10 @@ class TitansConfig:
         segment: MAC segment length ``C`` (the memory's chunk size must divide it).
         window: sliding-window length of ``mag``, ``mal``, ``hcam`` and ``swa``.
         hcam_chunk_size, hcam_top_k: HCAM's chunk length ``C`` and chunks read per query ``k``.
+        gate_sigmoid_on: which branch of MAC/MAG's gate ``W_O(norm(y) ⊗ norm(m))`` goes through the sigmoid:
+            ``"memory"`` (``norm(y) ⊙ σ(norm(m))``) or ``"attention"`` (``σ(norm(y)) ⊙ norm(m)``). The paper
+            says only "a non-linearity"; with σ on the memory, a value the window cannot see reaches the
+            output only as a multiplier of the attention's features.
         ffn_mult: SwiGLU hidden width in multiples of ``dim``; 0 = no FFN (Zoology's MQAR harness).
         tie_embeddings: the head reuses the embedding matrix.
         memory: the neural memory's options (its ``dim`` is set to ``dim``).
@@ -69,6 +73,7 @@ class TitansConfig:
     window: int = 32
     hcam_chunk_size: int = 16
     hcam_top_k: int = 4
+    gate_sigmoid_on: Literal["memory", "attention"] = "memory"
     ffn_mult: float = 4.0
     tie_embeddings: bool = True
     memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
@@ -78,6 +83,10 @@ class TitansConfig:
             self.memory = NeuralMemoryConfig(**self.memory)
         if self.block not in BLOCKS:
             raise ValueError(f"TitansConfig.block must be one of {BLOCKS}; got {self.block!r}")
+        if self.gate_sigmoid_on not in ("memory", "attention"):
+            raise ValueError(
+                f"TitansConfig.gate_sigmoid_on must be 'memory' or 'attention'; got {self.gate_sigmoid_on!r}"
+            )
         if self.dim % self.heads:
             raise ValueError(f"TitansConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
         if self.block == "mac" and self.segment % self.memory.chunk_size:
@@ -178,15 +187,18 @@ class Attention(nn.Module):
 
 
 class MemoryGate(nn.Module):
-    """MAC/MAG's output: ``W_O(RMSNorm_a(y) ⊙ σ(RMSNorm_b(m)))`` (σ on the memory branch: our reading)."""
+    """MAC/MAG's output: ``W_O(RMSNorm_a(y) ⊙ σ(RMSNorm_b(m)))``, or with σ on the attention branch
+    ``W_O(σ(RMSNorm_a(y)) ⊙ RMSNorm_b(m))`` (`TitansConfig.gate_sigmoid_on`)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, sigmoid_on: str = "memory"):
         super().__init__()
         self.norm_y, self.norm_m = nn.RMSNorm(dim), nn.RMSNorm(dim)
         self.out = nn.Linear(dim, dim, bias=False)
+        self.sigmoid_on = sigmoid_on
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
-        return self.out(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
+        y, m = self.norm_y(y), self.norm_m(m)
+        return self.out(y * torch.sigmoid(m) if self.sigmoid_on == "memory" else torch.sigmoid(y) * m)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -208,7 +220,7 @@ class Block(nn.Module):
         window = config.window if kind in ("swa", "mag", "mal", "hcam") else None
         self.attention = Attention(d, config.heads, window) if kind != "lmm" else None
         self.memory = NeuralMemory(config.memory) if kind in ("lmm", "mac", "mag", "mal") else None
-        self.gate = MemoryGate(d) if kind in ("mac", "mag") else None
+        self.gate = MemoryGate(d, config.gate_sigmoid_on) if kind in ("mac", "mag") else None
         self.hcam = (
             HCAMAttention(d, config.heads, config.hcam_chunk_size, config.hcam_top_k)
             if kind == "hcam"
