@@ -38,6 +38,7 @@ MODELS = {
     "titans-mag": "titans-mag-tiny.yaml",
     "titans-mal": "titans-mal-tiny.yaml",
     "titans-lmm": "titans-lmm-tiny.yaml",
+    "titans-mag-delta": "titans-mag-delta-tiny.yaml",
 }
 # MQAR settings, grown from the start (seq 64 / 4 pairs / vocab 256) to Zoology's seq 256 / 16 pairs
 # (vocab 512 there: MQAR needs vocab > seq).
@@ -233,7 +234,10 @@ def mqar_curriculum(
     mqar(
         model, "s64", stage1_minutes, [], None, False, "", first, ["--data.init_args.vocab_size=512", *extra]
     )
-    used = json.loads((RUNS / "mqar" / f"{model}-s64-{first}" / "summary.json").read_text())["cpu_minutes"]
+    stage1 = json.loads((RUNS / "mqar" / f"{model}-s64-{first}" / "summary.json").read_text())
+    if stage1["exit_status"] or stage1["cpu_minutes"] is None:
+        raise SystemExit(f"stage 1 of {model} ({tag}) failed (exit {stage1['exit_status']}): no stage 2")
+    used = stage1["cpu_minutes"]
     mqar(
         model,
         "s256",
