@@ -229,7 +229,7 @@ def mqar_curriculum(
     """§1.0's recipe in one call: seq 64 / 4 pairs (vocab 512) alone until 0.99 or ``stage1_minutes``, then
     the 64/128/256 mixture from its weights, the rate decaying to 0 over the CPU-minutes left of
     ``total_minutes`` (both stages share the budget). ``extra`` flags (e.g. a model option) go to both stages;
-    the runs are ``<model>-s64-<tag>-stage1`` and ``<model>-s256-<tag>``."""
+    the runs are ``<model>-s64-<tag>-stage1`` and ``<model>-s256`` (the name `report` plots)."""
     first = f"{tag}-stage1"
     mqar(
         model, "s64", stage1_minutes, [], None, False, "", first, ["--data.init_args.vocab_size=512", *extra]
@@ -246,7 +246,7 @@ def mqar_curriculum(
         None,
         True,
         f"{model}-s64-{first}",
-        tag,
+        "",
         extra,
     )
 
