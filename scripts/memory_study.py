@@ -231,24 +231,14 @@ def mqar_curriculum(
     ``total_minutes`` (both stages share the budget). ``extra`` flags (e.g. a model option) go to both stages;
     the runs are ``<model>-s64-<tag>-stage1`` and ``<model>-s256`` (the name `report` plots)."""
     first = f"{tag}-stage1"
-    mqar(
-        model, "s64", stage1_minutes, [], None, False, "", first, ["--data.init_args.vocab_size=512", *extra]
-    )
+    mqar(model, "s64", stage1_minutes, mix=[], cosine_steps=None, cosine_budget=False, init_from="", tag=first,
+         extra=["--data.init_args.vocab_size=512", *extra])  # fmt: skip
     stage1 = json.loads((RUNS / "mqar" / f"{model}-s64-{first}" / "summary.json").read_text())
     if stage1["exit_status"] or stage1["cpu_minutes"] is None:
         raise SystemExit(f"stage 1 of {model} ({tag}) failed (exit {stage1['exit_status']}): no stage 2")
     used = stage1["cpu_minutes"]
-    mqar(
-        model,
-        "s256",
-        round(total_minutes - used, 2),
-        ["s64", "s128"],
-        None,
-        True,
-        f"{model}-s64-{first}",
-        "",
-        extra,
-    )
+    mqar(model, "s256", round(total_minutes - used, 2), mix=["s64", "s128"], cosine_steps=None, cosine_budget=True,
+         init_from=f"{model}-s64-{first}", tag="", extra=extra)  # fmt: skip
 
 
 def video(model: str, minutes: float, extra: list[str]) -> None:

@@ -458,9 +458,8 @@ def _learn_direction(checkpoint: str, args: argparse.Namespace) -> list[float]:
     torch.manual_seed(0)
     module = VideoLLMModule.from_checkpoint(checkpoint)
     model, size, frames = module.model, module.hparams["height"], module.hparams["frames"]
-    encoders = [
-        *model.encoders
-    ]  # the side encoder's tokens too: one fresh projector reads both, whatever side_join
+    # the side encoder's tokens too: one fresh projector reads both, whatever side_join
+    encoders = [*model.encoders]
     for encoder in encoders:
         encoder.requires_grad_(args.train_encoder)
     width = sum(encoder.width for encoder in encoders)
