@@ -62,7 +62,7 @@ class VideoMemoryConfig:
     Args:
         dim: width of the visual tokens written and of the tokens read.
         tokens_per_frame: visual tokens of one frame: the memory's chunk size ``b``.
-        readout_tokens: learned queries; each read returns this many tokens.
+        readout_tokens: learned queries; each read returns this many tokens (0: only the caller's queries read).
         time_code: add a sinusoidal code of the frame index to the tokens written.
         memory: `NeuralMemoryConfig` options (its ``dim`` and ``chunk_size`` are set from the above).
     """
@@ -77,9 +77,11 @@ class VideoMemoryConfig:
     def __post_init__(self) -> None:
         if isinstance(self.memory, dict):
             self.memory = NeuralMemoryConfig(**{"surprise_clip": 1.0, **self.memory})
-        for name in ("dim", "tokens_per_frame", "readout_tokens"):
+        for name in ("dim", "tokens_per_frame"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VideoMemoryConfig.{name} must be ≥ 1; got {getattr(self, name)}")
+        if self.readout_tokens < 0:
+            raise ValueError(f"VideoMemoryConfig.readout_tokens must be ≥ 0; got {self.readout_tokens}")
         if self.time_code and self.dim % 2:
             raise ValueError(f"VideoMemoryConfig.time_code needs an even dim; got {self.dim}")
         self.memory = replace(self.memory, dim=self.dim, chunk_size=self.tokens_per_frame)
@@ -129,6 +131,8 @@ class VideoMemory(nn.Module):
         batch = state.weights[0].shape[0]
         learned = self.readout_queries.expand(batch, -1, -1)
         x = learned if queries is None else torch.cat([learned, queries.to(learned.dtype)], dim=1)
+        if x.shape[1] == 0:
+            raise ValueError("VideoMemory.read with readout_tokens=0 needs queries")
         return self.memory.retrieve(x, state)
 
     def forward(
@@ -187,14 +191,11 @@ class HCAMVideoMemory(nn.Module):
 
     def read(self, state: HCAMState, queries: Tensor) -> Tensor:
         """One read per query ``(B, Lq, dim)``, over every frame written; the state is not changed."""
-        if queries.shape[1] > self.tokens_per_frame:
-            # the queries sit after the stream: more than a frame of them would complete a chunk of their own
-            raise ValueError(
-                f"HCAMVideoMemory.read takes at most tokens_per_frame ({self.tokens_per_frame}) queries at once; "
-                f"got {queries.shape[1]}"
-            )
-        read, _ = self.hcam(queries.to(state.tokens.dtype), state)
-        return read
+        # The queries sit after the stream, where more than a frame of them would complete a chunk of their own
+        # and later queries would read it: read them in groups of a frame, each query on its own.
+        queries = queries.to(state.tokens.dtype)
+        groups = queries.split(self.tokens_per_frame, dim=1)
+        return torch.cat([self.hcam(group, state)[0] for group in groups], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -215,6 +216,8 @@ class VideoRecallConfig:
         memory_kind: ``titans`` (`VideoMemory`: readout tokens in front of the window) or ``hcam``
             (`HCAMVideoMemory`: each question's read added to its embedding).
         memory: `VideoMemoryConfig` options (``dim`` and ``tokens_per_frame`` are set from the above).
+        question_read: the Titans memory is also read with each question's embedding, and the read is added to
+            it (as HCAM's is); its ``readout_tokens`` (0 allowed) still go in front of the window.
         hcam_top_k: frames an HCAM read attends inside.
         hcam_detach_memory: HCAM's stop-gradient on the stored frames. Off, the questions' reads train the
             frame encoder too; on, only the window's questions do.
@@ -230,6 +233,7 @@ class VideoRecallConfig:
     use_memory: bool = True
     memory_kind: Literal["titans", "hcam"] = "titans"
     memory: VideoMemoryConfig = field(default_factory=VideoMemoryConfig)
+    question_read: bool = False
     hcam_top_k: int = 4
     hcam_detach_memory: bool = True
 
@@ -247,6 +251,12 @@ class VideoRecallConfig:
                 f"VideoRecallConfig.memory_kind must be titans or hcam; got {self.memory_kind!r}"
             )
         self.memory = replace(self.memory, dim=self.dim, tokens_per_frame=self.tokens_per_frame)
+        if (
+            self.use_memory
+            and self.memory_kind == "titans"
+            and not (self.memory.readout_tokens or self.question_read)
+        ):
+            raise ValueError("VideoRecallConfig: a Titans memory with readout_tokens=0 needs question_read")
 
     @property
     def tokens_per_frame(self) -> int:
@@ -286,18 +296,15 @@ class VideoRecallModel(nn.Module):
         x = self.patches(video.transpose(1, 2).flatten(0, 1))  # (B·T, dim, h, w)
         return self.token_norm(x.flatten(2).transpose(1, 2).view(b, t, -1, self.config.dim) + self.spatial)
 
-    def context(self, tokens: Tensor, state: NeuralMemoryState | None) -> Tensor:
-        """The window's tokens ``(B, W·F·N, dim)``, after the Titans memory's readout tokens if there is one."""
+    def window(self, tokens: Tensor) -> Tensor:
+        """The window's tokens ``(B, W·F·N, dim)``: the last ``window_clips`` clips of ``tokens``."""
         c = self.config
         span = c.window_clips * c.frames_per_clip
         if tokens.shape[1] < span:
             raise ValueError(
                 f"VideoRecallModel needs at least {span} frames (window_clips clips); got {tokens.shape[1]}"
             )
-        window = (tokens[:, -span:] + self.window_time[:, None]).flatten(1, 2)
-        if not isinstance(self.memory, VideoMemory):
-            return window
-        return torch.cat([self.memory.read(state).to(window.dtype), window], dim=1)
+        return (tokens[:, -span:] + self.window_time[:, None]).flatten(1, 2)
 
     def forward(self, video: Tensor, questions: Tensor, state: NeuralMemoryState | None = None) -> Tensor:
         """Answer logits ``(B, Q, 10)`` for ``questions (B, Q)`` after ``video (B, C, T, H, W)``.
@@ -312,12 +319,18 @@ class VideoRecallModel(nn.Module):
     ) -> tuple[Tensor, NeuralMemoryState | HCAMState | None]:
         """`forward` that also returns the memory state after ``video`` (to carry into the next call)."""
         tokens = self.frame_tokens(video)
+        context, query = self.window(tokens), self.question(questions)
         if self.memory is not None:
             state = self.memory.write(tokens, state)
-        context = self.norm(self.context(tokens, state))
-        query = self.question(questions)
         if isinstance(self.memory, HCAMVideoMemory):
             query = query + self.memory.read(state, query)
+        elif isinstance(self.memory, VideoMemory):
+            readout = self.memory.config.readout_tokens
+            reads = self.memory.read(state, query if self.config.question_read else None).to(context.dtype)
+            context = torch.cat([reads[:, :readout], context], dim=1)  # readout tokens in front of the window
+            if self.config.question_read:
+                query = query + reads[:, readout:]
+        context = self.norm(context)
         heads, b = self.config.heads, video.shape[0]
 
         def split(x: Tensor) -> Tensor:

@@ -1,9 +1,12 @@
 """A long-term memory for long and streaming video (issue #7 item 6): a window of recent frames plus memory tokens.
 
-`MemoryProjector` (``projector: memory``) is LLaVA's per-frame MLP with a Titans neural memory
-(`timeloom_memory.video.VideoMemory`) in front of it. Of ``T`` frames, the last ``window_frames`` reach the
-LLM as they are; every earlier frame is written into the memory (one memory chunk per frame), and the LLM reads
-``readout_tokens`` memory tokens in their place. So a video of any length costs
+`MemoryProjector` (``projector: memory``) is LLaVA's per-frame MLP with a video memory in front of it:
+``memory_kind: titans`` (default), a Titans neural memory (`timeloom_memory.video.VideoMemory`), or ``hcam``,
+HCAM over frames (`timeloom_memory.video.HCAMVideoMemory`: every frame kept whole, one chunk per frame; the
+memory that answers long-video recall, benchmarks/memory-quality.md §3). Of ``T`` frames, the last
+``window_frames`` reach the LLM as they are; every earlier frame is written into the memory (one memory chunk
+per frame), and the LLM reads ``readout_tokens`` memory tokens in their place: the memory's answers to as many
+learned queries. So a video of any length costs
 ``readout_tokens + window_frames · tokens_per_frame`` LLM tokens, and what happened before the window reaches
 the LLM only through the memory.
 
@@ -27,20 +30,29 @@ from timeloom_understanding.projectors import MLPProjector
 __all__ = ["MemoryProjector", "MemoryStreamState"]
 
 
-def _video_memory():
+def _video_memory(
+    kind: str, dim: int, tokens_per_frame: int, readout_tokens: int, options: dict
+) -> nn.Module:
+    """The ``kind`` memory over frames of ``tokens_per_frame`` tokens of width ``dim``."""
     try:
-        from timeloom_memory.video import VideoMemory, VideoMemoryConfig
+        from timeloom_memory.video import HCAMVideoMemory, VideoMemory, VideoMemoryConfig
     except ImportError as error:  # an optional dependency: say which package to install
         raise ImportError(
             "projector 'memory' needs the timeloom-memory package: "
             "pip install 'timeloom-understanding[memory]' (or make setup)"
         ) from error
-    return VideoMemory, VideoMemoryConfig
+    if kind == "hcam":  # its readout queries live in the projector: an HCAM read takes any queries
+        return HCAMVideoMemory(dim, tokens_per_frame, **options)
+    config = VideoMemoryConfig(
+        dim=dim, tokens_per_frame=tokens_per_frame, readout_tokens=readout_tokens, memory=options
+    )
+    return VideoMemory(config)
 
 
 @dataclass
 class MemoryStreamState:
-    """A stream's memory: its `NeuralMemoryState` and how many of the stream's frames it holds."""
+    """A stream's memory: its state (`NeuralMemoryState` or `HCAMState`) and how many of the stream's frames
+    it holds."""
 
     memory: Any
     written: int
@@ -55,7 +67,9 @@ class MemoryProjector(nn.Module):
         window_frames: recent frames given to the LLM as they are.
         readout_tokens: memory tokens given to the LLM in place of the older frames.
         pool, hidden: as for `MLPProjector`.
-        memory: `NeuralMemoryConfig` options (e.g. ``heads``, ``head_dim``).
+        memory_kind: ``titans`` (`VideoMemory`) or ``hcam`` (`HCAMVideoMemory`).
+        memory: the memory's options: for ``titans`` `NeuralMemoryConfig`'s (e.g. ``heads``, ``head_dim``),
+            for ``hcam`` `HCAMVideoMemory`'s (``heads``, ``top_k``, ``detach_memory``).
     """
 
     def __init__(
@@ -67,26 +81,26 @@ class MemoryProjector(nn.Module):
         readout_tokens: int = 8,
         pool: int = 1,
         hidden: int | None = None,
+        memory_kind: str = "titans",
         memory: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if window_frames < 1:
             raise ValueError(f"the memory projector needs window_frames ≥ 1; got {window_frames}")
-        VideoMemory, VideoMemoryConfig = _video_memory()
-        self.window_frames, self.readout_tokens, self.tokens_per_frame = (
+        if memory_kind not in ("titans", "hcam"):
+            raise ValueError(
+                f"the memory projector's memory_kind must be titans or hcam; got {memory_kind!r}"
+            )
+        self.window_frames, self.readout_tokens, self.tokens_per_frame, self.memory_kind = (
             window_frames,
             readout_tokens,
             tokens_per_frame,
+            memory_kind,
         )
         self.frames = MLPProjector(in_dim, out_dim, pool=pool, hidden=hidden)
-        self.memory = VideoMemory(
-            VideoMemoryConfig(
-                dim=out_dim,
-                tokens_per_frame=tokens_per_frame,
-                readout_tokens=readout_tokens,
-                memory=memory or {},
-            )
-        )
+        self.memory = _video_memory(memory_kind, out_dim, tokens_per_frame, readout_tokens, memory or {})
+        if memory_kind == "hcam":
+            self.readout_queries = nn.Parameter(torch.randn(readout_tokens, out_dim) * 0.02)
 
     def num_tokens(self, frames: int, grid: tuple[int, int]) -> int:
         return self.readout_tokens + self.frames.num_tokens(min(frames, self.window_frames), grid)
@@ -116,8 +130,15 @@ class MemoryProjector(nn.Module):
         elif stream.written != past:
             raise ValueError(f"the stream's memory holds {stream.written} frames; {past} precede the window")
         window = self.frame_tokens(features[:, past:], grid)
-        tokens = torch.cat([self.memory.read(stream.memory).to(window.dtype), window.flatten(1, 2)], dim=1)
+        tokens = torch.cat([self.read(stream.memory).to(window.dtype), window.flatten(1, 2)], dim=1)
         return tokens, self.describe(frames - past, grid)
+
+    def read(self, state: Any) -> Tensor:
+        """The ``readout_tokens`` memory tokens ``(B, R, D)``; the state is not changed."""
+        if self.memory_kind == "titans":  # `VideoMemory` holds its learned queries
+            return self.memory.read(state)
+        batch = state.tokens.shape[0]
+        return self.memory.read(state, self.readout_queries.expand(batch, -1, -1))
 
     def write_past(
         self, features: Tensor, grid: tuple[int, int], stream: MemoryStreamState | None
