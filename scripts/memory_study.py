@@ -17,6 +17,7 @@ wall time, steps, best accuracy) beside its CSV; a new run moves an older one of
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -87,6 +88,9 @@ VIDEO_MODELS = {
     "hcam-all": ("video-recall-hcam-tiny.yaml", ["--model.init_args.config.hcam_detach_memory=true"]),
 }
 TARGET = 0.99
+# Tagged curricula (`mqar-curriculum --tag`) whose stage-2 runs `<model>-s256-<tag>` `report` plots beside the
+# untagged `<model>-s256`: stop 16's runs.
+REPORTED_TAGS = ("s16",)
 
 
 def committed_memory_package() -> tuple[str, dict]:
@@ -110,9 +114,9 @@ def committed_memory_package() -> tuple[str, dict]:
     return commit, env
 
 
-def fit(config: str, run_dir: Path, flags: list[str], minutes: float) -> None:
+def fit(config: str, run_dir: Path, flags: list[str], minutes: float, target: float = TARGET) -> None:
     """`timeloom fit` with a CPU-time budget of ``minutes``, CSV metrics, and a stop at validation accuracy
-    ``TARGET``."""
+    ``target``."""
     commit, env = committed_memory_package()
     if run_dir.exists():  # keep the older run (its CSV would otherwise mix into this one's)
         superseded = run_dir.parent / "superseded" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -129,7 +133,7 @@ def fit(config: str, run_dir: Path, flags: list[str], minutes: float) -> None:
         f"--trainer.max_time={wall_cap}", "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false",
         # each callback's flags follow its own `callbacks+=`
         "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/acc",
-        "--trainer.callbacks.mode=max", f"--trainer.callbacks.stopping_threshold={TARGET}",
+        "--trainer.callbacks.mode=max", f"--trainer.callbacks.stopping_threshold={target}",
         "--trainer.callbacks.patience=100000",
         "--trainer.callbacks+=timeloom.throughput.CpuTimeBudget", f"--trainer.callbacks.minutes={minutes}", *flags,
     ]  # fmt: skip
@@ -141,6 +145,7 @@ def fit(config: str, run_dir: Path, flags: list[str], minutes: float) -> None:
         "commit": commit,
         "flags": flags,
         "budget_cpu_minutes": minutes,
+        "stop_at_val_acc": target,
         "cpu_minutes": curve["cpu_minutes"],
         "wall_seconds": round(time.time() - start, 1),
         "exit_status": status,
@@ -196,12 +201,14 @@ def mqar(
     init_from: str,
     tag: str,
     extra: list[str],
+    target: float = TARGET,
 ) -> None:
     """One MQAR run at ``setting``; ``mix`` trains the smaller settings beside it (Zoology's multi-setting
     training, validated per setting, `val/acc` staying ``setting``'s); ``cosine_steps`` decays the rate to 0
     over that many steps (also the run's step limit: pick it from the model's steps per CPU-minute), and
     ``cosine_budget`` over the run's CPU-minutes instead (no guess of the steps they buy);
-    ``init_from`` starts from the weights an earlier MQAR run ended with (a curriculum stage; same model)."""
+    ``init_from`` starts from the weights an earlier MQAR run ended with (a curriculum stage; same model);
+    ``target`` is the validation accuracy that ends the run early."""
     task = MQAR_SETTINGS[setting]
     flags = [f"--data.init_args.{key}={value}" for key, value in task.items()]
     if mix:
@@ -220,25 +227,31 @@ def mqar(
     # enough distinct training items that a long run does not cycle, and a validation every 64 steps
     flags += ["--data.init_args.train_length=65536", "--trainer.val_check_interval=64", *extra]
     name = f"{model}-{setting}" + (f"-{tag}" if tag else "")
-    fit(MODELS[model], RUNS / "mqar" / name, flags, minutes)
+    fit(MODELS[model], RUNS / "mqar" / name, flags, minutes, target)
 
 
 def mqar_curriculum(
-    model: str, stage1_minutes: float, total_minutes: float, tag: str, extra: list[str]
+    model: str,
+    stage1_minutes: float,
+    total_minutes: float,
+    tag: str,
+    extra: list[str],
+    stage1_target: float = TARGET,
 ) -> None:
-    """§1.0's recipe in one call: seq 64 / 4 pairs (vocab 512) alone until 0.99 or ``stage1_minutes``, then
-    the 64/128/256 mixture from its weights, the rate decaying to 0 over the CPU-minutes left of
-    ``total_minutes`` (both stages share the budget). ``extra`` flags (e.g. a model option) go to both stages;
-    the runs are ``<model>-s64-<tag>-stage1`` and ``<model>-s256`` (the name `report` plots)."""
+    """§1.0's recipe in one call: seq 64 / 4 pairs (vocab 512) alone until validation ``stage1_target`` or
+    ``stage1_minutes``, then the 64/128/256 mixture from its weights, the rate decaying to 0 over the
+    CPU-minutes left of ``total_minutes`` (both stages share the budget). ``extra`` flags (e.g. a model option)
+    go to both stages; the runs are ``<model>-s64-<tag>-stage1`` and ``<model>-s256-<tag>`` (`report` plots
+    the tags in ``REPORTED_TAGS``)."""
     first = f"{tag}-stage1"
     mqar(model, "s64", stage1_minutes, mix=[], cosine_steps=None, cosine_budget=False, init_from="", tag=first,
-         extra=["--data.init_args.vocab_size=512", *extra])  # fmt: skip
+         extra=["--data.init_args.vocab_size=512", *extra], target=stage1_target)  # fmt: skip
     stage1 = json.loads((RUNS / "mqar" / f"{model}-s64-{first}" / "summary.json").read_text())
     if stage1["exit_status"] or stage1["cpu_minutes"] is None:
         raise SystemExit(f"stage 1 of {model} ({tag}) failed (exit {stage1['exit_status']}): no stage 2")
     used = stage1["cpu_minutes"]
     mqar(model, "s256", round(total_minutes - used, 2), mix=["s64", "s128"], cosine_steps=None, cosine_budget=True,
-         init_from=f"{model}-s64-{first}", tag="", extra=extra)  # fmt: skip
+         init_from=f"{model}-s64-{first}", tag=tag, extra=extra)  # fmt: skip
 
 
 def video(model: str, minutes: float, extra: list[str]) -> None:
@@ -369,39 +382,43 @@ def report() -> None:
     summaries = {}
     figure, axes = plt.subplots(1, len(MQAR_SETTINGS), figsize=(4.2 * len(MQAR_SETTINGS), 3.4), squeeze=False)
     for ax, (setting, task) in zip(axes[0], MQAR_SETTINGS.items()):
-        for model in MODELS:
+        for model, suffix in itertools.product(MODELS, ["", *(f"-{tag}" for tag in REPORTED_TAGS)]):
             colour = f"C{list(MODELS).index(model)}"
             # a run that mixed this setting into a larger one's training: its validation here, dashed, and the
             # curriculum stage it started from (`--init-from`), dotted; steps count from the first stage's start
             for other, other_task in MQAR_SETTINGS.items():
-                mixed = RUNS / "mqar" / f"{model}-{other}"
+                mixed = RUNS / "mqar" / f"{model}-{other}{suffix}"
                 name = f"val_seq{task['seq_len']}x{task['num_pairs']}/acc"
                 steps, values = read_curve(mixed)["val"].get(name, ([], []))
                 if other != setting and steps:
                     start = earlier_steps(mixed)
                     ax.plot([start + s for s in steps], values, ls="--", color=colour,
-                            label=f"{model} (mixed into {other}, V {other_task['vocab_size']})")  # fmt: skip
+                            label=f"{model}{suffix} (mixed into {other}, V {other_task['vocab_size']})")  # fmt: skip
                 stage = init_run(mixed)
                 if stage is not None and stage.name.startswith(f"{model}-{setting}-"):
                     curve = read_curve(stage)
                     ax.plot(curve["val_step"], curve["val_acc"], ls=":", color=colour,
                             label=f"{model} ({stage.name[len(model) + 1:]}, stage before {other})")  # fmt: skip
-            run_dir = RUNS / "mqar" / f"{model}-{setting}"
+            run_dir = RUNS / "mqar" / f"{model}-{setting}{suffix}"
             curve = read_curve(run_dir)
             finished = (run_dir / "summary.json").exists()
             if finished:
-                summaries[f"{model}-{setting}"] = json.loads((run_dir / "summary.json").read_text())
+                summaries[run_dir.name] = json.loads((run_dir / "summary.json").read_text())
                 if (run_dir / "checkpoints/last.ckpt").exists():
-                    summaries[f"{model}-{setting}"]["by_reach"] = by_reach(run_dir, task)
+                    summaries[run_dir.name]["by_reach"] = by_reach(run_dir, task)
             elif not curve["val_step"]:
                 continue
             start = earlier_steps(run_dir)
             ax.plot(
                 [start + s for s in curve["val_step"]],
                 curve["val_acc"],
-                marker=".",
+                marker="x" if suffix else ".",
                 color=colour,
-                label=(model if finished else f"{model} (unfinished, {curve['cpu_minutes']} CPU-min)")
+                label=(
+                    model + suffix
+                    if finished
+                    else f"{model}{suffix} (unfinished, {curve['cpu_minutes']} CPU-min)"
+                )
                 + (f" (from step {start})" if start else ""),
             )
         ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
@@ -508,6 +525,10 @@ def main(argv: list[str] | None = None) -> None:
         "--minutes", type=float, default=30.0, help="CPU-minutes of both stages (the issue's 30)"
     )
     run.add_argument("--tag", required=True, help="run name part (a recipe or model variant)")
+    run.add_argument(
+        "--stage1-target", type=float, default=TARGET,
+        help="validation accuracy that ends seq 64 alone early (e.g. once it leaves the 1/4 plateau)",
+    )  # fmt: skip
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
@@ -535,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
             extra,
         )
     elif args.command == "mqar-curriculum":
-        mqar_curriculum(args.model, args.stage1_minutes, args.minutes, args.tag, extra)
+        mqar_curriculum(args.model, args.stage1_minutes, args.minutes, args.tag, extra, args.stage1_target)
     elif args.command == "sniah":
         sniah(args.model, args.minutes, extra)
     elif args.command == "sniah-curriculum":
