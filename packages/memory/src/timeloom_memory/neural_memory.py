@@ -265,10 +265,8 @@ def inner_gradients(weights: list[Tensor], k: Tensor, v: Tensor) -> tuple[list[T
     return inputs, deltas
 
 
-def clipped_theta(theta: Tensor, inputs: list[Tensor], deltas: list[Tensor], clip: float | None) -> Tensor:
-    """θ scaled so that each token's step ``θ·u`` uses ``u·min(1, clip/‖u‖)`` (‖u‖ over all layers)."""
-    if clip is None:
-        return theta
+def surprise_scale(inputs: list[Tensor], deltas: list[Tensor], clip: float) -> Tensor:
+    """Per token ``min(1, clip/‖u‖)``, ``‖u‖`` the Frobenius norm of its gradient over all layers."""
     # ‖δ ẑᵀ‖_F = ‖δ‖·‖ẑ‖ per layer; ‖u‖ is the norm of those.
     norms = [
         torch.linalg.vector_norm(d, dim=-1) * torch.linalg.vector_norm(z, dim=-1)
@@ -277,7 +275,12 @@ def clipped_theta(theta: Tensor, inputs: list[Tensor], deltas: list[Tensor], cli
     norm = torch.linalg.vector_norm(torch.stack(norms, -1), dim=-1)
     # min(1, clip/‖u‖) with a denominator ≥ clip: a tiny ‖u‖ (1e-25) would underflow ‖u‖² in the backward
     # pass and turn the gradient into NaN
-    return theta * (clip / norm.clamp_min(clip))
+    return clip / norm.clamp_min(clip)
+
+
+def clipped_theta(theta: Tensor, inputs: list[Tensor], deltas: list[Tensor], clip: float | None) -> Tensor:
+    """θ scaled so that each token's step ``θ·u`` uses ``u·min(1, clip/‖u‖)``."""
+    return theta if clip is None else theta * surprise_scale(inputs, deltas, clip)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -336,48 +339,80 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, read: str = "after") -
     return ChunkCoefficients(*before, *end)
 
 
-def dual_chunk(
-    weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None, coefficients=None,
-    with_momentum=True,
-) -> ChunkResult:  # fmt: skip
-    """The chunk in matmuls, no per-token weights (spec §2.3 "dual").
+class DualPlan(NamedTuple):
+    """What one `dual` chunk takes from its gates (and θ), for ``N = B·H`` flattened memories and ``n`` tokens.
 
-    Layer ``l``'s output at token ``i`` is ``D_{i,0} W' z_i + c_i S' z_i − Σ_j C_{i,j} θ_j δ_j (ẑ_j·z_i)``:
-    a masked n×n product, like attention. ``coefficients`` (`chunk_coefficients` of this chunk's gates) may
-    come precomputed: they depend on the gates alone, so a call computes them for all its chunks at once.
-    ``with_momentum=False`` (η = 0, so ``c = 0`` and ``S_n = −θ_n u_n``) skips the terms of ``S'``.
+    Readout rows: ``read_d0``, ``read_c`` ``(N, n, 1)`` (``D_{i,0}``, ``c_i``), ``mix (N, n, n)`` (``C_{i,j} θ_j``)
+    and ``first_scores`` (``mix ⊙ q kᵀ``: the first layer's scores, whose gradient inputs are the keys). End of
+    chunk: ``end_d0``, ``end_c``, ``end_e0`` ``(N, 1, 1)`` (``D_{n,0}``, ``c_n``, ``E_{n,0}``) and each token's
+    step ``end_w``, ``end_s`` ``(N, n, 1)`` (``C_{n,j} θ_j``, ``E_{n,j} θ_j``). Without momentum the terms of
+    ``S'`` are None.
+    """
+
+    read_d0: Tensor
+    read_c: Tensor | None
+    mix: Tensor
+    first_scores: Tensor
+    end_d0: Tensor
+    end_c: Tensor | None
+    end_e0: Tensor | None
+    end_w: Tensor
+    end_s: Tensor | None
+
+
+def dual_plans(q, k, theta, log_eta, log_keep, read: str, with_momentum: bool) -> list[DualPlan]:
+    """`DualPlan` of every chunk of a call at once: the gates' work is batched, the chunk loop only unbinds.
+
+    Inputs have leading dims ``(N, chunks)`` (q, k ``(…, n, d)``, gates ``(…, n)``).
+    """
+    co = chunk_coefficients(log_eta, log_keep, read)
+    mix = co.read_C * theta.unsqueeze(-2)
+    momentum_terms = (co.read_c[..., None], co.end_c[..., None, None], co.end_E0[..., None, None],
+                      (co.end_E * theta)[..., None])  # fmt: skip
+    read_c, end_c, end_e0, end_s = momentum_terms if with_momentum else (None,) * 4
+    fields = (co.read_d0[..., None], read_c, mix, mix * (q @ k.mT), co.end_d0[..., None, None], end_c, end_e0,
+              (co.end_C * theta)[..., None], end_s)  # fmt: skip
+    chunks = q.shape[1]
+    per_chunk = [[None] * chunks if t is None else t.unbind(1) for t in fields]
+    return [DualPlan(*p) for p in zip(*per_chunk)]
+
+
+def dual_step(
+    weights: list[Tensor], momentum: list[Tensor] | None, q: Tensor, k: Tensor, v: Tensor, plan: DualPlan,
+    surprise_clip: float | None,
+) -> tuple[Tensor, list[Tensor], list[Tensor] | None, list[Tensor], list[Tensor]]:  # fmt: skip
+    """One chunk of the `dual` kernel on flattened memories: ``weights``, ``momentum`` per layer ``(N, out, in)``
+    (``momentum=None``: η = 0), ``q, k, v (N, n, d)``. Returns the readout, the end weights and momentum, and
+    the chunk's gradient factors (ẑ, δ).
+
+    Layer ``l``'s output at row ``i`` is ``D_{i,0} W' z_i + c_i S' z_i − Σ_j C_{i,j} θ_j δ_j (ẑ_j·z_i)``: a
+    masked n×n product, like attention. End weights are sums of rank-1 terms, ``Σ_j w_j δ_j ẑ_jᵀ = Δᵀ diag(w) Ẑ``
+    (Eq. 17 as one matmul), subtracted in place on the decayed start state: every tensor is 3-D and fresh, so
+    no in-place op lands on a view (autograd would copy the whole base in backward).
     """
     inputs, deltas = inner_gradients(weights, k, v)
-    theta = clipped_theta(theta, inputs, deltas, surprise_clip)
-    co = coefficients if coefficients is not None else chunk_coefficients(log_eta, log_keep, read)
-    mix = co.read_C * theta.unsqueeze(-2)  # (B, H, n, n): C_{i,j} θ_j
-    d0, c = co.read_d0.unsqueeze(-1), co.read_c.unsqueeze(-1) if with_momentum else None
+    if surprise_clip is not None:  # a per-token factor on u_j = δ_j ẑ_jᵀ: scale the δ rows
+        scale = surprise_scale(inputs, deltas, surprise_clip).unsqueeze(-1)
+        deltas = [d * scale for d in deltas]
+    surprise = momentum if momentum is not None else [None] * len(weights)
     z = q
-    for i, (w, s) in enumerate(zip(weights, momentum)):
-        a = _minus_matmul(_decayed_read(z, w, s, d0, c), mix * (z @ inputs[i].mT), deltas[i])
+    for i, (w, s, zl, dl) in enumerate(zip(weights, surprise, inputs, deltas)):
+        scores = plan.first_scores if i == 0 else plan.mix * (z @ zl.mT)
+        a = _decayed_read(z, w, s, plan.read_d0, plan.read_c).baddbmm_(scores, dl, alpha=-1)
         z = F.silu(a) if i < len(weights) - 1 else a
-    end_d0, end_c, end_e0 = (t[..., None, None] for t in (co.end_d0, co.end_c, co.end_E0))
-    w_coef, s_coef = (co.end_C * theta).unsqueeze(-1), (co.end_E * theta).unsqueeze(-1)
-    # Σ_j coef_j δ_j ẑ_jᵀ = Δᵀ diag(coef) Ẑ (Eq. 17 as one matmul), subtracted inside the same call.
     end_w = [
-        _minus_matmul(
-            torch.addcmul(end_d0 * w, end_c, s) if with_momentum else end_d0 * w,
-            *_weighted_outer(dl, zl, w_coef),
+        (torch.addcmul(plan.end_d0 * w, plan.end_c, s) if s is not None else plan.end_d0 * w).baddbmm_(
+            *_weighted_outer(dl, zl, plan.end_w), alpha=-1
         )
-        for w, s, dl, zl in zip(weights, momentum, deltas, inputs)
+        for w, s, dl, zl in zip(weights, surprise, deltas, inputs)
     ]
-    if not with_momentum:  # S_n = −θ_n u_n: the last token's rank-1 step
-        last = theta[..., -1, None, None]
-        return (
-            z,
-            end_w,
-            [-(last * dl[..., -1, :, None]) * zl[..., -1, None, :] for dl, zl in zip(deltas, inputs)],
-        )
-    end_s = [
-        _minus_matmul(end_e0 * s, *_weighted_outer(dl, zl, s_coef))
-        for s, dl, zl in zip(momentum, deltas, inputs)
-    ]
-    return z, end_w, end_s
+    end_s = None
+    if momentum is not None:
+        end_s = [
+            (plan.end_e0 * s).baddbmm_(*_weighted_outer(dl, zl, plan.end_s), alpha=-1)
+            for s, dl, zl in zip(momentum, deltas, inputs)
+        ]
+    return z, end_w, end_s, inputs, deltas
 
 
 def _weighted_outer(delta: Tensor, z: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
@@ -387,30 +422,70 @@ def _weighted_outer(delta: Tensor, z: Tensor, coef: Tensor) -> tuple[Tensor, Ten
     return delta.mT, z * coef
 
 
-def _decayed_read(z: Tensor, w: Tensor, s: Tensor, d0: Tensor, c: Tensor | None) -> Tensor:
+def _decayed_read(z: Tensor, w: Tensor, s: Tensor | None, d0: Tensor, c: Tensor | None) -> Tensor:
     """``d0_i W' z_i + c_i S' z_i`` for every row ``i`` of ``z``, scaling the narrower side of the product
-    (``c = None``: no momentum, the first term alone).
+    (``s = None``: no momentum, the first term alone). A fresh tensor: the caller may add to it in place.
 
     The row factors commute with the matmul, so a layer that widens (in < out) scales its inputs and adds
     the second product inside the first's call: no elementwise pass over its wide output.
     """
-    if c is None:
-        return (d0 * z) @ w.mT if w.shape[-1] < w.shape[-2] else d0 * (z @ w.mT)
     if w.shape[-1] < w.shape[-2]:
-        return _add_matmul((d0 * z) @ w.mT, c * z, s.mT)
-    return torch.addcmul(d0 * (z @ w.mT), c, z @ s.mT)
+        read = (d0 * z) @ w.mT
+        return read if s is None else read.baddbmm_(c * z, s.mT)
+    read = z @ w.mT
+    return read.mul_(d0) if s is None else torch.addcmul(d0 * read, c, z @ s.mT)
 
 
-def _add_matmul(base: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
-    """``base + alpha · a @ b`` accumulated into ``base`` (a fresh temporary of the caller's, contiguous) by one
-    fused call over flattened leading dims: no pass over the output beyond the matmul's own."""
-    base.view(-1, *base.shape[-2:]).baddbmm_(a.flatten(0, -3), b.flatten(0, -3), alpha=alpha)
-    return base
+def dual_chunks(
+    weights, momentum, q, k, v, theta, log_eta, log_keep, chunk_size, read="after", surprise_clip=None,
+    with_momentum=True,
+) -> ChunkResult:  # fmt: skip
+    """All chunks of a call with the `dual` kernel (spec §2.3): chunks of ``chunk_size`` tokens, the last may
+    be shorter (read, not committed); returns the readout and the state after the last complete chunk
+    (``(B, H, …)`` in and out).
+
+    The per-call work is hoisted out of the chunk loop: the heads are flattened into the batch once and every
+    chunk's gate coefficients are computed together (`dual_plans`). ``with_momentum=False`` (η = 0: ``c = 0``
+    and ``S_n = −θ_n u_n``) carries ``W`` alone and builds ``S`` from the last committed token.
+    """
+    batch, heads, total = q.shape[:3]
+    if total == 0:
+        return q, weights, momentum
+    flat = [t.flatten(0, 1) for t in (q, k, v, theta, log_eta, log_keep)]
+    w_flat = [w.reshape(-1, *w.shape[2:]) for w in weights]
+    s_flat = [s.reshape(-1, *s.shape[2:]) for s in momentum] if with_momentum else None
+    committed = total - total % chunk_size
+    plans = []
+    for start, stop in ((0, committed), (committed, total)):
+        if stop > start:
+            q_, k_, _, theta_, log_eta_, log_keep_ = (
+                t[:, start:stop].unflatten(1, (-1, min(chunk_size, stop - start))) for t in flat
+            )
+            plans += dual_plans(q_, k_, theta_, log_eta_, log_keep_, read, with_momentum)
+    pieces = [t.split(chunk_size, dim=1) for t in flat[:4]]
+    outputs = []
+    for q_, k_, v_, theta_, plan in zip(*pieces, plans):
+        y, end_w, end_s, inputs, deltas = dual_step(w_flat, s_flat, q_, k_, v_, plan, surprise_clip)
+        outputs.append(y)
+        if q_.shape[1] == chunk_size:
+            w_flat, s_flat, last = end_w, end_s, (theta_[:, -1, None, None], inputs, deltas)
+    y = (torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]).unflatten(0, (batch, heads))
+    weights = [w.unflatten(0, (batch, heads)) for w in w_flat]
+    if with_momentum:
+        momentum = [s.unflatten(0, (batch, heads)) for s in s_flat]
+    elif committed:  # S_n = −θ_n u_n: the last committed token's rank-1 step
+        theta_n, inputs, deltas = last
+        momentum = [(-(theta_n * dl[:, -1, :, None]) * zl[:, -1, None, :]).unflatten(0, (batch, heads))
+                    for dl, zl in zip(deltas, inputs)]  # fmt: skip
+    return y, weights, momentum
 
 
-def _minus_matmul(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``base − a @ b`` (see `_add_matmul`)."""
-    return _add_matmul(base, a, b, alpha=-1.0)
+def dual_chunk(
+    weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None, with_momentum=True
+) -> ChunkResult:
+    """One chunk with the `dual` kernel: `dual_chunks` over a single chunk of all the given tokens."""
+    return dual_chunks(weights, momentum, q, k, v, theta, log_eta, log_keep, max(q.shape[2], 1), read,
+                       surprise_clip, with_momentum)  # fmt: skip
 
 
 def linear_scan(a: Tensor, x: Tensor, h0: Tensor) -> Tensor:
@@ -485,7 +560,23 @@ def sequential_chunk(
 # log η without momentum (`NeuralMemoryConfig.momentum=False`)
 NO_MOMENTUM = -1e4
 
-CHUNK_KERNELS = {"dual": dual_chunk, "scan": scan_chunk, "sequential": sequential_chunk}
+CHUNK_KERNELS = {"scan": scan_chunk, "sequential": sequential_chunk}
+
+
+def chunk_loop(
+    kernel, weights, momentum, q, k, v, theta, log_eta, log_keep, chunk_size, read="after", surprise_clip=None
+) -> ChunkResult:
+    """A chunk kernel over chunks of ``chunk_size`` tokens (the last may be shorter: read, not committed);
+    returns the readout and the state after the last complete chunk."""
+    # Split once (a slice per chunk would cost a full-size zero fill each in backward).
+    pieces = [t.split(chunk_size, dim=2) for t in (q, k, v, theta, log_eta, log_keep)]
+    outputs = []
+    for chunk in zip(*pieces):
+        y, end_w, end_s = kernel(weights, momentum, *chunk, read=read, surprise_clip=surprise_clip)
+        outputs.append(y)
+        if chunk[0].shape[2] == chunk_size:
+            weights, momentum = end_w, end_s
+    return (torch.cat(outputs, 2) if len(outputs) > 1 else outputs[0]), weights, momentum
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -609,7 +700,6 @@ class NeuralMemory(nn.Module):
     ) -> tuple[Tensor, NeuralMemoryState]:
         """The update on projected heads: pending tokens first, then chunks on the stream's grid."""
         c = self.config
-        kernel = CHUNK_KERNELS[c.update]
         dtype = state.weights[0].dtype
         pending = state.pending_k.shape[2]
         with torch.autocast(_autocast_device(q), enabled=False):
@@ -624,31 +714,20 @@ class NeuralMemory(nn.Module):
                         (k, v, theta, log_eta, log_keep),
                     )
                 )  # fmt: skip
-            total, b = k.shape[2], c.chunk_size
-            committed = total - total % b
-            # Split once (a slice per chunk would cost a full-size zero fill each in backward).
-            pieces = [t.split(b, dim=2) for t in (q, k, v, theta, log_eta, log_keep)]
-            coefficients = [None] * len(pieces[0])
-            if c.update == "dual" and committed:
-                # The gate coefficients depend on the gates alone: all complete chunks in one batch.
-                full = [g[:, :, :committed].unflatten(2, (-1, b)) for g in (log_eta, log_keep)]
-                batched = chunk_coefficients(*full, read=c.read)
-                coefficients[: committed // b] = zip(*(t.unbind(2) for t in batched))
-                coefficients = [co if co is None else ChunkCoefficients(*co) for co in coefficients]
-            weights, momentum, outputs = state.weights, state.momentum, []
-            for *chunk, co in zip(*pieces, coefficients):
-                extra = {} if c.update != "dual" else {"coefficients": co, "with_momentum": c.momentum}
-                y, end_w, end_s = kernel(
-                    weights, momentum, *chunk, read=c.read, surprise_clip=c.surprise_clip, **extra
-                )
-                outputs.append(y)
-                if chunk[0].shape[2] == b:
-                    weights, momentum = end_w, end_s
-            y = torch.cat(outputs, 2) if len(outputs) > 1 else outputs[0]
+            tokens = (q, k, v, theta, log_eta, log_keep)
+            options = {"read": c.read, "surprise_clip": c.surprise_clip}
+            if c.update == "dual":
+                y, weights, momentum = dual_chunks(state.weights, state.momentum, *tokens, c.chunk_size,
+                                                   with_momentum=c.momentum, **options)  # fmt: skip
+            else:
+                kernel = CHUNK_KERNELS[c.update]
+                y, weights, momentum = chunk_loop(kernel, state.weights, state.momentum, *tokens, c.chunk_size,
+                                                  **options)  # fmt: skip
             y = y[:, :, pending:] if pending else y
             # Once per call: a non-finite value never turns finite again in the recurrences.
             check_finite(weights + momentum + [y], "memory state or readout after this call")
-            rest = slice(committed, total)
+            total = k.shape[2]
+            rest = slice(total - total % c.chunk_size, total)
             new_state = replace(
                 state,
                 weights=weights,
