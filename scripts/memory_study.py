@@ -86,6 +86,13 @@ VIDEO_MODELS = {
     "hcam-top4-grad": ("video-recall-hcam-tiny.yaml", ["--model.init_args.config.hcam_top_k=4"]),
     # every frame, with HCAM's stop-gradient on stored frames: only the window's "last" question trains the encoder
     "hcam-all": ("video-recall-hcam-tiny.yaml", ["--model.init_args.config.hcam_detach_memory=true"]),
+    # Titans, matrix memory (depth 1), forgetting nearly off, read by each question (benchmarks/memory-quality.md §3)
+    "titans-question": ("video-recall-titans-question-tiny.yaml", []),
+    # the same memory read by 4 learned readout tokens in front of the window instead of the questions
+    "titans-question-tokens": (
+        "video-recall-titans-question-tiny.yaml",
+        ["--model.init_args.config.question_read=false", "--model.init_args.config.memory.readout_tokens=4"],
+    ),
 }
 TARGET = 0.99
 # Tagged curricula (`mqar-curriculum --tag`) whose stage-2 runs `<model>-s256-<tag>` `report` plots beside the
