@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,6 +200,13 @@ def markdown(result: dict) -> str:
         "",
         f"Environment: `{json.dumps(result['environment'])}`",
         "",
+    ]
+    if result.get("sources"):
+        lines += [
+            "Sources: " + "; ".join(f"{part}: `{how}`" for part, how in result["sources"].items()) + ".",
+            "",
+        ]
+    lines += [
         "## The memory update (`NeuralMemory` layer, L_M = 2, expansion 4)",
         "",
         "| update | H×d_h | b | L | fwd tok/s | fwd+bwd tok/s | state B/sample | state B/token |",
@@ -433,6 +441,33 @@ def mqar_accuracy(preset: MemoryPreset, steps: int, device: torch.device) -> dic
     return accuracy
 
 
+def _commit() -> str:
+    """The working tree's short commit (``unknown`` outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def _earlier_training(path: Path) -> tuple[dict, str]:
+    """The training part of an earlier run in the same folder and its source, so that ``--parts update``
+    refreshes the update table without dropping the training rows (which it did not rerun)."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    if "training" not in earlier:
+        return {}, ""
+    kept = {
+        k: earlier[k]
+        for k in ("training", "mqar_steps", "mqar", "mqar_batch", "mqar_accuracy")
+        if k in earlier
+    }
+    return kept, earlier.get("sources", {}).get("training", "an earlier run").removesuffix(
+        ", carried over: not rerun"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="timeloom bench memory", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -467,6 +502,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['forward_tokens_per_s']:.0f} / {c['forward_backward_tokens_per_s']:.0f} tok/s", flush=True)  # fmt: skip
     environment = describe_environment(device, torch.float32, args.preset)
     result = {"environment": environment, "cells": cells, "speedups": speedups(cells), "skipped": skipped}
+    result["sources"] = {part: f"timeloom bench memory {' '.join(argv if argv is not None else sys.argv[1:])} "
+                         f"(commit {_commit()})" for part in sorted(parts)}  # fmt: skip
+    if "training" not in parts:
+        earlier, source = _earlier_training(args.out / "memory.json")
+        if earlier:
+            result.update(earlier)
+            result["sources"]["training"] = f"{source}, carried over: not rerun"
     if "training" in parts:
         result["training"], missing = training_throughput(preset, device)
         skipped += missing
