@@ -144,6 +144,8 @@ def test_a_stream_writes_each_frame_once_and_answers_like_the_offline_protocol(k
         stream.push(video[:, stream.frames : pushed])
         reply, logits = stream.ask(QUESTION, max_new_tokens=4, return_logits=True)
         assert stream.memory.written == max(pushed - WINDOW, 0)
+        if kind == "hcam":  # HCAM stores every frame that left the window, once
+            assert stream.memory.memory.tokens.shape[1] == stream.memory.written * LLM_PER_FRAME
         batch = conversation_batch(model, video[:, :pushed], for_generation=True)
         expected, expected_logits = model.generate(batch, 4, use_cache=False, return_logits=True)
         assert reply == expected[0]

@@ -16,8 +16,9 @@ inside them (`timeloom_memory.hcam.HCAMAttention`).
 
 `VideoRecallModel` is a tiny standalone video question answerer over `timeloom_memory.video_tasks`: patch
 tokens per frame, a context of the last ``window_clips`` clips (what a plain window sees) and, with
-``use_memory``, a memory of every frame: the Titans memory's readout tokens in front of the window, or the
-HCAM read of each question added to its embedding; question embeddings attend to the context.
+``use_memory``, a memory of every frame: the Titans memory's readout tokens in front of the window and, with
+``question_read``, its read by each question added to the question's embedding; or the HCAM read of each
+question added to its embedding. Question embeddings attend to the context.
 `VideoRecallModule` trains it with the `timeloom` CLI.
 """
 
