@@ -95,6 +95,26 @@ def test_the_three_kernels_agree_on_momentum(chunk_size):
         assert any(s.abs().max() > 1e-3 for s in states["dual"].momentum)
 
 
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_the_three_kernels_agree_with_a_binding_surprise_clip(momentum, chunk_size):
+    """The clip scales each token's gradient (``dual`` scales its δ rows, the others θ): the same update."""
+    results = {}
+    for update in ("dual", "scan", "sequential"):
+        m = memory(chunk_size=chunk_size, update=update, momentum=momentum, surprise_clip=0.05)
+        with torch.no_grad():
+            results[update] = m(inputs(length=11))
+    y, state = results["dual"]
+    for update in ("scan", "sequential"):
+        other_y, other = results[update]
+        torch.testing.assert_close(other_y, y, atol=TOL, rtol=0)
+        for got, want in zip(other.weights + other.momentum, state.weights + state.momentum):
+            torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    with torch.no_grad():
+        unclipped, _ = memory(chunk_size=chunk_size, momentum=momentum)(inputs(length=11))
+    assert (unclipped - y).abs().max() > 1e-3, "the clip must bind in this test"
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 8])
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("read", ["after", "before"])

@@ -11,8 +11,9 @@ associative loss ``ℓ(W; k, v) = ‖f(k; W) − v‖²``, with momentum ("surpr
 Because every gradient of a chunk is taken at the same weights, a chunk is computed in parallel: the two
 recurrences are linear, so they unroll to ``W_i = D_{i,0} W' + c_i S' − Σ_j C_{i,j} θ_j u_j`` with ``C = D·E``
 from cumulative sums of the log gates (the closed form of their parallel scan). Three chunk kernels compute
-the same thing: `dual_chunk` (default; never builds per-token weights), `scan_chunk` (per-token weights from
-an associative scan) and `sequential_chunk` (the definition: a token loop with autograd gradients).
+the same thing: `dual_chunk` (default; never builds per-token weights; `dual_chunks` runs a call's chunks with
+the gate work done before the loop), `scan_chunk` (per-token weights from an associative scan) and
+`sequential_chunk` (the definition: a token loop with autograd gradients).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "NeuralMemoryState",
     "chunk_coefficients",
     "dual_chunk",
+    "dual_chunks",
     "linear_scan",
     "scan_chunk",
     "sequential_chunk",
