@@ -335,12 +335,19 @@ def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
     tokens (the MAC segment or attention window, so attention alone sees the context) or past them; and by
     whether its value token is less than ``reach`` tokens back (inside one window) or not. Beside it,
     how often the answer is one of the sequence's own values: the 1/num_pairs plateau answers a context value
-    without binding it to its key, and past ``reach`` only a memory (or a second layer) can know those values."""
+    without binding it to its key, and past ``reach`` only a memory (or a second layer) can know those values.
+    Kept in ``<run>/by_reach.json`` and reused while the checkpoint it scored is unchanged (`report` scores every
+    run, and a seq-256 Titans checkpoint takes ≈ 12 CPU-seconds)."""
+    checkpoint = run_dir / "checkpoints/last.ckpt"
+    cache, stamp = run_dir / "by_reach.json", checkpoint.stat().st_mtime_ns
+    kept = json.loads(cache.read_text()) if cache.exists() else {}
+    if kept.get("checkpoint_mtime_ns") == stamp and kept.get("samples") == samples:
+        return kept["result"]
     import torch
     from timeloom_memory.module import MemoryLMModule
     from timeloom_memory.tasks import IGNORE, MQAR
 
-    module = MemoryLMModule.load_from_checkpoint(run_dir / "checkpoints/last.ckpt", map_location="cpu").eval()
+    module = MemoryLMModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     config = module.config
     reach = config.segment if config.block == "mac" else config.window
     items = [MQAR(**task, length=samples, split="val")[i] for i in range(samples)]
@@ -367,6 +374,9 @@ def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
             "acc": round(float((answers == labels)[chosen].float().mean()), 3),
             "answer_is_a_context_value": round(float(a_value[chosen].float().mean()), 3),
         }
+    cache.write_text(
+        json.dumps({"checkpoint_mtime_ns": stamp, "samples": samples, "result": result}, indent=2)
+    )
     return result
 
 
