@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -94,18 +94,35 @@ class TimeloomModule(pl.LightningModule):
         self,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = default_scheduler,
+        decay_vectors: bool = True,
     ):
+        """``decay_vectors=False``: tensors of fewer than two dimensions (norm gains, biases, gates' biases)
+        get no weight decay, as in nanoGPT and litgpt (see `parameter_groups`)."""
         super().__init__()
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.decay_vectors = decay_vectors
         # Lightning collects the init args of the concrete subclass from the call stack.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # Plain values only, so checkpoints load with `torch.load(weights_only=True)`.
         self.hparams.update(_jsonable(dict(self.hparams)))
 
     # -- optimisation -------------------------------------------------------------------------------------
+    def parameter_groups(self, parameters: Iterable[torch.nn.Parameter]) -> Iterable[Any]:
+        """What the optimiser is given: ``parameters`` as they are, or with ``decay_vectors=False`` two groups,
+        the vectors' with weight decay 0. Decay pulls a gate's bias toward 0 (a gate half open), which measurably
+        slowed Titans' memories (benchmarks/memory-quality.md, stop 16)."""
+        if self.decay_vectors:
+            return parameters
+        parameters = list(parameters)
+        groups = [
+            {"params": [p for p in parameters if p.dim() >= 2]},
+            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return [group for group in groups if group["params"]]
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameters())
+        optimizer = self.optimizer(self.parameter_groups(self.parameters()))
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)

@@ -106,3 +106,11 @@ def test_last_checkpoint_holds_the_final_step_when_a_run_stops_between_saves(tmp
     assert (
         torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 7
     )  # not 5: the last steps kept
+
+
+def test_a_base_module_option_is_set_through_a_subclass(capsys):
+    code, out = run_main(
+        ["fit", "-c", DEMO, "--model.init_args.decay_vectors=false", "--print_config"], capsys
+    )
+    assert code == 0, out
+    assert yaml.safe_load(out)["model"]["init_args"]["decay_vectors"] is False

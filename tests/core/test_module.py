@@ -266,3 +266,22 @@ def test_interleaved_rounds_go_on_while_the_budget_lasts_up_to_the_cap():
     assert len(calls) == 5 and len(times["wall"]["a"]) == 5  # a long budget stops at the cap
     times = interleaved_times({"a": lambda: None}, 2, budget_s=0.0, max_rounds=5, warmup=0)
     assert len(times["wall"]["a"]) == 2  # a spent budget stops at the minimum
+
+
+@pytest.mark.parametrize("decay_vectors", [True, False])
+def test_decay_vectors_off_leaves_gains_and_biases_undecayed(decay_vectors):
+    module = tiny_module(
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.1, weight_decay=0.5),
+        decay_vectors=decay_vectors,
+    )
+    optimizer = module.configure_optimizers()["optimizer"]
+    vectors = {id(p) for p in module.parameters() if p.dim() < 2}
+    assert vectors and len(vectors) < len(list(module.parameters()))
+    before = {id(p): p.detach().clone() for p in module.parameters()}
+    for p in module.parameters():  # a zero gradient: only the decay moves a tensor
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p in module.parameters():
+        moved = not torch.equal(p, before[id(p)])
+        shrinks = decay_vectors or id(p) not in vectors
+        assert moved == (shrinks and bool(before[id(p)].abs().sum() > 0))

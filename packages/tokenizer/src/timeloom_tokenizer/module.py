@@ -157,9 +157,9 @@ class OmniTokenizerModule(TimeloomModule):
 
     # -- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        optimizers = [self.optimizer(self.model.parameters())]
+        optimizers = [self.optimizer(self.parameter_groups(self.model.parameters()))]
         if self.has_discriminator:
-            discriminator_optimizer = self.optimizer(self.discriminator_parameters())
+            discriminator_optimizer = self.optimizer(self.parameter_groups(self.discriminator_parameters()))
             if self.discriminator_lr is not None:
                 # Set before the scheduler is built, so it takes this as its base rate.
                 for group in discriminator_optimizer.param_groups:
