@@ -102,7 +102,7 @@ VIDEO_MODELS = {
 TARGET = 0.99
 # Tagged curricula (`mqar-curriculum --tag`) whose stage-2 runs `<model>-s256-<tag>` `report` plots beside the
 # untagged `<model>-s256`: stop 16's runs.
-REPORTED_TAGS = ("s16",)
+REPORTED_TAGS = ("s16", "s16-nodecayvec", "s16-nodecayvec-seed1")
 
 
 def committed_memory_package() -> tuple[str, dict]:
