@@ -73,6 +73,11 @@ class WarmupCosine(LambdaLR):
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# How a module trains, not what it computes: left out of the saved hyper-parameters, so a module rebuilt from
+# them (`from_pretrained`, `from_checkpoint`) needs none of them, whether or not its class forwards them.
+TRAINING_ONLY_ARGS = ("optimizer", "scheduler", "decay_vectors")
+
+
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
@@ -103,7 +108,7 @@ class TimeloomModule(pl.LightningModule):
         self.scheduler = scheduler
         self.decay_vectors = decay_vectors
         # Lightning collects the init args of the concrete subclass from the call stack.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=list(TRAINING_ONLY_ARGS))
         # Plain values only, so checkpoints load with `torch.load(weights_only=True)`.
         self.hparams.update(_jsonable(dict(self.hparams)))
 
@@ -233,12 +238,15 @@ class TimeloomModule(pl.LightningModule):
         if not issubclass(klass, cls):
             raise ValueError(f"{source} holds a {klass.__name__}, which is not a {cls.__name__}")
         # LightningCLI adds private bookkeeping (`_class_path`, `_instantiator`) to the hyper-parameters.
-        init_args = {k: v for k, v in saved_args.items() if not k.startswith("_")}
+        # Checkpoints of stop 16 saved `decay_vectors`, which a class without it would not take.
+        init_args = {
+            k: v for k, v in saved_args.items() if not k.startswith("_") and k not in TRAINING_ONLY_ARGS
+        }
         init_args.update({name: None for name in klass.starting_weights if name in init_args})
         init_args.update(overrides)
         # jsonargparse rebuilds typed arguments (dataclass configs, nested classes) from plain JSON.
         parser = ArgumentParser(exit_on_error=False)
-        parser.add_class_arguments(klass, "module", skip={"optimizer", "scheduler"})
+        parser.add_class_arguments(klass, "module", skip=set(TRAINING_ONLY_ARGS))
         return parser.instantiate(parser.parse_object({"module": init_args})).module
 
 

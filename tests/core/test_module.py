@@ -8,7 +8,14 @@ import torch
 
 from timeloom.logging import WandbLogger, wandb_has_api_key
 from timeloom.models import VideoAutoencoder, VideoAutoencoderConfig
-from timeloom.module import StateDictMismatchError, TimeloomModule, WarmupCosine, load_state_dict_checked
+from timeloom.module import (
+    TRAINING_ONLY_ARGS,
+    StateDictMismatchError,
+    TimeloomModule,
+    WarmupCosine,
+    default_optimizer,
+    load_state_dict_checked,
+)
 from timeloom.throughput import CpuTimeBudget, interleaved_times, measure_matmul_peak
 
 
@@ -285,3 +292,23 @@ def test_decay_vectors_off_leaves_gains_and_biases_undecayed(decay_vectors):
         moved = not torch.equal(p, before[id(p)])
         shrinks = decay_vectors or id(p) not in vectors
         assert moved == (shrinks and bool(before[id(p)].abs().sum() > 0))
+
+
+class TakesNoDecayOption(VideoAutoencoder):
+    """A subclass that names the base's arguments instead of forwarding ``**kwargs`` (as most packages' do)."""
+
+    def __init__(
+        self,
+        config: VideoAutoencoderConfig | None = None,
+        log_video_every_n_epochs: int = 1,
+        optimizer=default_optimizer,
+    ):
+        super().__init__(config, log_video_every_n_epochs, optimizer=optimizer)
+
+
+def test_training_only_arguments_are_not_saved_so_any_subclass_rebuilds(tmp_path):
+    module = TakesNoDecayOption(VideoAutoencoderConfig(width=8, latent_channels=4, levels=1))
+    assert not set(TRAINING_ONLY_ARGS) & set(module.hparams)
+    module.save_pretrained(tmp_path / "export")
+    loaded = TimeloomModule.from_pretrained(tmp_path / "export")
+    assert isinstance(loaded, TakesNoDecayOption) and loaded.model.config == module.model.config
