@@ -108,9 +108,18 @@ def test_last_checkpoint_holds_the_final_step_when_a_run_stops_between_saves(tmp
     )  # not 5: the last steps kept
 
 
-def test_a_base_module_option_is_set_through_a_subclass(capsys):
+def model_class(config: Path) -> str | None:
+    return (yaml.safe_load(config.read_text()).get("model") or {}).get("class_path")
+
+
+# one config per module class: the base module's options reach every module
+ONE_CONFIG_PER_MODULE = sorted({model_class(p): p for p in MODEL_CONFIGS if model_class(p)}.values())
+
+
+@pytest.mark.parametrize("config", ONE_CONFIG_PER_MODULE, ids=model_class)
+def test_a_base_module_option_is_set_through_every_module(config, capsys):
     code, out = run_main(
-        ["fit", "-c", DEMO, "--model.init_args.decay_vectors=false", "--print_config"], capsys
+        ["fit", "-c", str(config), "--model.init_args.decay_vectors=false", "--print_config"], capsys
     )
     assert code == 0, out
     assert yaml.safe_load(out)["model"]["init_args"]["decay_vectors"] is False

@@ -58,6 +58,7 @@ class VideoLLMModule(TimeloomModule):
             With ``init_from`` only when that checkpoint has no side path: its side keys are then the only
             ones allowed missing, and the side projector keeps its zeroed output.
         frames, height, width: the media size, for the visual-token count of the context check.
+        optimizer, scheduler, decay_vectors: as for `TimeloomModule`.
     """
 
     starting_weights = ("init_from", "llm_init", "encoder_init", "side_encoder_init")
@@ -76,8 +77,9 @@ class VideoLLMModule(TimeloomModule):
         width: int = 32,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = default_scheduler,
+        decay_vectors: bool = True,
     ) -> None:
-        super().__init__(optimizer, scheduler)
+        super().__init__(optimizer, scheduler, decay_vectors)
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}; got {stage!r}")
         self.model = VideoLLM(config or VideoLLMConfig())

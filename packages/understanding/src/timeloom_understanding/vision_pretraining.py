@@ -179,6 +179,7 @@ class DigitPatchModule(TimeloomModule):
     Args:
         encoder: `TimmEncoder` arguments, as in the video-LLM config that will load the weights.
         objective: ``region``, ``region_and_position`` or ``patch``.
+        optimizer, scheduler, decay_vectors: as for `TimeloomModule`.
     """
 
     def __init__(
@@ -187,8 +188,9 @@ class DigitPatchModule(TimeloomModule):
         objective: str = "region",
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = default_scheduler,
+        decay_vectors: bool = True,
     ) -> None:
-        super().__init__(optimizer, scheduler)
+        super().__init__(optimizer, scheduler, decay_vectors)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}")
         self.objective = objective
