@@ -292,7 +292,7 @@ ChunkResult = tuple[Tensor, list[Tensor], list[Tensor]]
 
 
 class ChunkCoefficients(NamedTuple):
-    """The gate coefficients a `dual_chunk` needs, already cut to its rows (``n`` tokens).
+    """The gate coefficients the `dual` kernel needs (`dual_plans`), already cut to its rows (``n`` tokens).
 
     ``read_*``: rows of the readout tokens (``W_i`` after the write, or ``W_{i−1}`` before it): ``D_{i,0}``,
     ``c_i`` ``(…, n)`` and ``C_{i,j}`` ``(…, n, n)``. ``end_*``: the chunk's last row, for the weights
