@@ -72,6 +72,9 @@ SNIAH_CURRICULUM = (
     (256, (0, 25, 50, 75), 8.0),
     (1024, (0, 25, 50, 75), 8.0),
 )
+# Tagged S-NIAH runs (`sniah --tag`, each rule in benchmarks/memory-quality.md §2.0) that `sniah-eval` scores and
+# `report` plots: stop 17's runs trained at 1K.
+SNIAH_TAGGED_RUNS = ("swa-1k",)
 # Long-video recall: Titans memory + window against the window alone.
 # name -> (config, flags); "memory-keep" starts the memory's forgetting at α ≈ 3e-4 instead of 0.018 per token
 # (0.018 leaves (1 − 0.018)^224 ≈ 2 % of the first clip's write after the 7 clips that follow it).
@@ -277,9 +280,12 @@ def sniah_flags(length: int, depths: tuple[float, ...]) -> list[str]:
             "--trainer.val_check_interval=128"]  # fmt: skip
 
 
-def sniah(model: str, minutes: float, extra: list[str]) -> None:
-    flags = [*sniah_flags(SNIAH_TRAIN_LENGTH, SNIAH_TRAIN_DEPTHS), *extra]
-    fit(SNIAH_MODELS[model], RUNS / "sniah" / model, flags, minutes)
+def sniah(
+    model: str, minutes: float, length: int, depths: tuple[float, ...], tag: str, extra: list[str]
+) -> None:
+    """One S-NIAH run at ``length`` and ``depths``: ``sniah/<model>`` or, tagged, ``sniah/<model>-<tag>``."""
+    flags = [*sniah_flags(length, depths), *extra]
+    fit(SNIAH_MODELS[model], RUNS / "sniah" / (f"{model}-{tag}" if tag else model), flags, minutes)
 
 
 def sniah_curriculum(model: str, first_stage: int, extra: list[str]) -> None:
@@ -326,8 +332,9 @@ def sniah_eval(samples: int) -> None:
 
 
 def sniah_runs() -> list[str]:
-    """The S-NIAH runs scored and reported: one per model, and each model's curriculum (its last stage)."""
-    return [name for model in SNIAH_MODELS for name in (model, f"{model}-curriculum")]
+    """The S-NIAH runs scored and reported: one per model, each model's curriculum (its last stage), and the
+    tagged runs of `SNIAH_TAGGED_RUNS`."""
+    return [*(name for model in SNIAH_MODELS for name in (model, f"{model}-curriculum")), *SNIAH_TAGGED_RUNS]
 
 
 def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
@@ -554,6 +561,13 @@ def main(argv: list[str] | None = None) -> None:
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
+    run.add_argument(
+        "--length", type=int, default=SNIAH_TRAIN_LENGTH, help="training (and validation) length"
+    )
+    run.add_argument(
+        "--depths", default=",".join(str(d) for d in SNIAH_TRAIN_DEPTHS), help="needle depths, %%"
+    )
+    run.add_argument("--tag", default="", help="run name suffix (keeps the untagged run)")
     run = commands.add_parser("sniah-curriculum", help="S-NIAH training in SNIAH_CURRICULUM's stages")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--from-stage", type=int, default=1, help="skip the stages before it (their runs exist)")
@@ -580,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "mqar-curriculum":
         mqar_curriculum(args.model, args.stage1_minutes, args.minutes, args.tag, extra, args.stage1_target)
     elif args.command == "sniah":
-        sniah(args.model, args.minutes, extra)
+        depths = tuple(float(d) if "." in d else int(d) for d in args.depths.split(","))
+        sniah(args.model, args.minutes, args.length, depths, args.tag, extra)
     elif args.command == "sniah-curriculum":
         sniah_curriculum(args.model, args.from_stage, extra)
     elif args.command == "video":
