@@ -217,23 +217,31 @@ class SiluAndGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:
-        s = torch.sigmoid(a)
-        y = a * s
-        rest = 1 - s
-        dy = torch.addcmul(s, y, rest)  # silu'(a) = s (1 + a (1 − s)) = s + y (1 − s)
-        ctx.save_for_backward(a, s, rest, dy)
+        s, y, dy = silu_parts(a)
+        ctx.save_for_backward(a, s, dy)
         return y, dy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor | None, grad_dy: Tensor | None) -> Tensor:
-        a, s, rest, dy = ctx.saved_tensors
+        a, s, dy = ctx.saved_tensors
         if grad_dy is None:
             return grad_y * dy
-        # silu''(a) = s (1 − s) (2 + a (1 − 2s)); aten's sigmoid_backward(g, s) is g·s·(1 − s) in one pass
-        inner = torch.addcmul(a.new_tensor(2.0), a, rest - s).mul_(grad_dy)
-        grad = torch.ops.aten.sigmoid_backward(inner, s)
+        grad = silu_second(a, s, grad_dy)
         return grad if grad_y is None else grad.addcmul_(grad_y, dy)
+
+
+def silu_parts(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sigmoid(a), silu(a), silu'(a))``; ``silu'(a) = s (1 + a (1 − s)) = s + silu(a) (1 − s)``."""
+    s = torch.sigmoid(a)
+    y = a * s
+    return s, y, torch.addcmul(s, y, 1 - s)
+
+
+def silu_second(a: Tensor, s: Tensor, grad: Tensor) -> Tensor:
+    """``grad · silu''(a)`` with ``s = sigmoid(a)``: ``silu''(a) = s (1 − s) (2 + a (1 − 2s))``; aten's
+    ``sigmoid_backward(g, s)`` is ``g·s·(1 − s)`` in one pass."""
+    return torch.ops.aten.sigmoid_backward(torch.addcmul(a.new_tensor(2.0), a, 1 - 2 * s).mul_(grad), s)
 
 
 def mlp_forward(weights: list[Tensor], z: Tensor) -> Tensor:
@@ -245,26 +253,47 @@ def mlp_forward(weights: list[Tensor], z: Tensor) -> Tensor:
     return z
 
 
+class KeyPass(NamedTuple):
+    """The keys' pass through the memory at the chunk-start weights: per layer ``l`` its input ``ẑ_l`` and
+    backpropagated signal ``δ_l`` (`inner_gradients`), and what the hand-written backward needs besides:
+    each hidden layer's pre-activation ``p_l`` and ``silu'(p_l)``, and ``δ_{l+1} W_{l+1}`` (``δ_l`` before the
+    slope)."""
+
+    inputs: list[Tensor]
+    deltas: list[Tensor]
+    pre: list[Tensor]
+    slopes: list[Tensor]
+    back: list[Tensor]
+
+
+def key_pass(weights: list[Tensor], k: Tensor, v: Tensor) -> KeyPass:
+    """`KeyPass` of keys ``k`` and values ``v`` ``(…, n, d)`` at ``weights`` ``(…, out, in)``."""
+    inputs, pre, slopes, back = [], [], [], []
+    z = k
+    for i, w in enumerate(weights):
+        inputs.append(z)
+        z = z @ w.mT
+        if i < len(weights) - 1:
+            pre.append(z)
+            z, slope = SiluAndGrad.apply(z)
+            slopes.append(slope)
+    delta = 2 * (z - v)
+    deltas = [delta]
+    for i in range(len(weights) - 1, 0, -1):
+        back.insert(0, delta @ weights[i])
+        delta = back[0] * slopes[i - 1]
+        deltas.insert(0, delta)
+    return KeyPass(inputs, deltas, pre, slopes, back)
+
+
 def inner_gradients(weights: list[Tensor], k: Tensor, v: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """Per token and layer, the rank-1 factors of ``∇_{W_l} ‖f(k; W) − v‖² = δ_l ẑ_lᵀ``.
 
     Returns ``(inputs, deltas)``: ``ẑ_l (B, H, n, in_l)`` the layer's input and ``δ_l (B, H, n, out_l)`` the
     backpropagated signal at its output, both at ``weights``.
     """
-    inputs, slopes = [], []  # slopes: silu' at each hidden layer's pre-activation
-    z = k
-    for i, w in enumerate(weights):
-        inputs.append(z)
-        z = z @ w.transpose(-1, -2)
-        if i < len(weights) - 1:
-            z, slope = SiluAndGrad.apply(z)
-            slopes.append(slope)
-    delta = 2 * (z - v)
-    deltas = [delta]
-    for i in range(len(weights) - 1, 0, -1):
-        delta = (delta @ weights[i]) * slopes[i - 1]
-        deltas.insert(0, delta)
-    return inputs, deltas
+    keys = key_pass(weights, k, v)
+    return keys.inputs, keys.deltas
 
 
 def surprise_scale(inputs: list[Tensor], deltas: list[Tensor], clip: float) -> Tensor:
@@ -382,26 +411,59 @@ def dual_plans(q, k, theta, log_eta, log_keep, read: str, with_momentum: bool) -
 def dual_step(
     weights: list[Tensor], momentum: list[Tensor] | None, q: Tensor, k: Tensor, v: Tensor, plan: DualPlan,
     surprise_clip: float | None,
-) -> tuple[Tensor, list[Tensor], list[Tensor] | None, list[Tensor], list[Tensor]]:  # fmt: skip
+) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:  # fmt: skip
     """One chunk of the `dual` kernel on flattened memories: ``weights``, ``momentum`` per layer ``(N, out, in)``
-    (``momentum=None``: η = 0), ``q, k, v (N, n, d)``. Returns the readout, the end weights and momentum, and
-    the chunk's gradient factors (ẑ, δ).
+    (``momentum=None``: η = 0), ``q, k, v (N, n, d)``. Returns the readout and the end weights and momentum.
+
+    For a backward pass without a surprise clip it runs as `DualStep`, whose backward is written by hand;
+    with a clip through autograd (the clip's norm would add its own chain to the hand-written backward); with
+    no backward to come, plainly (nothing kept for one).
+    """
+    if surprise_clip is None and torch.is_grad_enabled():
+        y, *state = DualStep.apply(len(weights), q, k, v, *plan, *weights, *(momentum or []))
+        return y, state[: len(weights)], state[len(weights) :] or None
+    inputs, deltas = inner_gradients(weights, k, v)
+    deltas = clipped_deltas(inputs, deltas, surprise_clip)
+    return dual_forward(weights, momentum, q, inputs, deltas, plan)
+
+
+def clipped_deltas(inputs: list[Tensor], deltas: list[Tensor], clip: float | None) -> list[Tensor]:
+    """``δ`` rows scaled so that each token's gradient ``u_j = δ_j ẑ_jᵀ`` is clipped (a per-token factor)."""
+    if clip is None:
+        return deltas
+    scale = surprise_scale(inputs, deltas, clip).unsqueeze(-1)
+    return [d * scale for d in deltas]
+
+
+def dual_forward(
+    weights: list[Tensor], momentum: list[Tensor] | None, q: Tensor, inputs: list[Tensor], deltas: list[Tensor],
+    plan: DualPlan, saved: list[list[Tensor]] | None = None,
+) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:  # fmt: skip
+    """The chunk's readout and end state from the keys' gradient factors ``(ẑ, δ)`` (`dual_step`).
 
     Layer ``l``'s output at row ``i`` is ``D_{i,0} W' z_i + c_i S' z_i − Σ_j C_{i,j} θ_j δ_j (ẑ_j·z_i)``: a
     masked n×n product, like attention. End weights are sums of rank-1 terms, ``Σ_j w_j δ_j ẑ_jᵀ = Δᵀ diag(w) Ẑ``
     (Eq. 17 as one matmul), subtracted in place on the decayed start state: every tensor is 3-D and fresh, so
-    no in-place op lands on a view (autograd would copy the whole base in backward).
+    no in-place op lands on a view (autograd would copy the whole base in backward). ``saved``: four lists
+    that receive, per layer, the readout's input ``z``, ``z ẑᵀ``, the scores and ``silu'`` of its output
+    (`DualStep`'s backward).
     """
-    inputs, deltas = inner_gradients(weights, k, v)
-    if surprise_clip is not None:  # a per-token factor on u_j = δ_j ẑ_jᵀ: scale the δ rows
-        scale = surprise_scale(inputs, deltas, surprise_clip).unsqueeze(-1)
-        deltas = [d * scale for d in deltas]
     surprise = momentum if momentum is not None else [None] * len(weights)
     z = q
     for i, (w, s, zl, dl) in enumerate(zip(weights, surprise, inputs, deltas)):
-        scores = plan.first_scores if i == 0 else plan.mix * (z @ zl.mT)
+        products = None if i == 0 else z @ zl.mT
+        scores = plan.first_scores if i == 0 else plan.mix * products
+        if saved is not None:
+            for kept, t in zip(saved, (z, products, scores)):
+                kept.append(t)
         a = _decayed_read(z, w, s, plan.read_d0, plan.read_c).baddbmm_(scores, dl, alpha=-1)
-        z = F.silu(a) if i < len(weights) - 1 else a
+        if i == len(weights) - 1:
+            z = a
+        elif saved is None:
+            z = F.silu(a)
+        else:
+            _, z, slope = silu_parts(a)
+            saved[3].append(slope)
     end_w = [
         (torch.addcmul(plan.end_d0 * w, plan.end_c, s) if s is not None else plan.end_d0 * w).baddbmm_(
             *_weighted_outer(dl, zl, plan.end_w), alpha=-1
@@ -414,7 +476,153 @@ def dual_step(
             (plan.end_e0 * s).baddbmm_(*_weighted_outer(dl, zl, plan.end_s), alpha=-1)
             for s, dl, zl in zip(momentum, deltas, inputs)
         ]
-    return z, end_w, end_s, inputs, deltas
+    return z, end_w, end_s
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    """``total + value`` in place on ``total`` (a gradient buffer this backward made), or ``value`` first."""
+    return value if total is None else total.add_(value)
+
+
+def _add_matmul(total: Tensor | None, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``total + alpha · a @ b`` accumulated in place (one ``baddbmm_``), or a fresh product first."""
+    if total is None:
+        product = torch.bmm(a, b)
+        return product if alpha == 1.0 else product.mul_(alpha)
+    return total.baddbmm_(a, b, alpha=alpha)
+
+
+def _scaled_outer(a: Tensor, b: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Factors of ``aᵀ diag(rows) b`` with the row factors on the narrower of ``a (n, p)``, ``b (n, r)``."""
+    return ((a * rows).mT, b) if a.shape[-1] <= b.shape[-1] else (a.mT, b * rows)
+
+
+class DualStep(torch.autograd.Function):
+    """`dual_step` without a surprise clip, with the backward written by hand.
+
+    ``apply(depth, q, k, v, *plan, *weights, *momentum)`` → ``(y, *end_weights, *end_momentum)`` (no momentum
+    tensors: η = 0). The backward walks the readout's layers down and the keys' pass up once, accumulating
+    each gradient in one buffer with in-place ``baddbmm_``: ``W'`` is used four times per chunk (keys' pass,
+    its backpropagation, readout, end state), and autograd would add the four gradients and record a graph
+    node per op. It is differentiable once: a second derivative (``create_graph=True``) raises.
+    """
+
+    @staticmethod
+    def forward(ctx, depth: int, q, k, v, *tensors):
+        plan = DualPlan(*tensors[:9])
+        weights, momentum = list(tensors[9 : 9 + depth]), list(tensors[9 + depth :]) or None
+        keys = key_pass(weights, k, v)
+        saved = [[], [], [], []]  # readout inputs, z ẑᵀ, scores, silu' slopes
+        y, end_w, end_s = dual_forward(weights, momentum, q, keys.inputs, keys.deltas, plan, saved)
+        ctx.set_materialize_grads(False)
+        ctx.depth, ctx.with_momentum = depth, momentum is not None
+        groups = [list(plan), weights, momentum or [], keys.inputs, keys.deltas, keys.pre, keys.slopes,
+                  keys.back, *saved]  # fmt: skip
+        ctx.sizes = [len(g) for g in groups]
+        ctx.save_for_backward(*(t for g in groups for t in g))
+        return (y, *end_w, *(end_s or []))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, *grad_state):
+        flat, groups = list(ctx.saved_tensors), []
+        for size in ctx.sizes:
+            groups.append(flat[:size])
+            flat = flat[size:]
+        (
+            plan_list,
+            weights,
+            momentum,
+            inputs,
+            deltas,
+            pre,
+            key_slopes,
+            back,
+            reads,
+            products,
+            scores,
+            slopes,
+        ) = groups
+        plan = DualPlan(*plan_list)
+        depth = ctx.depth
+        surprise = momentum if ctx.with_momentum else [None] * depth
+        grad_end_w = grad_state[:depth]
+        grad_end_s = grad_state[depth:] if ctx.with_momentum else [None] * depth
+        grad_w, grad_s = [None] * depth, [None] * depth
+        grad_delta, grad_input = [None] * depth, [None] * depth
+        g = dict.fromkeys(DualPlan._fields)  # gradients of the plan's coefficients
+
+        # End state: W_n = D_{n,0} W' + c_n S' − Δᵀ diag(C_{n,j} θ_j) Ẑ, S_n = E_{n,0} S' − Δᵀ diag(E_{n,j} θ_j) Ẑ
+        ends = ((grad_end_w, plan.end_w, "end_w", ((weights, "end_d0", grad_w), (surprise, "end_c", grad_s))),
+                (grad_end_s, plan.end_s, "end_s", ((surprise, "end_e0", grad_s),)))  # fmt: skip
+        for grads, step, step_name, decays in ends:
+            for i, grad in enumerate(grads):
+                if grad is None:
+                    continue
+                for state, name, into in decays:
+                    if state[i] is not None:
+                        g[name] = _add(g[name], (state[i] * grad).sum((-2, -1), keepdim=True))
+                        into[i] = _add(into[i], getattr(plan, name) * grad)
+                spread = inputs[i] @ grad.mT  # (n, out): row j is G ẑ_j
+                g[step_name] = _add(g[step_name], (spread * deltas[i]).sum(-1, keepdim=True).neg_())
+                grad_delta[i] = _add(grad_delta[i], spread.mul_(-step))
+                grad_input[i] = _add_matmul(grad_input[i], deltas[i] * step, grad, alpha=-1.0)
+
+        # Readout, layers top-down: a_l = D_{i,0} W' z + c_i S' z − scores_l Δ_l, z_{l+1} = silu(a_l)
+        grad_a = grad_y
+        grad_q = None
+        for i in reversed(range(depth) if grad_y is not None else []):
+            z, w, s = reads[i], weights[i], surprise[i]
+            through_w = grad_a @ w  # (n, in)
+            g["read_d0"] = _add(g["read_d0"], (through_w * z).sum(-1, keepdim=True))
+            grad_z = through_w.mul_(plan.read_d0)
+            grad_w[i] = _add_matmul(grad_w[i], *_scaled_outer(grad_a, z, plan.read_d0))
+            if s is not None:
+                through_s = grad_a @ s
+                g["read_c"] = _add(g["read_c"], (through_s * z).sum(-1, keepdim=True))
+                grad_z.addcmul_(through_s, plan.read_c)
+                grad_s[i] = _add_matmul(grad_s[i], *_scaled_outer(grad_a, z, plan.read_c))
+            grad_delta[i] = _add_matmul(grad_delta[i], scores[i].mT, grad_a, alpha=-1.0)
+            grad_scores = (grad_a @ deltas[i].mT).neg_()
+            if i == 0:
+                g["first_scores"] = grad_scores
+                grad_q = grad_z
+            else:
+                g["mix"] = _add(g["mix"], grad_scores * products[i])
+                grad_products = grad_scores.mul_(plan.mix)
+                grad_z.baddbmm_(grad_products, inputs[i])
+                grad_input[i] = _add_matmul(grad_input[i], grad_products.mT, z)
+                grad_a = grad_z.mul_(slopes[i - 1])
+
+        # Keys' backpropagation, bottom-up: δ_l = (δ_{l+1} W_{l+1}) ⊙ silu'(p_l); an output without a gradient
+        # (None) leaves a factor without one
+        grad_delta = [torch.zeros_like(d) if gd is None else gd for d, gd in zip(deltas, grad_delta)]
+        grad_input = [torch.zeros_like(z) if gz is None else gz for z, gz in zip(inputs, grad_input)]
+        grad_key_slopes = []
+        for i in range(depth - 1):
+            grad_back = grad_delta[i] * key_slopes[i]
+            grad_key_slopes.append(grad_delta[i] * back[i])
+            grad_delta[i + 1] = _add_matmul(grad_delta[i + 1], grad_back, weights[i + 1].mT)
+            grad_w[i + 1] = _add_matmul(grad_w[i + 1], deltas[i + 1].mT, grad_back)
+        # Keys' forward pass, top-down: δ_top = 2 (p_top − v), ẑ_{l+1} = silu(p_l)
+        grad_pre = 2 * grad_delta[-1]
+        grad_v = -grad_pre
+        for i in reversed(range(depth)):
+            if i < depth - 1:
+                grad_pre = silu_second(pre[i], torch.sigmoid(pre[i]), grad_key_slopes[i])
+                grad_pre.addcmul_(grad_input[i + 1], key_slopes[i])
+            grad_w[i] = _add_matmul(grad_w[i], grad_pre.mT, inputs[i])
+            grad_input[i] = _add_matmul(grad_input[i], grad_pre, weights[i])
+        grads_s = grad_s if ctx.with_momentum else []
+        return (
+            None,
+            grad_q,
+            grad_input[0],
+            grad_v,
+            *(g[name] for name in DualPlan._fields),
+            *grad_w,
+            *grads_s,
+        )
 
 
 def _weighted_outer(delta: Tensor, z: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
@@ -467,18 +675,20 @@ def dual_chunks(
     pieces = [t.split(chunk_size, dim=1) for t in flat[:4]]
     outputs = []
     for q_, k_, v_, theta_, plan in zip(*pieces, plans):
-        y, end_w, end_s, inputs, deltas = dual_step(w_flat, s_flat, q_, k_, v_, plan, surprise_clip)
+        y, end_w, end_s = dual_step(w_flat, s_flat, q_, k_, v_, plan, surprise_clip)
         outputs.append(y)
         if q_.shape[1] == chunk_size:
-            w_flat, s_flat, last = end_w, end_s, (theta_[:, -1, None, None], inputs, deltas)
+            last = (theta_[:, -1:, None], w_flat, k_[:, -1:], v_[:, -1:])
+            w_flat, s_flat = end_w, end_s
     y = (torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]).unflatten(0, (batch, heads))
     weights = [w.unflatten(0, (batch, heads)) for w in w_flat]
     if with_momentum:
         momentum = [s.unflatten(0, (batch, heads)) for s in s_flat]
-    elif committed:  # S_n = −θ_n u_n: the last committed token's rank-1 step
-        theta_n, inputs, deltas = last
-        momentum = [(-(theta_n * dl[:, -1, :, None]) * zl[:, -1, None, :]).unflatten(0, (batch, heads))
-                    for dl, zl in zip(deltas, inputs)]  # fmt: skip
+    elif committed:  # S_n = −θ_n u_n: the last committed token's rank-1 step, at its chunk's start weights
+        theta_n, w_start, k_n, v_n = last
+        inputs, deltas = inner_gradients(w_start, k_n, v_n)
+        deltas = clipped_deltas(inputs, deltas, surprise_clip)
+        momentum = [(-(theta_n * dl.mT) @ zl).unflatten(0, (batch, heads)) for dl, zl in zip(deltas, inputs)]
     return y, weights, momentum
 
 
