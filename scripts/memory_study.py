@@ -312,22 +312,32 @@ def sniah_curriculum(model: str, first_stage: int, extra: list[str]) -> None:
         fit(SNIAH_MODELS[model], run_dir(index), [*sniah_flags(length, depths), *init, *extra], minutes)
 
 
+# S-NIAH test sets: the passkey haystack as SNIAH builds it by default (filler phase 0: one haystack per length and
+# depth, the test of stops 10-16) and with a random filler phase per sequence (a layout learned at one length does
+# not carry over to it). Name -> (`evaluate` flag, folder under the run).
+SNIAH_TESTS = {
+    "fixed phase": ("--no-random-phase", "eval"),
+    "random phase": ("--random-phase", "eval-random-phase"),
+}
+
+
 def sniah_eval(samples: int) -> None:
-    """`timeloom evaluate memory` on every trained S-NIAH run: exact match by test length and depth."""
+    """`timeloom evaluate memory` on every trained S-NIAH run, on both of `SNIAH_TESTS`: exact match by test
+    length and depth."""
     lengths = ",".join(str(n) for n in SNIAH_TEST_LENGTHS)
-    for model in sniah_runs():
+    for model, (flag, folder) in itertools.product(sniah_runs(), SNIAH_TESTS.values()):
         run_dir = RUNS / "sniah" / model
         checkpoint = run_dir / "checkpoints/last.ckpt"
         if not checkpoint.exists():
             print(f"skip {model}: no {checkpoint}")
             continue
-        scored = run_dir / "eval/memory-sniah.json"
+        scored = run_dir / folder / "memory-sniah.json"
         if scored.exists() and scored.stat().st_mtime > checkpoint.stat().st_mtime:
             print(f"skip {model}: {scored} is newer than its checkpoint")
             continue
         _, env = committed_memory_package()  # the code the runs trained with
-        command = [TIMELOOM, "evaluate", "memory", "--checkpoint", str(checkpoint), "--task", "sniah",
-                   f"--lengths={lengths}", f"--samples={samples}", "--batch-size=4", f"--out={run_dir}/eval"]  # fmt: skip
+        command = [TIMELOOM, "evaluate", "memory", "--checkpoint", str(checkpoint), "--task", "sniah", flag,
+                   f"--lengths={lengths}", f"--samples={samples}", "--batch-size=4", f"--out={run_dir / folder}"]  # fmt: skip
         subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
@@ -497,30 +507,35 @@ def recall_report() -> None:
         figure.savefig(ROOT / "docs/memory-video-recall.png", dpi=120)
         (RUNS / "video/results.json").write_text(json.dumps(video_results, indent=2))
 
-    results = {}
+    results = {test: {} for test in SNIAH_TESTS}
     stages = [
         f"{model}-curriculum-stage{i}" for model in SNIAH_MODELS for i in range(2, len(SNIAH_CURRICULUM))
     ]
-    for model in [*sniah_runs(), *stages]:  # a stage appears once scored (`timeloom evaluate memory`)
-        report_file = RUNS / "sniah" / model / "eval/memory-sniah.json"
+    for model, (test, (_, folder)) in itertools.product([*sniah_runs(), *stages], SNIAH_TESTS.items()):
+        report_file = RUNS / "sniah" / model / folder / "memory-sniah.json"  # once scored (`sniah-eval`)
         if report_file.exists():
-            results[model] = json.loads(report_file.read_text())["by_length"]
-    if results:
+            results[test][model] = json.loads(report_file.read_text())["by_length"]
+    if any(results.values()):
         (RUNS / "sniah/results.json").write_text(json.dumps(results, indent=2))
-        figure, ax = plt.subplots(figsize=(5, 3.4))
-        for model, by_length in results.items():
-            lengths = sorted(by_length, key=int)
-            ax.plot(
-                [int(n) for n in lengths],
-                [by_length[n]["exact_match"] for n in lengths],
-                marker="o",
-                label=model,
-            )
-        ax.set(xscale="log", xlabel="test length (tokens)", ylabel="pass-key exact match", ylim=(-0.02, 1.02),
-               title=f"S-NIAH pass-key (trained at {SNIAH_TRAIN_LENGTH}; curriculum to "
-                     f"{SNIAH_CURRICULUM[-1][0]})")  # fmt: skip
-        ax.set_xticks(list(SNIAH_TEST_LENGTHS), [str(n) for n in SNIAH_TEST_LENGTHS])
-        ax.legend(fontsize=8)
+        # one colour per run in both panels; the runs trained at 1K (curriculum stage 4 and stop 17's) solid
+        runs = list(dict.fromkeys(model for by_model in results.values() for model in by_model))
+        figure, axes = plt.subplots(1, len(SNIAH_TESTS), figsize=(11, 3.8), sharey=True)
+        for ax, (test, by_model) in zip(axes, results.items()):
+            for model, by_length in by_model.items():
+                lengths = sorted(by_length, key=int)
+                trained_at_1k = model.endswith("-curriculum") or model in SNIAH_TAGGED_RUNS
+                ax.plot([int(n) for n in lengths], [by_length[n]["exact_match"] for n in lengths],
+                        marker="o", ls="-" if trained_at_1k else ":", color=f"C{runs.index(model)}", label=model)  # fmt: skip
+            ax.axvline(1024, color="grey", lw=0.8, ls="--")  # the training length of the solid lines
+            ax.set(xscale="log", xlabel="test length (tokens)", ylim=(-0.02, 1.02),
+                   title=f"S-NIAH pass-key, {test} haystack")  # fmt: skip
+            ax.set_xticks(list(SNIAH_TEST_LENGTHS), [str(n) for n in SNIAH_TEST_LENGTHS])
+        axes[0].set_ylabel("exact match (all five depths)")
+        legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+        axes[-1].legend(
+            legend.values(), legend.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5)
+        )
+        figure.suptitle("solid: trained at 1K (dashed line); dotted: trained at 64 or 256 tokens", fontsize=8)
         figure.tight_layout()
         figure.savefig(ROOT / "docs/memory-sniah.png", dpi=120)
 

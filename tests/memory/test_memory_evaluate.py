@@ -104,6 +104,20 @@ def test_report_on_a_tiny_model(tmp_path):
     assert report["cells"][0]["labelled"] == 3 * 4
 
 
+def test_random_phase_follows_the_flag(tmp_path):
+    tiny_module("mac").save_pretrained(tmp_path / "model")
+    base = ["--checkpoint", str(tmp_path / "model"), "--task", "sniah", "--lengths", "64", "--depths", "0",
+            "--samples", "2", "--piece", "32", "--out", str(tmp_path / "eval")]  # fmt: skip
+    for flag, expected in (([], None), (["--random-phase"], True), (["--no-random-phase"], False)):
+        assert main([*base, *flag]) == 0
+        report = json.loads((tmp_path / "eval/memory-sniah.json").read_text())
+        assert report["task_options"].get("random_phase") is expected
+    fillers = {
+        int(build_dataset("sniah", 64, 0.5, 30, 0, random_phase=True)[i]["input_ids"][0]) for i in range(30)
+    }
+    assert len(fillers) > 1  # the haystack's first token differs between sequences
+
+
 def test_bad_arguments_are_named(tmp_path):
     tiny_module("swa").save_pretrained(tmp_path / "model")
     base = ["--checkpoint", str(tmp_path / "model"), "--task", "sniah", "--lengths", "64", "--samples", "1"]

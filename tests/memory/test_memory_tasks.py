@@ -128,6 +128,31 @@ def test_sniah_answer_is_the_needle_value_at_its_depth(kind):
         assert (hay[SNIAH.FILLER_PERIOD :] == hay[: -SNIAH.FILLER_PERIOD]).all()
 
 
+def test_sniah_random_phase_shifts_only_the_filler():
+    fixed = SNIAH(seq_len=96, length=40)
+    shifted = SNIAH(seq_len=96, length=40, random_phase=True)
+    phases = set()
+    for i in range(40):
+        item = shifted[i]
+        inputs, labels, meta = item["input_ids"].numpy(), item["labels"].numpy(), item["meta"]
+        value = shifted.encode(meta["value"])
+        where = np.flatnonzero(labels != IGNORE)
+        assert list(where) == list(range(96 - len(value), 96)) and labels[where].tolist() == value
+        at = meta["needle_at"]
+        assert at == fixed[i]["meta"]["needle_at"]  # same depth, same place
+        needle = inputs[at : at + len(value) + 3]
+        assert needle[0] == SNIAH.MARK and needle[2:-1].tolist() == value and needle[-1] == SNIAH.SEP
+        assert inputs[96 - len(value)] == needle[1] and inputs[95 - len(value)] == SNIAH.QUERY
+        hay = np.concatenate([inputs[:at], inputs[at + len(value) + 3 : 95 - len(value)]])
+        assert len(hay) == shifted.haystack_len
+        phase = int(hay[0]) - SNIAH.FIRST_FILLER
+        period = np.arange(len(hay)) + phase
+        assert (hay == SNIAH.FIRST_FILLER + period % SNIAH.FILLER_PERIOD).all()  # one period, shifted
+        phases.add(phase)
+        assert fixed[i]["input_ids"][0] == (SNIAH.MARK if at == 0 else SNIAH.FIRST_FILLER)  # default: phase 0
+    assert phases == set(range(SNIAH.FILLER_PERIOD))
+
+
 def test_sniah_test_split_can_be_longer():
     module = SNIAHDataModule(seq_len=64, test_seq_len=256, train_length=8, val_length=4, test_length=4)
     assert len(module.dataset("train")[0]["input_ids"]) == 64

@@ -38,7 +38,7 @@ MAIN_METRIC = {"mqar": "accuracy", "sniah": "exact_match", "selective_copy": "ac
 # Options of each task that do not depend on the length (lengths and depths come from the grid).
 TASK_OPTIONS = {
     "mqar": ("vocab_size", "num_pairs", "power_a", "random_non_queries"),
-    "sniah": ("kind", "vocab_size"),
+    "sniah": ("kind", "vocab_size", "random_phase"),
     "selective_copy": ("num_tokens", "alphabet"),
 }
 
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-pairs", type=int, help="mqar")
     parser.add_argument("--kind", choices=["passkey", "number", "uuid"], help="sniah")
+    parser.add_argument("--random-phase", action=argparse.BooleanOptionalAction,
+                        help="sniah passkey: a random filler phase per sequence (default: as the checkpoint trained)")  # fmt: skip
     parser.add_argument("--num-tokens", type=int, help="selective_copy")
     parser.add_argument("--alphabet", type=int, help="selective_copy")
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluate"))
