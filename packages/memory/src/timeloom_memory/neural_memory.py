@@ -549,6 +549,7 @@ class DualStep(torch.autograd.Function):
         grad_end_w = grad_state[:depth]
         grad_end_s = grad_state[depth:] if ctx.with_momentum else [None] * depth
         grad_w, grad_s = [None] * depth, [None] * depth
+        need_s = any(ctx.needs_input_grad[13 + depth :])  # the start momentum (zeros at a stream's start)
         grad_delta, grad_input = [None] * depth, [None] * depth
         g = dict.fromkeys(DualPlan._fields)  # gradients of the plan's coefficients
 
@@ -561,8 +562,11 @@ class DualStep(torch.autograd.Function):
                     continue
                 for state, name, into in decays:
                     if state[i] is not None:
-                        g[name] = _add(g[name], (state[i] * grad).sum((-2, -1), keepdim=True))
-                        into[i] = _add(into[i], getattr(plan, name) * grad)
+                        dot = torch.linalg.vecdot(state[i].flatten(1), grad.flatten(1)).view(-1, 1, 1)
+                        g[name] = _add(g[name], dot)
+                        if into is grad_w or need_s:
+                            coef = getattr(plan, name)
+                            into[i] = coef * grad if into[i] is None else into[i].addcmul_(coef, grad)
                 spread = inputs[i] @ grad.mT  # (n, out): row j is G ẑ_j
                 g[step_name] = _add(g[step_name], (spread * deltas[i]).sum(-1, keepdim=True).neg_())
                 grad_delta[i] = _add(grad_delta[i], spread.mul_(-step))
@@ -581,7 +585,8 @@ class DualStep(torch.autograd.Function):
                 through_s = grad_a @ s
                 g["read_c"] = _add(g["read_c"], (through_s * z).sum(-1, keepdim=True))
                 grad_z.addcmul_(through_s, plan.read_c)
-                grad_s[i] = _add_matmul(grad_s[i], *_scaled_outer(grad_a, z, plan.read_c))
+                if need_s:
+                    grad_s[i] = _add_matmul(grad_s[i], *_scaled_outer(grad_a, z, plan.read_c))
             grad_delta[i] = _add_matmul(grad_delta[i], scores[i].mT, grad_a, alpha=-1.0)
             grad_scores = (grad_a @ deltas[i].mT).neg_()
             if i == 0:
