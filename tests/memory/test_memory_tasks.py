@@ -153,6 +153,38 @@ def test_sniah_random_phase_shifts_only_the_filler():
     assert phases == set(range(SNIAH.FILLER_PERIOD))
 
 
+def test_sniah_length_mixture_batches_one_length_each_with_answers_at_the_query():
+    lengths = [128, 64, 96]
+    module = SNIAHDataModule(seq_len=128, mix_lengths=[64, 96], depths=[0, 50], random_phase=True,
+                             train_length=48, val_length=4, batch_size=4)  # fmt: skip
+    module.setup("fit")
+    data = module.dataset("train")
+    assert len(data) == 12
+    for i in range(len(data)):
+        n, batch = lengths[i % 3], data[i]
+        assert batch["meta"] == {"seq_len": n} and batch["input_ids"].shape == (4, n)
+        same = SNIAH(seq_len=n, depths=(0, 50), random_phase=True, length=48, split="train")
+        for row in range(4):
+            inputs, labels = batch["input_ids"][row].numpy(), batch["labels"][row].numpy()
+            item = same[4 * i + row]
+            assert (inputs == item["input_ids"].numpy()).all()  # that length's own sequence
+            value = same.encode(item["meta"]["value"])
+            assert list(np.flatnonzero(labels != IGNORE)) == list(range(n - 7, n))  # only the answer
+            assert labels[n - 7 :].tolist() == value
+            at = item["meta"]["needle_at"]
+            assert (
+                inputs[at] == SNIAH.MARK and inputs[at + 2 : at + 9].tolist() == value
+            )  # the needle holds it
+            assert inputs[n - 8] == SNIAH.QUERY and inputs[n - 7] == inputs[at + 1]  # queried by its key
+    shapes = [tuple(batch["input_ids"].shape) for batch in module.train_dataloader()]  # a shuffled epoch
+    assert sorted(shapes) == sorted([(4, n) for n in lengths] * 4)
+    assert module.val_names == ["len128", "len64", "len96"]
+    for loader, n in zip(module.val_dataloader(), lengths):  # one validation set per length
+        assert next(iter(loader))["input_ids"].shape == (4, n)
+    with pytest.raises(ValueError, match="too short"):
+        SNIAHDataModule(seq_len=128, mix_lengths=[16])
+
+
 def test_sniah_test_split_can_be_longer():
     module = SNIAHDataModule(seq_len=64, test_seq_len=256, train_length=8, val_length=4, test_length=4)
     assert len(module.dataset("train")[0]["input_ids"]) == 64

@@ -22,6 +22,7 @@ __all__ = [
     "SNIAH",
     "IGNORE",
     "MQARDataModule",
+    "BatchMixture",
     "MQARMixture",
     "SNIAHDataModule",
     "SelectiveCopying",
@@ -103,13 +104,36 @@ class MQAR(_RecallDataset):
         }
 
 
-class MQARMixture(Dataset):
-    """Zoology's multi-setting MQAR training: several ``(seq_len, num_pairs)`` settings in one training set.
+class BatchMixture(Dataset):
+    """Several tasks in one training set, one whole batch at a time (Zoology's multi-setting training).
 
-    Item i is a whole batch of ``batch_size`` `MQAR` sequences of setting ``i mod len(settings)`` (sequences
-    ``i·batch_size …`` of that setting's own `MQAR`), so the settings take equal turns and a batch of short
-    sequences costs what they cost, not what the longest would (padding every sequence to it).
+    Item i is a batch of ``batch_size`` sequences of task ``i mod len(tasks)`` (its items ``i·batch_size …``),
+    so the tasks take equal turns and a batch of short sequences costs what they cost, not what the longest
+    would (padding every sequence to it). ``meta`` names the task by its attributes ``meta_keys``.
     """
+
+    def __init__(self, tasks: list[Dataset], batch_size: int, length: int, meta_keys: tuple[str, ...]):
+        if not tasks:
+            raise ValueError(f"{type(self).__name__} needs at least one setting")
+        self.tasks, self.batch_size, self.length, self.meta_keys = tasks, batch_size, length, meta_keys
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(f"{type(self).__name__} index {index} out of range 0..{self.length - 1}")
+        task = self.tasks[index % len(self.tasks)]
+        items = [task[j] for j in range(index * self.batch_size, (index + 1) * self.batch_size)]
+        return {
+            "input_ids": torch.stack([item["input_ids"] for item in items]),
+            "labels": torch.stack([item["labels"] for item in items]),
+            "meta": {key: getattr(task, key) for key in self.meta_keys},
+        }
+
+
+class MQARMixture(BatchMixture):
+    """`MQAR` at several ``(seq_len, num_pairs)`` settings, one setting per batch (`BatchMixture`)."""
 
     def __init__(
         self,
@@ -121,31 +145,15 @@ class MQARMixture(Dataset):
         split: str = "train",
         **task,
     ):
-        if not settings:
-            raise ValueError("MQARMixture needs at least one (seq_len, num_pairs) setting")
-        self.batch_size, self.length = batch_size, length
-        self.tasks = [
+        tasks = [
             MQAR(vocab_size, seq_len, num_pairs, length=length * batch_size, seed=seed, split=split, **task)
             for seq_len, num_pairs in settings
         ]
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"MQARMixture index {index} out of range 0..{self.length - 1}")
-        task = self.tasks[index % len(self.tasks)]
-        items = [task[j] for j in range(index * self.batch_size, (index + 1) * self.batch_size)]
-        return {
-            "input_ids": torch.stack([item["input_ids"] for item in items]),
-            "labels": torch.stack([item["labels"] for item in items]),
-            "meta": {"num_pairs": task.num_pairs, "seq_len": task.seq_len},
-        }
+        super().__init__(tasks, batch_size, length, meta_keys=("num_pairs", "seq_len"))
 
 
 def _whole_batch(items: list[dict]) -> dict:
-    """Collate for a loader whose items are already batches (`MQARMixture`, one item per batch)."""
+    """Collate for a loader whose items are already batches (`BatchMixture`, one item per batch)."""
     return items[0]
 
 
@@ -269,9 +277,29 @@ class SNIAH(_RecallDataset):
 
 
 class _RecallDataModule(TimeloomDataModule):
+    """Shared splits; a module that trains several settings at once (a `BatchMixture`) lists them in
+    ``val_names`` and gives one validation set per setting (``val_sets``), the first its own."""
+
+    val_names: list[str] = []
+
     def __init__(self, train_length: int, val_length: int, test_length: int, **loader):
         super().__init__(**loader)
         self.lengths = {"train": train_length, "val": val_length, "test": test_length}
+
+    def val_sets(self) -> list[Dataset]:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        if len(self.val_names) < 2:
+            return super().train_dataloader()
+        return make_train_loader(self.dataset("train"), batch_size=1, seed=self.seed, num_workers=self.num_workers,
+                                 collate_fn=_whole_batch, pin_memory=self.pin_memory)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if len(self.val_names) < 2:
+            return super().val_dataloader()
+        return [make_eval_loader(data, batch_size=self.batch_size, num_workers=self.num_workers,
+                                 collate_fn=collate_batch, pin_memory=self.pin_memory) for data in self.val_sets()]  # fmt: skip
 
 
 class MQARDataModule(_RecallDataModule):
@@ -317,19 +345,9 @@ class MQARDataModule(_RecallDataModule):
             seq_len=n, num_pairs=d, length=self.lengths[split], seed=self.seed, split=split, **self.task
         )
 
-    def train_dataloader(self) -> DataLoader:
-        if len(self.settings) == 1:
-            return super().train_dataloader()
-        return make_train_loader(self.dataset("train"), batch_size=1, seed=self.seed, num_workers=self.num_workers,
-                                 collate_fn=_whole_batch, pin_memory=self.pin_memory)  # fmt: skip
-
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        if len(self.settings) == 1:
-            return super().val_dataloader()
-        sets = [MQAR(seq_len=n, num_pairs=d, length=self.lengths["val"], seed=self.seed, split="val", **self.task)
+    def val_sets(self) -> list[MQAR]:
+        return [MQAR(seq_len=n, num_pairs=d, length=self.lengths["val"], seed=self.seed, split="val", **self.task)
                 for n, d in self.settings]  # fmt: skip
-        return [make_eval_loader(data, batch_size=self.batch_size, num_workers=self.num_workers,
-                                 collate_fn=collate_batch, pin_memory=self.pin_memory) for data in sets]  # fmt: skip
 
 
 class SelectiveCopyingDataModule(_RecallDataModule):
@@ -359,7 +377,12 @@ class SelectiveCopyingDataModule(_RecallDataModule):
 
 
 class SNIAHDataModule(_RecallDataModule):
-    """`SNIAH` splits; ``test_seq_len`` (default ``seq_len``) sets the length of the test split."""
+    """`SNIAH` splits; ``test_seq_len`` (default ``seq_len``) sets the length of the test split.
+
+    ``mix_lengths``: more lengths trained beside ``seq_len``, in equal turns, one length per batch
+    (`BatchMixture`; ``train_length`` counts sequences). Validation runs one set per length, named
+    ``len<n>`` in ``val_names`` (the first, ``seq_len``'s, is what ``val/`` reports).
+    """
 
     def __init__(
         self,
@@ -376,15 +399,27 @@ class SNIAHDataModule(_RecallDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         random_phase: bool = False,
+        mix_lengths: list[int] = (),
     ):
         super().__init__(train_length, val_length, test_length, batch_size=batch_size, num_workers=num_workers,
                          seed=seed, pin_memory=pin_memory)  # fmt: skip
         self.save_hyperparameters()
         self.task = dict(kind=kind, depths=tuple(depths), vocab_size=vocab_size, random_phase=random_phase)
         self.seq_lens = {"train": seq_len, "val": seq_len, "test": test_seq_len or seq_len}
-        SNIAH(length=0, seq_len=self.seq_lens["test"], **self.task)
-        SNIAH(length=0, seq_len=seq_len, **self.task)
+        self.mixed = [seq_len, *mix_lengths]
+        self.val_names = [f"len{n}" for n in self.mixed]
+        for n in {self.seq_lens["test"], *self.mixed}:  # reject a bad configuration now
+            SNIAH(length=0, seq_len=n, **self.task)
 
-    def build_dataset(self, split: str) -> SNIAH:
+    def build_dataset(self, split: str) -> SNIAH | BatchMixture:
+        if split == "train" and len(self.mixed) > 1:
+            count = self.lengths["train"] // self.batch_size
+            tasks = [SNIAH(length=count * self.batch_size, seq_len=n, seed=self.seed, split="train", **self.task)
+                     for n in self.mixed]  # fmt: skip
+            return BatchMixture(tasks, self.batch_size, count, meta_keys=("seq_len",))
         return SNIAH(length=self.lengths[split], seq_len=self.seq_lens[split], seed=self.seed, split=split,
                      **self.task)  # fmt: skip
+
+    def val_sets(self) -> list[SNIAH]:
+        return [SNIAH(length=self.lengths["val"], seq_len=n, seed=self.seed, split="val", **self.task)
+                for n in self.mixed]  # fmt: skip
