@@ -74,7 +74,7 @@ SNIAH_CURRICULUM = (
 )
 # Tagged S-NIAH runs (`sniah --tag`, each rule in benchmarks/memory-quality.md §2.0) that `sniah-eval` scores and
 # `report` plots: stop 17's runs trained at 1K.
-SNIAH_TAGGED_RUNS = ("swa-1k", "titans-mac-1k-phase")
+SNIAH_TAGGED_RUNS = ("swa-1k", "titans-mac-1k-phase", "titans-mac-mix-phase")
 # Long-video recall: Titans memory + window against the window alone.
 # name -> (config, flags); "memory-keep" starts the memory's forgetting at α ≈ 3e-4 instead of 0.018 per token
 # (0.018 leaves (1 − 0.018)^224 ≈ 2 % of the first clip's write after the 7 clips that follow it).
