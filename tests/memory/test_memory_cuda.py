@@ -1,9 +1,12 @@
 """CUDA checks of the memory models (skipped without a GPU): bf16-mixed training steps stay finite with
-float32 memory state, and float32 CUDA outputs match the CPU."""
+float32 memory state, float32 CUDA outputs match the CPU, and so do the gradients of the `dual` update's
+hand-written backward."""
+
+import copy
 
 import pytest
 import torch
-from timeloom_memory import NeuralMemoryConfig, TitansConfig, TitansLM
+from timeloom_memory import NeuralMemory, NeuralMemoryConfig, TitansConfig, TitansLM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,3 +38,22 @@ def test_cuda_float32_matches_cpu_and_bf16_autocast_trains(block):
         weights = getattr(state.memory, "weights", None)
         if weights is not None:
             assert weights[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_cuda_dual_backward_matches_cpu(momentum):
+    """No surprise clip, so the update's backward is `DualStep`'s hand-written one (the models above clip)."""
+    torch.manual_seed(0)
+    cpu = NeuralMemory(NeuralMemoryConfig(dim=32, heads=2, head_dim=16, chunk_size=8, momentum=momentum))
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(2, 29, 32, generator=torch.Generator().manual_seed(0))
+    for m, inputs in ((cpu, x), (gpu, x.cuda())):
+        y, _ = m(inputs)
+        y.pow(2).sum().backward()
+    for (name, expected), got in zip(cpu.named_parameters(), gpu.parameters()):
+        torch.testing.assert_close(got.grad.cpu(), expected.grad, atol=2e-3, rtol=2e-3, msg=name)
+    gpu.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, _ = gpu(x.cuda())
+        y.float().pow(2).sum().backward()  # a backward inside autocast still runs the update in float32
+    assert all(torch.isfinite(p.grad).all() for p in gpu.parameters())

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from timeloom_memory.neural_memory import (
     NO_MOMENTUM,
+    DualStep,
     NeuralMemory,
     NeuralMemoryConfig,
     NeuralMemoryState,
@@ -20,6 +21,7 @@ from timeloom_memory.neural_memory import (
     clipped_theta,
     dual_chunk,
     dual_chunks,
+    dual_plans,
     linear_scan,
     mlp_forward,
     sequential_chunk,
@@ -206,6 +208,26 @@ def test_gradcheck_of_the_dual_backward(depth, momentum):
         return y, *end_w, *end_s
 
     assert torch.autograd.gradcheck(run, (*tokens, *weights, *surprise), eps=1e-6, atol=1e-6)
+
+
+def test_the_dual_backward_runs_in_float32_when_called_inside_autocast():
+    """Under ``bf16-mixed`` the update runs in float32 (autocast off inside it); `DualStep`'s backward does
+    too, also when ``backward()`` is called inside an autocast region (which would otherwise run its products
+    in bf16 and fail on its float32 buffers): the same gradients as outside it."""
+    tokens, weights, surprise = update_inputs(2, True, length=4)
+    q, k, v, theta, log_eta, log_keep = (t.detach().float().flatten(0, 1) for t in tokens)
+    (plan,) = dual_plans(*(t.unsqueeze(1) for t in (q, k, theta, log_eta, log_keep)), "after", True)
+    state = [t.detach().float().flatten(0, 1) for t in weights + surprise]
+    leaves = [t.requires_grad_() for t in (q, k, v, *plan, *state)]
+    grads = []
+    for backward_inside in (False, True):
+        y, *end_state = DualStep.apply(2, *leaves)
+        loss = y.pow(2).sum() + sum(t.sum() for t in end_state)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_inside):
+            grads.append(torch.autograd.grad(loss, leaves))
+    for outside, inside in zip(*grads):
+        assert inside.dtype == torch.float32
+        torch.testing.assert_close(inside, outside, atol=0, rtol=0)
 
 
 def test_the_dual_backward_is_differentiable_once():

@@ -525,7 +525,15 @@ class DualStep(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, *grad_state):
-        flat, groups = list(ctx.saved_tensors), []
+        flat = list(ctx.saved_tensors)
+        # the update runs in the state's dtype (float32 under bf16 autocast), and so does its backward, also
+        # when called inside an autocast region
+        with torch.autocast(_autocast_device(flat[0]), enabled=False):
+            return DualStep.gradients(ctx, flat, grad_y, grad_state)
+
+    @staticmethod
+    def gradients(ctx, flat: list[Tensor], grad_y: Tensor | None, grad_state: tuple) -> tuple:
+        groups = []
         for size in ctx.sizes:
             groups.append(flat[:size])
             flat = flat[size:]
