@@ -217,7 +217,9 @@ class SiluAndGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:
-        s, y, dy = silu_parts(a)
+        s = torch.sigmoid(a)
+        y = a * s
+        dy = torch.addcmul(s, y, 1 - s)  # silu'(a) = s (1 + a (1 − s)) = s + y (1 − s)
         ctx.save_for_backward(a, s, dy)
         return y, dy
 
@@ -229,13 +231,6 @@ class SiluAndGrad(torch.autograd.Function):
             return grad_y * dy
         grad = silu_second(a, s, grad_dy)
         return grad if grad_y is None else grad.addcmul_(grad_y, dy)
-
-
-def silu_parts(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sigmoid(a), silu(a), silu'(a))``; ``silu'(a) = s (1 + a (1 − s)) = s + silu(a) (1 − s)``."""
-    s = torch.sigmoid(a)
-    y = a * s
-    return s, y, torch.addcmul(s, y, 1 - s)
 
 
 def silu_second(a: Tensor, s: Tensor, grad: Tensor) -> Tensor:
@@ -256,18 +251,25 @@ def mlp_forward(weights: list[Tensor], z: Tensor) -> Tensor:
 class KeyPass(NamedTuple):
     """The keys' pass through the memory at the chunk-start weights: per layer ``l`` its input ``ẑ_l`` and
     backpropagated signal ``δ_l`` (`inner_gradients`), and what the hand-written backward needs besides:
-    each hidden layer's pre-activation ``p_l`` and ``silu'(p_l)``, and ``δ_{l+1} W_{l+1}`` (``δ_l`` before the
-    slope)."""
+    each hidden layer's pre-activation ``p_l`` and ``δ_{l+1} W_{l+1}`` (``δ_l`` before the slope)."""
 
     inputs: list[Tensor]
     deltas: list[Tensor]
     pre: list[Tensor]
-    slopes: list[Tensor]
     back: list[Tensor]
 
 
+# ``grad · silu'(a)`` in one fused pass; aten gives it no derivative
+SILU_BACKWARD = torch.ops.aten.silu_backward
+
+
 def key_pass(weights: list[Tensor], k: Tensor, v: Tensor) -> KeyPass:
-    """`KeyPass` of keys ``k`` and values ``v`` ``(…, n, d)`` at ``weights`` ``(…, out, in)``."""
+    """`KeyPass` of keys ``k`` and values ``v`` ``(…, n, d)`` at ``weights`` ``(…, out, in)``.
+
+    Under autograd the slopes ``silu'(p)`` come from `SiluAndGrad`; otherwise (no backward, or `DualStep`'s
+    forward) ``δ_l = silu_backward(δ_{l+1} W_{l+1}, p_l)``, one pass, and no slope is materialised.
+    """
+    differentiable = torch.is_grad_enabled()
     inputs, pre, slopes, back = [], [], [], []
     z = k
     for i, w in enumerate(weights):
@@ -275,15 +277,18 @@ def key_pass(weights: list[Tensor], k: Tensor, v: Tensor) -> KeyPass:
         z = z @ w.mT
         if i < len(weights) - 1:
             pre.append(z)
-            z, slope = SiluAndGrad.apply(z)
-            slopes.append(slope)
+            if differentiable:
+                z, slope = SiluAndGrad.apply(z)
+                slopes.append(slope)
+            else:
+                z = F.silu(z)
     delta = 2 * (z - v)
     deltas = [delta]
     for i in range(len(weights) - 1, 0, -1):
         back.insert(0, delta @ weights[i])
-        delta = back[0] * slopes[i - 1]
+        delta = back[0] * slopes[i - 1] if differentiable else SILU_BACKWARD(back[0], pre[i - 1])
         deltas.insert(0, delta)
-    return KeyPass(inputs, deltas, pre, slopes, back)
+    return KeyPass(inputs, deltas, pre, back)
 
 
 def inner_gradients(weights: list[Tensor], k: Tensor, v: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -445,8 +450,8 @@ def dual_forward(
     masked n×n product, like attention. End weights are sums of rank-1 terms, ``Σ_j w_j δ_j ẑ_jᵀ = Δᵀ diag(w) Ẑ``
     (Eq. 17 as one matmul), subtracted in place on the decayed start state: every tensor is 3-D and fresh, so
     no in-place op lands on a view (autograd would copy the whole base in backward). ``saved``: four lists
-    that receive, per layer, the readout's input ``z``, ``z ẑᵀ``, the scores and ``silu'`` of its output
-    (`DualStep`'s backward).
+    that receive, per layer, the readout's input ``z``, ``z ẑᵀ``, the scores and a hidden layer's
+    pre-activation (`DualStep`'s backward).
     """
     surprise = momentum if momentum is not None else [None] * len(weights)
     z = q
@@ -457,13 +462,9 @@ def dual_forward(
             for kept, t in zip(saved, (z, products, scores)):
                 kept.append(t)
         a = _decayed_read(z, w, s, plan.read_d0, plan.read_c).baddbmm_(scores, dl, alpha=-1)
-        if i == len(weights) - 1:
-            z = a
-        elif saved is None:
-            z = F.silu(a)
-        else:
-            _, z, slope = silu_parts(a)
-            saved[3].append(slope)
+        z = a if i == len(weights) - 1 else F.silu(a)
+        if saved is not None and i < len(weights) - 1:
+            saved[3].append(a)
     end_w = [
         (torch.addcmul(plan.end_d0 * w, plan.end_c, s) if s is not None else plan.end_d0 * w).baddbmm_(
             *_weighted_outer(dl, zl, plan.end_w), alpha=-1
@@ -512,12 +513,11 @@ class DualStep(torch.autograd.Function):
         plan = DualPlan(*tensors[:9])
         weights, momentum = list(tensors[9 : 9 + depth]), list(tensors[9 + depth :]) or None
         keys = key_pass(weights, k, v)
-        saved = [[], [], [], []]  # readout inputs, z ẑᵀ, scores, silu' slopes
+        saved = [[], [], [], []]  # readout inputs, z ẑᵀ, scores, hidden pre-activations
         y, end_w, end_s = dual_forward(weights, momentum, q, keys.inputs, keys.deltas, plan, saved)
         ctx.set_materialize_grads(False)
         ctx.depth, ctx.with_momentum = depth, momentum is not None
-        groups = [list(plan), weights, momentum or [], keys.inputs, keys.deltas, keys.pre, keys.slopes,
-                  keys.back, *saved]  # fmt: skip
+        groups = [list(plan), weights, momentum or [], keys.inputs, keys.deltas, keys.pre, keys.back, *saved]
         ctx.sizes = [len(g) for g in groups]
         ctx.save_for_backward(*(t for g in groups for t in g))
         return (y, *end_w, *(end_s or []))
@@ -537,20 +537,7 @@ class DualStep(torch.autograd.Function):
         for size in ctx.sizes:
             groups.append(flat[:size])
             flat = flat[size:]
-        (
-            plan_list,
-            weights,
-            momentum,
-            inputs,
-            deltas,
-            pre,
-            key_slopes,
-            back,
-            reads,
-            products,
-            scores,
-            slopes,
-        ) = groups
+        plan_list, weights, momentum, inputs, deltas, pre, back, reads, products, scores, read_pre = groups
         plan = DualPlan(*plan_list)
         depth = ctx.depth
         surprise = momentum if ctx.with_momentum else [None] * depth
@@ -605,7 +592,7 @@ class DualStep(torch.autograd.Function):
                 grad_products = grad_scores.mul_(plan.mix)
                 grad_z.baddbmm_(grad_products, inputs[i])
                 grad_input[i] = _add_matmul(grad_input[i], grad_products.mT, z)
-                grad_a = grad_z.mul_(slopes[i - 1])
+                grad_a = SILU_BACKWARD(grad_z, read_pre[i - 1])
 
         # Keys' backpropagation, bottom-up: δ_l = (δ_{l+1} W_{l+1}) ⊙ silu'(p_l); an output without a gradient
         # (None) leaves a factor without one
@@ -613,7 +600,7 @@ class DualStep(torch.autograd.Function):
         grad_input = [torch.zeros_like(z) if gz is None else gz for z, gz in zip(inputs, grad_input)]
         grad_key_slopes = []
         for i in range(depth - 1):
-            grad_back = grad_delta[i] * key_slopes[i]
+            grad_back = SILU_BACKWARD(grad_delta[i], pre[i])
             grad_key_slopes.append(grad_delta[i] * back[i])
             grad_delta[i + 1] = _add_matmul(grad_delta[i + 1], grad_back, weights[i + 1].mT)
             grad_w[i + 1] = _add_matmul(grad_w[i + 1], deltas[i + 1].mT, grad_back)
@@ -623,7 +610,7 @@ class DualStep(torch.autograd.Function):
         for i in reversed(range(depth)):
             if i < depth - 1:
                 grad_pre = silu_second(pre[i], torch.sigmoid(pre[i]), grad_key_slopes[i])
-                grad_pre.addcmul_(grad_input[i + 1], key_slopes[i])
+                grad_pre.add_(SILU_BACKWARD(grad_input[i + 1], pre[i]))
             grad_w[i] = _add_matmul(grad_w[i], grad_pre.mT, inputs[i])
             grad_input[i] = _add_matmul(grad_input[i], grad_pre, weights[i])
         grads_s = grad_s if ctx.with_momentum else []
