@@ -17,6 +17,7 @@ from timeloom_memory.neural_memory import (
     NeuralMemory,
     NeuralMemoryConfig,
     NeuralMemoryState,
+    causal_depthwise_conv,
     chunk_loop,
     clipped_theta,
     dual_chunk,
@@ -339,6 +340,23 @@ def test_gradcheck_on_tiny_dims():
         return torch.func.functional_call(m, dict(zip(names, values)), (x,))[0]
 
     assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_the_causal_depthwise_conv_equals_torch_conv1d_and_its_backward_autograd():
+    """The layer's conv (shifted multiply-adds with a hand-written backward) against ``F.conv1d(groups=C)`` on
+    the channels-first layout: outputs and the gradients of input and weight, in float64; and gradcheck."""
+    generator = torch.Generator().manual_seed(0)
+    padded = torch.randn(2, 3 + 9, 5, dtype=torch.float64, generator=generator).requires_grad_()
+    weight = torch.randn(5, 1, 4, dtype=torch.float64, generator=generator).requires_grad_()
+    cotangent = torch.randn(2, 9, 5, dtype=torch.float64, generator=generator)
+    ours = causal_depthwise_conv(padded, weight)
+    reference = F.conv1d(padded.transpose(1, 2), weight, groups=5).transpose(1, 2)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
+    got = torch.autograd.grad((ours * cotangent).sum(), (padded, weight))
+    want = torch.autograd.grad((reference * cotangent).sum(), (padded, weight))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(causal_depthwise_conv, (padded, weight))
 
 
 def test_save_load_continue_equals_one_run(tmp_path):

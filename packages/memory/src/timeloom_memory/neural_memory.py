@@ -980,18 +980,41 @@ class NeuralMemory(nn.Module):
 
 def causal_depthwise_conv(padded: Tensor, weight: Tensor) -> Tensor:
     """``nn.Conv1d(groups=C)`` along time in the ``(B, T, C)`` layout: ``padded (B, K−1+L, C)`` holds the K−1
-    inputs before the call, ``weight (C, 1, K)`` the conv's; returns ``(B, L, C)``.
+    inputs before the call, ``weight (C, 1, K)`` the conv's; returns ``(B, L, C)`` (`CausalDepthwiseConv`)."""
+    return CausalDepthwiseConv.apply(padded, weight)
 
-    K fused multiply-adds over shifted views: no transposes in or out, and faster than oneDNN's depthwise conv
-    on CPU, forward and backward.
-    """
-    taps = weight[:, 0]
-    k = taps.shape[-1]
-    length = padded.shape[1] - (k - 1)
-    out = padded[:, :length] * taps[:, 0]
-    for i in range(1, k):
-        out = torch.addcmul(out, padded[:, i : i + length], taps[:, i])
-    return out
+
+class CausalDepthwiseConv(torch.autograd.Function):
+    """K fused multiply-adds over shifted views: no transposes in or out, and faster than oneDNN's depthwise
+    conv on CPU. The backward is written by hand: autograd would give each shifted view's gradient a zero-filled
+    copy of the whole input (four per call) and keep a product per tap for the weights' gradient."""
+
+    @staticmethod
+    def forward(ctx, padded: Tensor, weight: Tensor) -> Tensor:
+        taps = weight[:, 0]
+        k = taps.shape[-1]
+        length = padded.shape[1] - (k - 1)
+        out = padded[:, :length] * taps[:, 0]
+        for i in range(1, k):
+            out.addcmul_(padded[:, i : i + length], taps[:, i])
+        ctx.save_for_backward(padded, weight)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        padded, weight = ctx.saved_tensors
+        taps = weight[:, 0]
+        k, length = taps.shape[-1], grad.shape[1]
+        grad_padded = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_padded = grad.new_zeros(padded.shape)
+            for i in range(k):
+                grad_padded[:, i : i + length].addcmul_(grad, taps[:, i])
+        if ctx.needs_input_grad[1]:
+            per_tap = [(grad * padded[:, i : i + length]).sum((0, 1)) for i in range(k)]
+            grad_weight = torch.stack(per_tap, -1).unsqueeze(1)
+        return grad_padded, grad_weight
 
 
 def _autocast_device(t: Tensor) -> str:
