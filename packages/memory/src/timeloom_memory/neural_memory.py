@@ -868,10 +868,10 @@ class NeuralMemory(nn.Module):
             p = causal_depthwise_conv(p, self.conv.weight)
         else:
             new_tail = p[:, :0]
-        q, k, v = (self._heads(t) for t in p.chunk(3, dim=-1))
-        q = F.normalize(F.silu(q), dim=-1)
-        k = F.normalize(F.silu(k), dim=-1)
-        return q, k, F.silu(v), new_tail
+        # SiLU and ℓ2 in the (B, L, ·) layout, where every head's features are contiguous, then split heads
+        q, k, v = F.silu(p).unflatten(-1, (3, self.config.heads, self.config.head_dim)).unbind(2)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), new_tail
 
     def project_queries(self, x: Tensor) -> Tensor:
         """``project(x, None)``'s queries alone (a read needs no keys or values)."""
