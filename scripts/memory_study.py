@@ -252,12 +252,13 @@ def mqar_curriculum(
     tag: str,
     extra: list[str],
     stage1_target: float = TARGET,
+    mix: tuple[str, ...] = ("s64", "s128"),
 ) -> None:
     """§1.0's recipe in one call: seq 64 / 4 pairs (vocab 512) alone until validation ``stage1_target`` or
-    ``stage1_minutes``, then the 64/128/256 mixture from its weights, the rate decaying to 0 over the
-    CPU-minutes left of ``total_minutes`` (both stages share the budget). ``extra`` flags (e.g. a model option)
-    go to both stages; the runs are ``<model>-s64-<tag>-stage1`` and ``<model>-s256-<tag>`` (`report` plots
-    the tags in ``REPORTED_TAGS``)."""
+    ``stage1_minutes``, then seq 256 with the ``mix`` settings beside it (one setting per batch) from its
+    weights, the rate decaying to 0 over the CPU-minutes left of ``total_minutes`` (both stages share the
+    budget). ``extra`` flags (e.g. a model option) go to both stages; the runs are ``<model>-s64-<tag>-stage1``
+    and ``<model>-s256-<tag>`` (`report` plots the tags in ``REPORTED_TAGS``)."""
     first = f"{tag}-stage1"
     mqar(model, "s64", stage1_minutes, mix=[], cosine_steps=None, cosine_budget=False, init_from="", tag=first,
          extra=["--data.init_args.vocab_size=512", *extra], target=stage1_target)  # fmt: skip
@@ -265,7 +266,7 @@ def mqar_curriculum(
     if stage1["exit_status"] or stage1["cpu_minutes"] is None:
         raise SystemExit(f"stage 1 of {model} ({tag}) failed (exit {stage1['exit_status']}): no stage 2")
     used = stage1["cpu_minutes"]
-    mqar(model, "s256", round(total_minutes - used, 2), mix=["s64", "s128"], cosine_steps=None, cosine_budget=True,
+    mqar(model, "s256", round(total_minutes - used, 2), mix=list(mix), cosine_steps=None, cosine_budget=True,
          init_from=f"{model}-s64-{first}", tag=tag, extra=extra)  # fmt: skip
 
 
@@ -573,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
         "--stage1-target", type=float, default=TARGET,
         help="validation accuracy that ends seq 64 alone early (e.g. once it leaves the 1/4 plateau)",
     )  # fmt: skip
+    run.add_argument("--mix", nargs="+", default=["s64", "s128"], choices=MQAR_SETTINGS,
+                     help="the settings trained beside seq 256 in the second stage")  # fmt: skip
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
@@ -607,7 +610,9 @@ def main(argv: list[str] | None = None) -> None:
             extra,
         )
     elif args.command == "mqar-curriculum":
-        mqar_curriculum(args.model, args.stage1_minutes, args.minutes, args.tag, extra, args.stage1_target)
+        mqar_curriculum(
+            args.model, args.stage1_minutes, args.minutes, args.tag, extra, args.stage1_target, args.mix
+        )
     elif args.command == "sniah":
         depths = tuple(float(d) if "." in d else int(d) for d in args.depths.split(","))
         sniah(args.model, args.minutes, args.length, depths, args.tag, extra)
