@@ -175,9 +175,9 @@ def update_inputs(depth: int, momentum: bool, batch=2, heads=2, length=11, width
 @pytest.mark.parametrize("read", ["after", "before"])
 @pytest.mark.parametrize("surprise_clip", [None, 0.05])
 def test_the_dual_backward_equals_autograd_through_the_definition(depth, momentum, read, surprise_clip):
-    """`DualStep`'s hand-written backward (and, with a surprise clip, autograd through `dual_forward`): the
-    gradients of the tokens, the gates, the carried weights and momentum equal autograd through the token
-    loop, for a loss on the readout, the end weights and the end momentum (chunks of 3 and a pending tail)."""
+    """`DualStep`'s hand-written backward, with and without a binding surprise clip: the gradients of the
+    tokens, the gates, the carried weights and momentum equal autograd through the token loop, for a loss on
+    the readout, the end weights and the end momentum (chunks of 3 and a pending tail)."""
     tokens, weights, surprise = update_inputs(depth, momentum)
     leaves = tokens[:4] + tokens[5:] + weights + (tokens[4:5] + surprise if momentum else [])
     options = dict(read=read, surprise_clip=surprise_clip)
@@ -185,6 +185,9 @@ def test_the_dual_backward_equals_autograd_through_the_definition(depth, momentu
         "dual": dual_chunks(weights, surprise, *tokens, 3, with_momentum=momentum, **options),
         "sequential": chunk_loop(sequential_chunk, weights, surprise, *tokens, 3, **options),
     }
+    if surprise_clip is not None:
+        unclipped = dual_chunks(weights, surprise, *tokens, 3, with_momentum=momentum, read=read)[0]
+        assert (unclipped - results["dual"][0]).abs().max() > 1e-3, "the clip must bind"
     generator = torch.Generator().manual_seed(1)
     y, end_w, end_s = results["sequential"]
     cotangents = [torch.randn(t.shape, dtype=t.dtype, generator=generator) for t in [y, *end_w, *end_s]]
@@ -199,16 +202,21 @@ def test_the_dual_backward_equals_autograd_through_the_definition(depth, momentu
 
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("momentum", [True, False])
-def test_gradcheck_of_the_dual_backward(depth, momentum):
+@pytest.mark.parametrize("surprise_clip", [None, 0.05])
+def test_gradcheck_of_the_dual_backward(depth, momentum, surprise_clip):
     tokens, weights, surprise = update_inputs(depth, momentum, batch=1, heads=1, length=5, width=2)
     count = len(weights)
 
-    def run(*leaves):
+    def run(*leaves, clip=surprise_clip):
         tokens, weights, surprise = leaves[:6], leaves[6 : 6 + count], leaves[6 + count :]
-        y, end_w, end_s = dual_chunks(list(weights), list(surprise), *tokens, 2, with_momentum=momentum)
+        y, end_w, end_s = dual_chunks(list(weights), list(surprise), *tokens, 2, surprise_clip=clip,
+                                      with_momentum=momentum)  # fmt: skip
         return y, *end_w, *end_s
 
-    assert torch.autograd.gradcheck(run, (*tokens, *weights, *surprise), eps=1e-6, atol=1e-6)
+    leaves = (*tokens, *weights, *surprise)
+    if surprise_clip is not None:
+        assert (run(*leaves)[0] - run(*leaves, clip=None)[0]).abs().max() > 1e-3, "the clip must bind"
+    assert torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-6)
 
 
 def test_the_dual_backward_runs_in_float32_when_called_inside_autocast():
@@ -222,7 +230,7 @@ def test_the_dual_backward_runs_in_float32_when_called_inside_autocast():
     leaves = [t.requires_grad_() for t in (q, k, v, *plan, *state)]
     grads = []
     for backward_inside in (False, True):
-        y, *end_state = DualStep.apply(2, *leaves)
+        y, *end_state = DualStep.apply(2, None, *leaves)
         loss = y.pow(2).sum() + sum(t.sum() for t in end_state)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_inside):
             grads.append(torch.autograd.grad(loss, leaves))

@@ -420,12 +420,11 @@ def dual_step(
     """One chunk of the `dual` kernel on flattened memories: ``weights``, ``momentum`` per layer ``(N, out, in)``
     (``momentum=None``: η = 0), ``q, k, v (N, n, d)``. Returns the readout and the end weights and momentum.
 
-    For a backward pass without a surprise clip it runs as `DualStep`, whose backward is written by hand;
-    with a clip through autograd (the clip's norm would add its own chain to the hand-written backward); with
-    no backward to come, plainly (nothing kept for one).
+    With a backward pass to come it runs as `DualStep`, whose backward is written by hand; otherwise plainly
+    (nothing kept for a backward).
     """
-    if surprise_clip is None and torch.is_grad_enabled():
-        y, *state = DualStep.apply(len(weights), q, k, v, *plan, *weights, *(momentum or []))
+    if torch.is_grad_enabled():
+        y, *state = DualStep.apply(len(weights), surprise_clip, q, k, v, *plan, *weights, *(momentum or []))
         return y, state[: len(weights)], state[len(weights) :] or None
     inputs, deltas = inner_gradients(weights, k, v)
     deltas = clipped_deltas(inputs, deltas, surprise_clip)
@@ -499,25 +498,41 @@ def _scaled_outer(a: Tensor, b: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class DualStep(torch.autograd.Function):
-    """`dual_step` without a surprise clip, with the backward written by hand.
+    """`dual_step` with the backward written by hand.
 
-    ``apply(depth, q, k, v, *plan, *weights, *momentum)`` → ``(y, *end_weights, *end_momentum)`` (no momentum
-    tensors: η = 0). The backward walks the readout's layers down and the keys' pass up once, accumulating
+    ``apply(depth, surprise_clip, q, k, v, *plan, *weights, *momentum)`` → ``(y, *end_weights, *end_momentum)``
+    (no momentum tensors: η = 0). The backward walks the readout's layers down and the keys' pass up once, accumulating
     each gradient in one buffer with in-place ``baddbmm_``: ``W'`` is used four times per chunk (keys' pass,
     its backpropagation, readout, end state), and autograd would add the four gradients and record a graph
     node per op. It is differentiable once: a second derivative (``create_graph=True``) raises.
     """
 
     @staticmethod
-    def forward(ctx, depth: int, q, k, v, *tensors):
+    def forward(ctx, depth: int, surprise_clip: float | None, q, k, v, *tensors):
         plan = DualPlan(*tensors[:9])
         weights, momentum = list(tensors[9 : 9 + depth]), list(tensors[9 + depth :]) or None
         keys = key_pass(weights, k, v)
+        deltas, clip = keys.deltas, []  # δ as the update uses it; the clip's factor
+        if surprise_clip is not None:
+            clip = [surprise_scale(keys.inputs, keys.deltas, surprise_clip).unsqueeze(-1)]
+            deltas = [d * clip[0] for d in deltas]
         saved = [[], [], [], []]  # readout inputs, z ẑᵀ, scores, hidden pre-activations
-        y, end_w, end_s = dual_forward(weights, momentum, q, keys.inputs, keys.deltas, plan, saved)
+        y, end_w, end_s = dual_forward(weights, momentum, q, keys.inputs, deltas, plan, saved)
         ctx.set_materialize_grads(False)
-        ctx.depth, ctx.with_momentum = depth, momentum is not None
-        groups = [list(plan), weights, momentum or [], keys.inputs, keys.deltas, keys.pre, keys.back, *saved]
+        ctx.depth, ctx.with_momentum, ctx.surprise_clip = depth, momentum is not None, surprise_clip
+        raw = keys.deltas if clip else []
+        groups = [
+            list(plan),
+            weights,
+            momentum or [],
+            keys.inputs,
+            deltas,
+            raw,
+            clip,
+            keys.pre,
+            keys.back,
+            *saved,
+        ]
         ctx.sizes = [len(g) for g in groups]
         ctx.save_for_backward(*(t for g in groups for t in g))
         return (y, *end_w, *(end_s or []))
@@ -537,14 +552,28 @@ class DualStep(torch.autograd.Function):
         for size in ctx.sizes:
             groups.append(flat[:size])
             flat = flat[size:]
-        plan_list, weights, momentum, inputs, deltas, pre, back, reads, products, scores, read_pre = groups
+        (
+            plan_list,
+            weights,
+            momentum,
+            inputs,
+            deltas,
+            raw,
+            clip,
+            pre,
+            back,
+            reads,
+            products,
+            scores,
+            read_pre,
+        ) = groups
         plan = DualPlan(*plan_list)
         depth = ctx.depth
         surprise = momentum if ctx.with_momentum else [None] * depth
         grad_end_w = grad_state[:depth]
         grad_end_s = grad_state[depth:] if ctx.with_momentum else [None] * depth
         grad_w, grad_s = [None] * depth, [None] * depth
-        need_s = any(ctx.needs_input_grad[13 + depth :])  # the start momentum (zeros at a stream's start)
+        need_s = any(ctx.needs_input_grad[14 + depth :])  # the start momentum (zeros at a stream's start)
         grad_delta, grad_input = [None] * depth, [None] * depth
         g = dict.fromkeys(DualPlan._fields)  # gradients of the plan's coefficients
 
@@ -598,6 +627,19 @@ class DualStep(torch.autograd.Function):
         # (None) leaves a factor without one
         grad_delta = [torch.zeros_like(d) if gd is None else gd for d, gd in zip(deltas, grad_delta)]
         grad_input = [torch.zeros_like(z) if gz is None else gz for z, gz in zip(inputs, grad_input)]
+        if (
+            clip
+        ):  # δ̃_l = δ_l·s, s = c / max(‖u‖, c), ‖u‖² = Σ_l ‖δ_l‖² ‖ẑ_l‖²: ∂s/∂‖u‖ = −s/‖u‖ where it binds
+            (scale,) = clip
+            norm = ctx.surprise_clip / scale
+            through = sum(
+                (g_ * d).sum(-1, keepdim=True) for g_, d in zip(grad_delta, raw)
+            )  # Σ_l ⟨∂/∂δ̃_l, δ_l⟩
+            coef = torch.where(norm > ctx.surprise_clip, through * scale / norm.square(), 0.0)
+            for i, (d, z) in enumerate(zip(raw, inputs)):
+                grad_delta[i] = grad_delta[i].mul_(scale).sub_(coef * z.square().sum(-1, keepdim=True) * d)
+                grad_input[i] = grad_input[i].sub_(coef * d.square().sum(-1, keepdim=True) * z)
+            deltas = raw  # the keys' pass below made the unclipped δ
         grad_key_slopes = []
         for i in range(depth - 1):
             grad_back = SILU_BACKWARD(grad_delta[i], pre[i])
@@ -614,15 +656,8 @@ class DualStep(torch.autograd.Function):
             grad_w[i] = _add_matmul(grad_w[i], grad_pre.mT, inputs[i])
             grad_input[i] = _add_matmul(grad_input[i], grad_pre, weights[i])
         grads_s = grad_s if ctx.with_momentum else []
-        return (
-            None,
-            grad_q,
-            grad_input[0],
-            grad_v,
-            *(g[name] for name in DualPlan._fields),
-            *grad_w,
-            *grads_s,
-        )
+        plan_grads = (g[name] for name in DualPlan._fields)
+        return (None, None, grad_q, grad_input[0], grad_v, *plan_grads, *grad_w, *grads_s)
 
 
 def _weighted_outer(delta: Tensor, z: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
