@@ -322,11 +322,11 @@ SNIAH_TESTS = {
 }
 
 
-def sniah_eval(samples: int) -> None:
-    """`timeloom evaluate memory` on every trained S-NIAH run, on both of `SNIAH_TESTS`: exact match by test
-    length and depth."""
+def sniah_eval(samples: int, runs: list[str]) -> None:
+    """`timeloom evaluate memory` on the named S-NIAH runs (default: every trained one), on both of
+    `SNIAH_TESTS`: exact match by test length and depth."""
     lengths = ",".join(str(n) for n in SNIAH_TEST_LENGTHS)
-    for model, (flag, folder) in itertools.product(sniah_runs(), SNIAH_TESTS.values()):
+    for model, (flag, folder) in itertools.product(runs or sniah_runs(), SNIAH_TESTS.values()):
         run_dir = RUNS / "sniah" / model
         checkpoint = run_dir / "checkpoints/last.ckpt"
         if not checkpoint.exists():
@@ -594,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--minutes", type=float, default=6.0, help="CPU-minute budget of the run")
     run = commands.add_parser("sniah-eval", help="accuracy by test length of the trained S-NIAH runs")
     run.add_argument("--samples", type=int, default=10, help="test sequences per (length, depth) cell")
+    run.add_argument("runs", nargs="*", help="run names under sniah/ (default: every reported run)")
     commands.add_parser("report", help="figures and results JSON")
     commands.add_parser("recall-report", help="the video recall and S-NIAH figures alone")
     args, extra = parser.parse_known_args(argv)
@@ -621,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "video":
         video(args.model, args.minutes, extra)
     elif args.command == "sniah-eval":
-        sniah_eval(args.samples)
+        sniah_eval(args.samples, args.runs)
     elif args.command == "recall-report":
         recall_report()
     else:
