@@ -501,10 +501,11 @@ class DualStep(torch.autograd.Function):
     """`dual_step` with the backward written by hand.
 
     ``apply(depth, surprise_clip, q, k, v, *plan, *weights, *momentum)`` → ``(y, *end_weights, *end_momentum)``
-    (no momentum tensors: η = 0). The backward walks the readout's layers down and the keys' pass up once, accumulating
-    each gradient in one buffer with in-place ``baddbmm_``: ``W'`` is used four times per chunk (keys' pass,
-    its backpropagation, readout, end state), and autograd would add the four gradients and record a graph
-    node per op. It is differentiable once: a second derivative (``create_graph=True``) raises.
+    (no momentum tensors: η = 0). The backward walks the end state, the readout's layers top-down and the keys'
+    pass once, accumulating each gradient in one buffer with in-place ``baddbmm_``: ``W'`` is used four times
+    per chunk (keys' pass, its backpropagation, readout, end state), and autograd would add the four gradients
+    and record a graph node per op. It is differentiable once: a second derivative (``create_graph=True``)
+    raises.
     """
 
     @staticmethod
@@ -521,18 +522,8 @@ class DualStep(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.depth, ctx.with_momentum, ctx.surprise_clip = depth, momentum is not None, surprise_clip
         raw = keys.deltas if clip else []
-        groups = [
-            list(plan),
-            weights,
-            momentum or [],
-            keys.inputs,
-            deltas,
-            raw,
-            clip,
-            keys.pre,
-            keys.back,
-            *saved,
-        ]
+        groups = [list(plan), weights, momentum or [], keys.inputs, deltas, raw, clip, keys.pre, keys.back,
+                  *saved]  # fmt: skip
         ctx.sizes = [len(g) for g in groups]
         ctx.save_for_backward(*(t for g in groups for t in g))
         return (y, *end_w, *(end_s or []))
@@ -552,21 +543,8 @@ class DualStep(torch.autograd.Function):
         for size in ctx.sizes:
             groups.append(flat[:size])
             flat = flat[size:]
-        (
-            plan_list,
-            weights,
-            momentum,
-            inputs,
-            deltas,
-            raw,
-            clip,
-            pre,
-            back,
-            reads,
-            products,
-            scores,
-            read_pre,
-        ) = groups
+        (plan_list, weights, momentum, inputs, deltas, raw, clip, pre, back, reads, products, scores,
+         read_pre) = groups  # fmt: skip
         plan = DualPlan(*plan_list)
         depth = ctx.depth
         surprise = momentum if ctx.with_momentum else [None] * depth
@@ -623,23 +601,21 @@ class DualStep(torch.autograd.Function):
                 grad_input[i] = _add_matmul(grad_input[i], grad_products.mT, z)
                 grad_a = SILU_BACKWARD(grad_z, read_pre[i - 1])
 
-        # Keys' backpropagation, bottom-up: δ_l = (δ_{l+1} W_{l+1}) ⊙ silu'(p_l); an output without a gradient
-        # (None) leaves a factor without one
+        # an output without a gradient (None) can leave a factor without one
         grad_delta = [torch.zeros_like(d) if gd is None else gd for d, gd in zip(deltas, grad_delta)]
         grad_input = [torch.zeros_like(z) if gz is None else gz for z, gz in zip(inputs, grad_input)]
-        if (
-            clip
-        ):  # δ̃_l = δ_l·s, s = c / max(‖u‖, c), ‖u‖² = Σ_l ‖δ_l‖² ‖ẑ_l‖²: ∂s/∂‖u‖ = −s/‖u‖ where it binds
+        # The surprise clip: the update used δ̃_l = δ_l·s with s = c / max(‖u‖, c), ‖u‖² = Σ_l ‖δ_l‖² ‖ẑ_l‖², so
+        # ∂s/∂‖u‖ = −s/‖u‖ where it binds (0 elsewhere); `through` is Σ_l ⟨∂/∂δ̃_l, δ_l⟩
+        if clip:
             (scale,) = clip
             norm = ctx.surprise_clip / scale
-            through = sum(
-                (g_ * d).sum(-1, keepdim=True) for g_, d in zip(grad_delta, raw)
-            )  # Σ_l ⟨∂/∂δ̃_l, δ_l⟩
+            through = sum((g_ * d).sum(-1, keepdim=True) for g_, d in zip(grad_delta, raw))
             coef = torch.where(norm > ctx.surprise_clip, through * scale / norm.square(), 0.0)
             for i, (d, z) in enumerate(zip(raw, inputs)):
                 grad_delta[i] = grad_delta[i].mul_(scale).sub_(coef * z.square().sum(-1, keepdim=True) * d)
                 grad_input[i] = grad_input[i].sub_(coef * d.square().sum(-1, keepdim=True) * z)
             deltas = raw  # the keys' pass below made the unclipped δ
+        # Keys' backpropagation, bottom-up: δ_l = (δ_{l+1} W_{l+1}) ⊙ silu'(p_l)
         grad_key_slopes = []
         for i in range(depth - 1):
             grad_back = SILU_BACKWARD(grad_delta[i], pre[i])
