@@ -447,8 +447,8 @@ def dual_forward(
 
     Layer ``l``'s output at row ``i`` is ``D_{i,0} W' z_i + c_i S' z_i − Σ_j C_{i,j} θ_j δ_j (ẑ_j·z_i)``: a
     masked n×n product, like attention. End weights are sums of rank-1 terms, ``Σ_j w_j δ_j ẑ_jᵀ = Δᵀ diag(w) Ẑ``
-    (Eq. 17 as one matmul), subtracted in place on the decayed start state: every tensor is 3-D and fresh, so
-    no in-place op lands on a view (autograd would copy the whole base in backward). ``saved``: four lists
+    (Eq. 17 as one matmul), subtracted in place on the decayed start state. It runs outside autograd (under
+    no grad, or as `DualStep`'s forward), so the in-place ops cost no copies in a backward. ``saved``: four lists
     that receive, per layer, the readout's input ``z``, ``z ẑᵀ``, the scores and a hidden layer's
     pre-activation (`DualStep`'s backward).
     """
