@@ -75,6 +75,17 @@ SNIAH_CURRICULUM = (
 # Tagged S-NIAH runs (`sniah --tag`, each rule in benchmarks/memory-quality.md §2.0) that `sniah-eval` scores and
 # `report` plots: stop 17's runs trained at 1K.
 SNIAH_TAGGED_RUNS = ("swa-1k", "titans-mac-1k-phase", "titans-mac-mix-phase")
+# What each plotted S-NIAH run was trained on (the figure's legend).
+SNIAH_TRAINED_ON = {
+    "titans-mac": "64",
+    "swa": "64",
+    "titans-mac-curriculum-stage2": "64",
+    "titans-mac-curriculum-stage3": "256",
+    "titans-mac-curriculum": "1K (stage 4)",
+    "swa-1k": "1K",
+    "titans-mac-1k-phase": "stage 4 + 1K, random phase",
+    "titans-mac-mix-phase": "stage 4 + 64-1K mixed, random phase",
+}
 # Long-video recall: Titans memory + window against the window alone.
 # name -> (config, flags); "memory-keep" starts the memory's forgetting at α ≈ 3e-4 instead of 0.018 per token
 # (0.018 leaves (1 − 0.018)^224 ≈ 2 % of the first clip's write after the 7 clips that follow it).
@@ -526,17 +537,20 @@ def recall_report() -> None:
                 lengths = sorted(by_length, key=int)
                 trained_at_1k = model.endswith("-curriculum") or model in SNIAH_TAGGED_RUNS
                 ax.plot([int(n) for n in lengths], [by_length[n]["exact_match"] for n in lengths],
-                        marker="o", ls="-" if trained_at_1k else ":", color=f"C{runs.index(model)}", label=model)  # fmt: skip
+                        marker="o", ls="-" if trained_at_1k else ":", color=f"C{runs.index(model)}",
+                        label=f"{model} ({SNIAH_TRAINED_ON.get(model, '?')})")  # fmt: skip
             ax.axvline(1024, color="grey", lw=0.8, ls="--")  # the training length of the solid lines
             ax.set(xscale="log", xlabel="test length (tokens)", ylim=(-0.02, 1.02),
-                   title=f"S-NIAH pass-key, {test} haystack")  # fmt: skip
+                   title=f"{test} of the filler")  # fmt: skip
             ax.set_xticks(list(SNIAH_TEST_LENGTHS), [str(n) for n in SNIAH_TEST_LENGTHS])
-        axes[0].set_ylabel("exact match (all five depths)")
+        axes[0].set_ylabel("exact match (five depths; 100 % untrained)")
         legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
         axes[-1].legend(
             legend.values(), legend.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5)
         )
-        figure.suptitle("solid: trained at 1K (dashed line); dotted: trained at 64 or 256 tokens", fontsize=8)
+        figure.suptitle(
+            "S-NIAH pass-key by test length. Solid: trained at ≤ 1K (dashed line); dotted: at 64 or 256"
+        )
         figure.tight_layout()
         figure.savefig(ROOT / "docs/memory-sniah.png", dpi=120)
 
