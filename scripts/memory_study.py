@@ -74,7 +74,12 @@ SNIAH_CURRICULUM = (
 )
 # Tagged S-NIAH runs (`sniah --tag`, each rule in benchmarks/memory-quality.md §2.0) that `sniah-eval` scores and
 # `report` plots: stop 17's runs trained at 1K.
-SNIAH_TAGGED_RUNS = ("swa-1k", "titans-mac-1k-phase", "titans-mac-mix-phase")
+SNIAH_TAGGED_RUNS = (
+    "swa-1k",
+    "titans-mac-1k-phase",
+    "titans-mac-mix-phase",
+    "titans-mac-mix-phase-all-depths",
+)
 # What each plotted S-NIAH run was trained on (the figure's legend).
 SNIAH_TRAINED_ON = {
     "titans-mac": "64",
@@ -85,6 +90,7 @@ SNIAH_TRAINED_ON = {
     "swa-1k": "1K",
     "titans-mac-1k-phase": "stage 4 + 1K, random phase",
     "titans-mac-mix-phase": "stage 4 + 64-1K mixed, random phase",
+    "titans-mac-mix-phase-all-depths": "the same + depth 100 %",
 }
 # Long-video recall: Titans memory + window against the window alone.
 # name -> (config, flags); "memory-keep" starts the memory's forgetting at α ≈ 3e-4 instead of 0.018 per token
