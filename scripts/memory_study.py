@@ -549,7 +549,7 @@ def recall_report() -> None:
             ax.set(xscale="log", xlabel="test length (tokens)", ylim=(-0.02, 1.02),
                    title=f"{test} of the filler")  # fmt: skip
             ax.set_xticks(list(SNIAH_TEST_LENGTHS), [str(n) for n in SNIAH_TEST_LENGTHS])
-        axes[0].set_ylabel("exact match (five depths; 100 % untrained)")
+        axes[0].set_ylabel("exact match (all five depths)")
         legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
         axes[-1].legend(
             legend.values(), legend.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5)
