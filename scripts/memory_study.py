@@ -65,7 +65,8 @@ SNIAH_TEST_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # tokens, not with depths mixed, so each stage starts from the last one's weights (`init_from`) and widens
 # the depths, then the length. Stage: (train length, needle depths in percent, CPU-minutes). Stop 13 ran stages
 # 3 and 4 with `--model.init_args.optimizer.init_args.lr=0.001` (at 3e-3 stage 3 collapsed to chance at step
-# ~180) and stage 4 with `--data.init_args.batch_size=16` (2 s per step at 1K).
+# ~180) and stage 4 with `--data.init_args.batch_size=16` (2 s per step at 1K), all on the fixed haystack that the
+# configs had then (`--data.init_args.random_phase=false` reproduces it; the configs now start the filler anywhere).
 SNIAH_CURRICULUM = (
     (64, (0,), 3.0),
     (64, (0, 25), 3.0),
@@ -121,8 +122,18 @@ VIDEO_MODELS = {
 }
 TARGET = 0.99
 # Tagged curricula (`mqar-curriculum --tag`) whose stage-2 runs `<model>-s256-<tag>` `report` plots beside the
-# untagged `<model>-s256`: stop 16's runs.
-REPORTED_TAGS = ("s16", "s16-nodecayvec", "s16-nodecayvec-seed1")
+# untagged `<model>-s256`, with what each tag changed (the legend's words).
+REPORTED_TAGS = {
+    "s16": "stop 16",
+    "s16-nodecayvec": "stop 16, no decay on vectors",
+    "s16-nodecayvec-seed1": "stop 16, no decay on vectors, seed 1",
+    "s17-nodecayvec-seed2": "stop 17, no decay on vectors, seed 2",
+    "s16-mac-nodecayvec": "stop 16, block MAC, no decay on vectors",
+    "s16-mal-nodecayvec": "stop 16, block MAL, no decay on vectors",
+    "s17-mix128-seed3": "stop 17, 256 beside 128 only, seed 3",
+    "s17-mix128-seed4": "stop 17, 256 beside 128 only, seed 4",
+    "s17-mix128-seed5": "stop 17, 256 beside 128 only, seed 5",
+}
 
 
 def committed_memory_package() -> tuple[str, dict]:
@@ -435,55 +446,63 @@ def report() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     summaries = {}
-    figure, axes = plt.subplots(1, len(MQAR_SETTINGS), figsize=(4.2 * len(MQAR_SETTINGS), 3.4), squeeze=False)
+    # one colour per run family (a model and a tag), one legend beneath all panels; the line style says how a
+    # curve was trained: alone at this setting (or its last stage), in a larger setting's mixture, or the seq-64
+    # stage a mixture run started from
+    families = [
+        (model, suffix)
+        for model, suffix in itertools.product(MODELS, ["", *(f"-{tag}" for tag in REPORTED_TAGS)])
+        if any((RUNS / "mqar" / f"{model}-{setting}{suffix}").exists() for setting in MQAR_SETTINGS)
+    ]
+    colours = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # the dark ten first
+    rows = -(-(len(families) + 3) // 3)
+    height = 3.4 + 0.16 * rows
+    figure, axes = plt.subplots(
+        1, len(MQAR_SETTINGS), figsize=(4.6 * len(MQAR_SETTINGS), height), squeeze=False
+    )
     for ax, (setting, task) in zip(axes[0], MQAR_SETTINGS.items()):
-        for model, suffix in itertools.product(MODELS, ["", *(f"-{tag}" for tag in REPORTED_TAGS)]):
-            colour = f"C{list(MODELS).index(model)}"
-            # a run that mixed this setting into a larger one's training: its validation here, dashed, and the
-            # curriculum stage it started from (`--init-from`), dotted; steps count from the first stage's start
-            for other, other_task in MQAR_SETTINGS.items():
-                mixed = RUNS / "mqar" / f"{model}-{other}{suffix}"
-                name = f"val_seq{task['seq_len']}x{task['num_pairs']}/acc"
-                steps, values = read_curve(mixed)["val"].get(name, ([], []))
-                if other != setting and steps:
-                    start = earlier_steps(mixed)
-                    ax.plot([start + s for s in steps], values, ls="--", color=colour,
-                            label=f"{model}{suffix} (mixed into {other}, V {other_task['vocab_size']})")  # fmt: skip
-                stage = init_run(mixed)
+        name = f"val_seq{task['seq_len']}x{task['num_pairs']}/acc"
+        for index, (model, suffix) in enumerate(families):
+            colour = colours[index % len(colours)]
+            for other in MQAR_SETTINGS:
+                run_dir = RUNS / "mqar" / f"{model}-{other}{suffix}"
+                curve = read_curve(run_dir)
+                steps, values = (
+                    (curve["val_step"], curve["val_acc"])
+                    if other == setting
+                    else curve["val"].get(name, ([], []))
+                )
+                if other == setting and (run_dir / "summary.json").exists():
+                    summaries[run_dir.name] = json.loads((run_dir / "summary.json").read_text())
+                    if (run_dir / "checkpoints/last.ckpt").exists():
+                        summaries[run_dir.name]["by_reach"] = by_reach(run_dir, task)
+                if steps:  # steps count from the first stage's start
+                    start = earlier_steps(run_dir)
+                    ax.plot(
+                        [start + s for s in steps],
+                        values,
+                        ls="-" if other == setting else "--",
+                        color=colour,
+                        lw=1.2,
+                    )
+                stage = init_run(run_dir)
                 if stage is not None and stage.name.startswith(f"{model}-{setting}-"):
                     curve = read_curve(stage)
-                    ax.plot(curve["val_step"], curve["val_acc"], ls=":", color=colour,
-                            label=f"{model} ({stage.name[len(model) + 1:]}, stage before {other})")  # fmt: skip
-            run_dir = RUNS / "mqar" / f"{model}-{setting}{suffix}"
-            curve = read_curve(run_dir)
-            finished = (run_dir / "summary.json").exists()
-            if finished:
-                summaries[run_dir.name] = json.loads((run_dir / "summary.json").read_text())
-                if (run_dir / "checkpoints/last.ckpt").exists():
-                    summaries[run_dir.name]["by_reach"] = by_reach(run_dir, task)
-            elif not curve["val_step"]:
-                continue
-            start = earlier_steps(run_dir)
-            ax.plot(
-                [start + s for s in curve["val_step"]],
-                curve["val_acc"],
-                marker="x" if suffix else ".",
-                color=colour,
-                label=(
-                    model + suffix
-                    if finished
-                    else f"{model}{suffix} (unfinished, {curve['cpu_minutes']} CPU-min)"
-                )
-                + (f" (from step {start})" if start else ""),
-            )
+                    ax.plot(curve["val_step"], curve["val_acc"], ls=":", color=colour, lw=1.2)
         ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
         ax.set(title=f"MQAR seq {task['seq_len']} / {task['num_pairs']} pairs / V {task['vocab_size']}",
-               xlabel="training step (batch 64)", ylabel="validation accuracy", ylim=(0, 1.02))  # fmt: skip
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="lower right")
-    figure.tight_layout()
+               xlabel="training step (batch 64, log scale)", ylabel="validation accuracy", ylim=(0, 1.02))  # fmt: skip
+    handles = [Line2D([], [], color=colours[i % len(colours)], lw=2) for i in range(len(families))]
+    labels = [model + (f" ({REPORTED_TAGS[suffix[1:]]})" if suffix else "") for model, suffix in families]
+    handles += [Line2D([], [], color="black", ls=style) for style in ("-", "--", ":")]
+    labels += ["trained at this setting (or its last stage)", "this setting's validation in a mixture run",
+               "the seq-64 stage a mixture run started from"]  # fmt: skip
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    figure.tight_layout(rect=(0, 0.16 * rows / height, 1, 1))
     figure.savefig(ROOT / "docs/memory-mqar-curves.png", dpi=120)
     (RUNS / "mqar/results.json").write_text(json.dumps(summaries, indent=2))
     print(json.dumps(summaries, indent=2))
