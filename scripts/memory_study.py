@@ -446,6 +446,7 @@ def report() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     from matplotlib.lines import Line2D
 
     summaries = {}
@@ -494,6 +495,7 @@ def report() -> None:
                     ax.plot(curve["val_step"], curve["val_acc"], ls=":", color=colour, lw=1.2)
         ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks collide
         ax.set(title=f"MQAR seq {task['seq_len']} / {task['num_pairs']} pairs / V {task['vocab_size']}",
                xlabel="training step (batch 64, log scale)", ylabel="validation accuracy", ylim=(0, 1.02))  # fmt: skip
     handles = [Line2D([], [], color=colours[i % len(colours)], lw=2) for i in range(len(families))]
