@@ -280,7 +280,7 @@ class _RecallDataModule(TimeloomDataModule):
     """Shared splits; a module that trains several settings at once (a `BatchMixture`) lists them in
     ``val_names`` and gives one validation set per setting (``val_sets``), the first its own."""
 
-    val_names: list[str] = []
+    val_names: tuple[str, ...] | list[str] = ()  # one setting: no named validation sets
 
     def __init__(self, train_length: int, val_length: int, test_length: int, **loader):
         super().__init__(**loader)
