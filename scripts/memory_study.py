@@ -133,6 +133,8 @@ REPORTED_TAGS = {
     "s17-mix128-seed3": "stop 17, 256 beside 128 only, seed 3",
     "s17-mix128-seed4": "stop 17, 256 beside 128 only, seed 4",
     "s17-mix128-seed5": "stop 17, 256 beside 128 only, seed 5",
+    "s17-mix128-mac": "stop 17, block MAC, 256 beside 128 only",
+    "s17-mix128-mal": "stop 17, block MAL, 256 beside 128 only",
 }
 
 
