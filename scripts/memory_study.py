@@ -121,6 +121,8 @@ VIDEO_MODELS = {
     ),
 }
 TARGET = 0.99
+# The settings `mqar-curriculum`'s second stage trains beside seq 256 (§1.0's mixture; stop 17 also ran `s128` alone)
+STAGE2_MIX = ("s64", "s128")
 # Tagged curricula (`mqar-curriculum --tag`) whose stage-2 runs `<model>-s256-<tag>` `report` plots beside the
 # untagged `<model>-s256`, with what each tag changed (the legend's words).
 REPORTED_TAGS = {
@@ -282,7 +284,7 @@ def mqar_curriculum(
     tag: str,
     extra: list[str],
     stage1_target: float = TARGET,
-    mix: tuple[str, ...] = ("s64", "s128"),
+    mix: tuple[str, ...] = STAGE2_MIX,
 ) -> None:
     """§1.0's recipe in one call: seq 64 / 4 pairs (vocab 512) alone until validation ``stage1_target`` or
     ``stage1_minutes``, then seq 256 with the ``mix`` settings beside it (one setting per batch) from its
@@ -617,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
         "--stage1-target", type=float, default=TARGET,
         help="validation accuracy that ends seq 64 alone early (e.g. once it leaves the 1/4 plateau)",
     )  # fmt: skip
-    run.add_argument("--mix", nargs="+", default=["s64", "s128"], choices=MQAR_SETTINGS,
+    run.add_argument("--mix", nargs="+", default=list(STAGE2_MIX), choices=MQAR_SETTINGS,
                      help="the settings trained beside seq 256 in the second stage")  # fmt: skip
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
