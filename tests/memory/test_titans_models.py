@@ -165,3 +165,40 @@ def test_the_gate_can_put_the_sigmoid_on_the_attention_branch(block):
 def test_an_unknown_gate_branch_is_a_clear_error():
     with pytest.raises(ValueError, match="gate_sigmoid_on"):
         model("mag", gate_sigmoid_on="both")
+
+
+def test_mac_can_store_the_stream_rather_than_the_attention_output():
+    """``mac_store="stream"``: the memory stores ``x_s + y`` (normed segment plus attention output) and the gate
+    reads that write; the attention and its retrieval are unchanged."""
+    m = model("mac", depth=1, mac_store="stream")
+    block = m.blocks[0]
+    h = block.norm(m.embed(tokens(length=8)))  # one segment
+    with torch.no_grad():
+        got, _ = block._mac(h, None)
+        state = block.memory.init_state(h.shape[0], h.device, torch.float64)
+        y = block.attention(h, block.persistent, memory=block.memory.retrieve(h, state))
+        read, _ = block.memory(h + y, state)
+        expected = block.gate(y, read)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("check", ["causality", "pieces"])
+def test_mac_storing_the_stream_is_causal_and_streams(check):
+    m = model("mac", mac_store="stream")
+    ids = tokens(length=32)
+    with torch.no_grad():
+        whole, _ = m(ids)
+        if check == "causality":
+            changed = ids.clone()
+            changed[:, 13:] = (changed[:, 13:] + 1) % 32
+            torch.testing.assert_close(m(changed)[0][:, :13], whole[:, :13], atol=1e-10, rtol=0)
+            return
+        states, pieces = None, []
+        for start, end in [(0, 8), (8, 16), (16, 32)]:
+            logits, states = m(ids[:, start:end], states)
+            pieces.append(logits)
+        default, _ = model("mac")(ids)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=0)
+    assert (whole - default).abs().max() > 1e-6  # the option changes the model
+    with pytest.raises(ValueError, match="mac_store"):
+        model("mac", mac_store="both")

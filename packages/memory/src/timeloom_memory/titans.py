@@ -5,7 +5,8 @@ One residual stack, one block kind per model (pre-norm, RMSNorm, a SwiGLU FFN af
 - ``lmm``: ``x ← x + Mem(norm x)`` — the memory alone as a sequence layer.
 - ``mac`` (memory as context): per segment of ``segment`` tokens, retrieve ``h = M*(x_s)`` with the memory of
   the previous segments, attend from ``x_s`` to ``[P ‖ h ‖ x_s]`` (token i sees P and ``h_j``, ``x_j``, j ≤ i),
-  store the attention output ``y`` in the memory, and gate ``y`` with the memory's read-after-write ``m``.
+  store the attention output ``y`` (or ``x_s + y``: `TitansConfig.mac_store`) in the memory, and gate ``y``
+  with the memory's read-after-write ``m``.
 - ``mag`` (memory as gate): sliding-window attention with the persistent prefix beside the memory on
   ``[P ‖ x]``, combined by the same gate.
 - ``mal`` (memory as layer): the memory on ``[P ‖ x]``, then sliding-window attention on its output.
@@ -57,6 +58,11 @@ class TitansConfig:
             ``"memory"`` (``norm(y) ⊙ σ(norm(m))``) or ``"attention"`` (``σ(norm(y)) ⊙ norm(m)``). The paper
             says only "a non-linearity"; with σ on the memory, a value the window cannot see reaches the
             output only as a multiplier of the attention's features.
+        mac_store: what MAC's memory stores and reads after writing: ``"attention"``, the attention output ``y``
+            (Eq. 24 read literally), or ``"stream"``, ``x_s + y`` (the segment's normed input plus ``y``, as a
+            residual sub-layer's output would be). At initialisation ``y`` is a blend of the segment, so with
+            ``"attention"`` the memory cannot tell tokens apart until the attention has learnt to keep them
+            apart; with ``"stream"`` it sees each token's identity from the first step.
         ffn_mult: SwiGLU hidden width in multiples of ``dim``; 0 = no FFN (Zoology's MQAR harness).
         tie_embeddings: the head reuses the embedding matrix.
         memory: the neural memory's options (its ``dim`` is set to ``dim``).
@@ -74,6 +80,7 @@ class TitansConfig:
     hcam_chunk_size: int = 16
     hcam_top_k: int = 4
     gate_sigmoid_on: Literal["memory", "attention"] = "memory"
+    mac_store: Literal["attention", "stream"] = "attention"
     ffn_mult: float = 4.0
     tie_embeddings: bool = True
     memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
@@ -86,6 +93,10 @@ class TitansConfig:
         if self.gate_sigmoid_on not in ("memory", "attention"):
             raise ValueError(
                 f"TitansConfig.gate_sigmoid_on must be 'memory' or 'attention'; got {self.gate_sigmoid_on!r}"
+            )
+        if self.mac_store not in ("attention", "stream"):
+            raise ValueError(
+                f"TitansConfig.mac_store must be 'attention' or 'stream'; got {self.mac_store!r}"
             )
         if self.dim % self.heads:
             raise ValueError(f"TitansConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
@@ -251,7 +262,8 @@ class Block(nn.Module):
             segment = h[:, start : start + c]
             retrieved = self.memory.retrieve(segment, state)  # memory of the previous segments
             y = self.attention(segment, self.persistent, memory=retrieved)
-            m, state = self.memory(y, state)  # store y; read after write
+            stored = y if self.config.mac_store == "attention" else segment + y
+            m, state = self.memory(stored, state)  # read after write
             outputs.append(self.gate(y, m))
         return torch.cat(outputs, 1), state
 
