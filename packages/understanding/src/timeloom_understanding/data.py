@@ -38,6 +38,7 @@ from timeloom_understanding.text import (
 __all__ = [
     "ASPECTS",
     "FORMATS",
+    "OPT_IN_ASPECTS",
     "ConversationCollator",
     "ConversationDataset",
     "TemporalQA",
@@ -49,6 +50,10 @@ __all__ = [
 ]
 
 ASPECTS = ("direction", "speed", "order", "count", "when")
+# Asked only when named in ``aspects`` (the default stays ASPECTS, so existing data and results do not move):
+# ``first`` is long-video recall for a memory (issue #7 item 6), see `TemporalQA._scene_first`.
+OPT_IN_ASPECTS = ("first",)
+FIRST_CLIPS = 4  # the ``first`` scene's digits, shown one after another
 FORMATS = ("multi_choice", "yes_no", "caption_matching")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # y grows down
 COUNTS = ("once", "twice", "three times")
@@ -78,8 +83,9 @@ def derive_answer(aspect: str, meta: dict[str, Any]) -> str:
     """The answer to ``aspect``'s question, from ``trajectory (T, n, 2)``, ``visible (T, n)`` and ``labels``.
 
     direction: the dominant axis of digit 0's displacement between its first and last visible frame;
-    speed: the label of the digit with the larger mean step; order: the label seen first; count: digit 0's
-    number of visible runs; when: where the middle of digit 0's visible frames falls (thirds of the video).
+    speed: the label of the digit with the larger mean step; order and first: the label seen first; count:
+    digit 0's number of visible runs; when: where the middle of digit 0's visible frames falls (thirds of the
+    video).
     """
     trajectory = np.asarray(meta["trajectory"], dtype=np.float64)
     visible = np.asarray(meta["visible"], dtype=bool)
@@ -94,7 +100,7 @@ def derive_answer(aspect: str, meta: dict[str, Any]) -> str:
     if aspect == "speed":
         steps = np.linalg.norm(np.diff(trajectory, axis=0), axis=-1).mean(axis=0)
         return str(labels[int(np.argmax(steps))])
-    if aspect == "order":
+    if aspect in ("order", "first"):
         first = [int(np.flatnonzero(visible[:, k])[0]) for k in range(len(labels))]
         return str(labels[int(np.argmin(first))])
     if aspect == "count":
@@ -102,7 +108,7 @@ def derive_answer(aspect: str, meta: dict[str, Any]) -> str:
     if aspect == "when":
         phase = np.flatnonzero(visible[:, 0]).mean() / max(frames - 1, 1)
         return MOMENTS[min(int(phase * 3), 2)]
-    raise ValueError(f"unknown aspect {aspect!r}; choose from {ASPECTS}")
+    raise ValueError(f"unknown aspect {aspect!r}; choose from {ASPECTS + OPT_IN_ASPECTS}")
 
 
 def _reversed(meta: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +133,8 @@ class TemporalQA(Dataset):
         size: canvas side in pixels.
         frames: frames per video (at least 5, for three blinks).
         glyph_size: glyph side in pixels.
-        aspects: which aspects to ask about.
+        aspects: which aspects to ask about: `ASPECTS` by default; ``first`` (`OPT_IN_ASPECTS`) only when named,
+            and only as four-option multiple choice (``formats=("multi_choice",)``, ``max_options=4``).
         formats: which question formats to use (drawn per group).
         max_options: at most this many multiple-choice options (2–4).
         task: ``qa`` (questions) or ``caption`` (describe the video: the stage-1 alignment task).
@@ -176,9 +183,15 @@ class TemporalQA(Dataset):
         if control not in (*CONTROLS, TEXT_STAGE):
             raise ValueError(f"control must be one of {(*CONTROLS, TEXT_STAGE)}; got {control!r}")
         self.control = control
-        unknown = [a for a in aspects if a not in ASPECTS] + [f for f in formats if f not in FORMATS]
+        known = ASPECTS + OPT_IN_ASPECTS
+        unknown = [a for a in aspects if a not in known] + [f for f in formats if f not in FORMATS]
         if unknown or not aspects or not formats:
-            raise ValueError(f"unknown or missing aspects/formats {unknown}: use {ASPECTS} and {FORMATS}")
+            raise ValueError(f"unknown or missing aspects/formats {unknown}: use {known} and {FORMATS}")
+        if "first" in aspects and (tuple(formats) != ("multi_choice",) or max_options != 4):
+            raise ValueError(  # its window-only ceiling (1/3) is stated for four options
+                "the 'first' aspect is asked as multiple choice with four options: "
+                f"formats=('multi_choice',), max_options=4; got {tuple(formats)}, {max_options}"
+            )
         if frames < 5 or glyph_size > size or not 2 <= max_options <= 4 or channels not in (1, 3):
             raise ValueError(
                 f"need frames >= 5, glyph_size <= size, 2 <= max_options <= 4, channels 1 or 3; got "
@@ -321,6 +334,32 @@ class TemporalQA(Dataset):
         meta = self._digits(rng, 2) | {"trajectory": self._still(rng, 2), "visible": visible}
         return [meta, _reversed(meta)], True
 
+    def _scene_first(self, rng: np.random.Generator):
+        """`FIRST_CLIPS` still digits shown one after another, each for a quarter of the video (the last one
+        also for any remainder); the twin swaps the first two. The answer's digit and the twin's differences
+        lie in the first half: a window over the last half sees the same two later digits in both twins."""
+        run = self.frames // FIRST_CLIPS
+        visible = np.zeros((self.frames, FIRST_CLIPS), dtype=bool)
+        for k in range(FIRST_CLIPS):
+            visible[k * run : (k + 1) * run if k < FIRST_CLIPS - 1 else self.frames, k] = True
+        meta = self._digits(rng, FIRST_CLIPS) | {
+            "trajectory": self._still(rng, FIRST_CLIPS),
+            "visible": visible,
+        }
+        swapped = visible.copy()
+        swapped[:, [0, 1]] = visible[:, [1, 0]]
+        return [meta, meta | {"visible": swapped}], False
+
+    def _first_options(self, labels, answers, rng: np.random.Generator) -> list[str]:
+        """Four options: both twins' answers (the digits before the window), one digit of the last half and one
+        never shown. A model that sees only the last half can rule out the digit it sees and cannot tell the
+        other three apart (all are absent from what it sees, and drawn alike), so it is right at most 1/3 of
+        the time; since the twins look alike to it and differ in their answer, at most one of a pair."""
+        later = str(int(labels[2 + rng.integers(FIRST_CLIPS - 2)]))
+        never = str(int(rng.choice([d for d in range(10) if d not in {int(x) for x in labels}])))
+        picked = [*answers, later, never]
+        return [picked[k] for k in rng.permutation(len(picked))]
+
     def _scene_count(self, rng: np.random.Generator):
         counts = rng.choice(3, size=2, replace=False) + 1
         base = self._digits(rng, 1) | {"trajectory": self._still(rng, 1)}
@@ -360,6 +399,12 @@ class TemporalQA(Dataset):
         A reply's first token decides it: the option letter (``"B. up"``) or ``yes``/``no``.
         """
         subject = int(labels[0])
+        if aspect == "first":  # four-option multiple choice only (checked in __init__)
+            options = self._first_options(labels, answers, rng)
+            listing = "\n".join(f"({LETTERS[k]}) {_option_text(aspect, o)}" for k, o in enumerate(options))
+            prompt = f"{_ask(aspect, subject)}\n{listing}\nAnswer with the option's letter."
+            replies = [f"{LETTERS[options.index(a)]}. {_option_text(aspect, a)}" for a in answers]
+            return prompt, options, replies
         choices = {
             "direction": list(DIRECTIONS),
             "speed": [str(x) for x in range(10)],
@@ -403,13 +448,14 @@ def _ask(aspect: str, subject: int) -> str:
         "direction": f"Which way does the {subject} move?",
         "speed": "Which digit moves faster?",
         "order": "Which digit is shown first?",
+        "first": "Which digit appears first?",
         "count": f"How many times does the {subject} appear?",
         "when": f"When does the {subject} appear?",
     }[aspect]
 
 
 def _option_text(aspect: str, option: str) -> str:
-    return f"the {option}" if aspect in ("speed", "order") else option
+    return f"the {option}" if aspect in ("speed", "order", "first") else option
 
 
 def _other(labels, answer: str) -> int:
@@ -437,6 +483,8 @@ def _caption(aspect: str, labels, answer: str) -> str:
         return f"The {answer} moves faster than the {_other(labels, answer)}."
     if aspect == "order":
         return f"The {answer} appears before the {_other(labels, answer)}."
+    if aspect == "first":
+        return f"The {answer} appears first."
     return f"The {subject} appears {answer}."
 
 
