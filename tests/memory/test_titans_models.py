@@ -182,8 +182,10 @@ def test_mac_can_store_the_stream_rather_than_the_attention_output():
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
-def test_mac_storing_the_stream_is_causal_and_streams_in_pieces():
-    m = model("mac", mac_store="stream")
+@pytest.mark.parametrize("block, option", [("mac", "mac_store"), ("mal", "mal_attend")])
+def test_the_stream_options_are_causal_and_stream_in_pieces(block, option):
+    """``mac_store="stream"`` and ``mal_attend="stream"`` change the model and keep causality and streaming."""
+    m = model(block, **{option: "stream"})
     ids = tokens(length=32)
     changed = ids.clone()
     changed[:, 13:] = (changed[:, 13:] + 1) % 32
@@ -194,8 +196,23 @@ def test_mac_storing_the_stream_is_causal_and_streams_in_pieces():
         for start, end in [(0, 8), (8, 16), (16, 32)]:
             logits, states = m(ids[:, start:end], states)
             pieces.append(logits)
-        default, _ = model("mac")(ids)
+        default, _ = model(block)(ids)
     torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=0)
     assert (whole - default).abs().max() > 1e-6  # the option changes the model
-    with pytest.raises(ValueError, match="mac_store"):
-        model("mac", mac_store="both")
+    with pytest.raises(ValueError, match=option):
+        model(block, **{option: "both"})
+
+
+def test_mal_can_attend_to_the_stream_plus_the_memory():
+    """``mal_attend="stream"``: the attention reads ``[P ‖ h] + Mem([P ‖ h])``, its first P rows the prefix."""
+    m = model("mal", depth=1, mal_attend="stream")
+    block = m.blocks[0]
+    h = block.norm(m.embed(tokens(length=8)))
+    with torch.no_grad():
+        got, _ = block(m.embed(tokens(length=8)))
+        z = torch.cat([block.persistent.expand(2, -1, -1), h], 1)
+        y, _ = block.memory(z, None)
+        y = z + y
+        expected = m.embed(tokens(length=8)) + block.attention(y[:, 2:], y[:, :2])
+        expected = expected + block.ffn(block.ffn_norm(expected))
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)

@@ -63,6 +63,8 @@ class TitansConfig:
             residual sub-layer's output would be). At initialisation ``y`` is a blend of the segment, so with
             ``"attention"`` the memory cannot tell tokens apart until the attention has learnt to keep them
             apart; with ``"stream"`` it sees each token's identity from the first step.
+        mal_attend: what MAL's attention reads: ``"memory"``, the memory's output (Eq. 30), or ``"stream"``, the
+            normed input plus the memory's output (the memory as a residual sub-layer below the attention).
         ffn_mult: SwiGLU hidden width in multiples of ``dim``; 0 = no FFN (Zoology's MQAR harness).
         tie_embeddings: the head reuses the embedding matrix.
         memory: the neural memory's options (its ``dim`` is set to ``dim``).
@@ -81,6 +83,7 @@ class TitansConfig:
     hcam_top_k: int = 4
     gate_sigmoid_on: Literal["memory", "attention"] = "memory"
     mac_store: Literal["attention", "stream"] = "attention"
+    mal_attend: Literal["memory", "stream"] = "memory"
     ffn_mult: float = 4.0
     tie_embeddings: bool = True
     memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
@@ -94,6 +97,8 @@ class TitansConfig:
             raise ValueError(
                 f"TitansConfig.gate_sigmoid_on must be 'memory' or 'attention'; got {self.gate_sigmoid_on!r}"
             )
+        if self.mal_attend not in ("memory", "stream"):
+            raise ValueError(f"TitansConfig.mal_attend must be 'memory' or 'stream'; got {self.mal_attend!r}")
         if self.mac_store not in ("attention", "stream"):
             raise ValueError(
                 f"TitansConfig.mac_store must be 'attention' or 'stream'; got {self.mac_store!r}"
@@ -291,13 +296,14 @@ class Block(nn.Module):
             m, memory = self._remember(h, memory)
             out = self.gate(self.attention(h, prefix, cache=state.cache, start=start), m)
         else:  # mal: the memory's outputs at P positions become the attention's prefix for the whole stream
-            if memory is None and prefix is not None:
-                p = prefix.expand(h.shape[0], -1, -1).to(h.dtype)
-                y, memory = self.memory(torch.cat([p, h], 1), None)
-                state = replace(state, prefix=y[:, : p.shape[1]])
-                y = y[:, p.shape[1] :]
-            else:
-                y, memory = self.memory(h, memory)
+            first = memory is None and prefix is not None  # at stream start the memory reads [P ‖ h]
+            z = torch.cat([prefix.expand(h.shape[0], -1, -1).to(h.dtype), h], 1) if first else h
+            y, memory = self.memory(z, memory)
+            if self.config.mal_attend == "stream":
+                y = z + y
+            if first:
+                state = replace(state, prefix=y[:, : prefix.shape[1]])
+                y = y[:, prefix.shape[1] :]
             out = self.attention(y, state.prefix, cache=state.cache, start=start)
         x = x + out
         if self.ffn is not None:
