@@ -18,6 +18,7 @@ the gate work done before the loop), `scan_chunk` (per-token weights from an ass
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
@@ -57,6 +58,10 @@ class NeuralMemoryConfig:
         read: ``"after"`` reads ``f(q_t; W_t)``, ``"before"`` reads ``f(q_t; W_{t−1})``.
         conv_kernel: causal depthwise convolution after the q/k/v projections (0 turns it off).
         update: chunk kernel, see the module docstring.
+        compile: run the `dual` kernel's chunk loop (`dual_chunks`) through ``torch.compile`` (inductor), for
+            fixed shapes: every new input shape, grad mode or option compiles again (tens of seconds to minutes
+            on a CPU), and past ``torch._dynamo.config.recompile_limit`` of them torch runs it eagerly. The
+            math is the same; outputs agree with eager to float rounding. Requires ``update="dual"``.
         surprise_clip: clip each token's gradient to this Frobenius norm (None: no clip).
         momentum: False fixes η = 0 (``S_t = −θ_t u_t``: plain gradient steps; with ``depth=1`` the gated delta
             rule, Titans App. C); the chunk kernels then skip the surprise terms, which are zero.
@@ -73,6 +78,7 @@ class NeuralMemoryConfig:
     read: Literal["after", "before"] = "after"
     conv_kernel: int = 4
     update: Literal["dual", "scan", "sequential"] = "dual"
+    compile: bool = False
     surprise_clip: float | None = None
     momentum: bool = True
     eta_bias: float = 2.0
@@ -88,6 +94,8 @@ class NeuralMemoryConfig:
             raise ValueError(
                 f"NeuralMemoryConfig.update must be dual, scan or sequential; got {self.update!r}"
             )
+        if self.compile and self.update != "dual":
+            raise ValueError(f"NeuralMemoryConfig.compile needs update='dual'; got {self.update!r}")
         if not self.theta_max > 0:
             raise ValueError(f"NeuralMemoryConfig.theta_max must be > 0; got {self.theta_max}")
 
@@ -99,7 +107,9 @@ class NeuralMemoryConfig:
         return [(widths[i + 1], widths[i]) for i in range(self.depth)]
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Of the options that shape the state; ``compile`` does not (a saved state loads either way)."""
+        options = {k: v for k, v in asdict(self).items() if k != "compile"}
+        return hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -703,6 +713,14 @@ def dual_chunks(
     return y, weights, momentum
 
 
+@functools.cache
+def compiled_dual_chunks():
+    """`dual_chunks` through ``torch.compile`` (`NeuralMemoryConfig.compile`), made once; dynamo keeps one
+    compiled graph per input shape and mode. Inductor fuses the elementwise work around the matmuls, in the
+    forward and in `DualStep`'s hand-written backward, which it traces too."""
+    return torch.compile(dual_chunks, dynamic=False)
+
+
 def dual_chunk(
     weights, momentum, q, k, v, theta, log_eta, log_keep, read="after", surprise_clip=None, with_momentum=True
 ) -> ChunkResult:
@@ -940,8 +958,9 @@ class NeuralMemory(nn.Module):
             tokens = (q, k, v, theta, log_eta, log_keep)
             options = {"read": c.read, "surprise_clip": c.surprise_clip}
             if c.update == "dual":
-                y, weights, momentum = dual_chunks(state.weights, state.momentum, *tokens, c.chunk_size,
-                                                   with_momentum=c.momentum, **options)  # fmt: skip
+                kernel = compiled_dual_chunks() if c.compile else dual_chunks
+                y, weights, momentum = kernel(state.weights, state.momentum, *tokens, c.chunk_size,
+                                              with_momentum=c.momentum, **options)  # fmt: skip
             else:
                 kernel = CHUNK_KERNELS[c.update]
                 y, weights, momentum = chunk_loop(kernel, state.weights, state.momentum, *tokens, c.chunk_size,
