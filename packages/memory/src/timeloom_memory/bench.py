@@ -7,6 +7,9 @@ kernel over `sequential` (the definition), plus the state's bytes per sample (co
 falls as 1/L) and the per-token weights `scan` materialises per chunk. `sequential` and `dual` are timed in
 turns (one call of each per round, after a warm-up round), so a shared machine's load hits them alike, and
 `scan` on its own; the inter-quartile mean of the wall times, and of this thread's CPU times beside them.
+``dual-compiled`` is `dual` with `NeuralMemoryConfig.compile` (``torch.compile``), timed in turns with both where
+`sequential` runs; it is compiled before the timing, and the first calls' seconds (compiling included) are
+reported beside.
 
 Part 2, training: tokens/s of one AdamW step of our `TitansLM` (MAC), of titans-pytorch's
 `MemoryAsContextTransformer` at the closest equal configuration (`TITANS_PYTORCH_MAPPING`) and of a plain
@@ -27,13 +30,20 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timeloom_kernels.bench import describe_environment, iqr_mean, resolve_device_and_dtype, write_report
+from timeloom_kernels.bench import (
+    describe_environment,
+    iqr_mean,
+    resolve_device_and_dtype,
+    synchronize,
+    write_report,
+)
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -53,6 +63,7 @@ class MemoryPreset:
     chunk_sizes: tuple[int, ...]
     sequential_max_length: int  # the token loop is slow: longer cells skip it
     scan_max_length: int  # under autograd `scan` keeps every token's weights (O(L·|W|) memory)
+    compiled_max_length: int = 0  # `dual-compiled` compiles one graph per cell, unrolled over its chunks
     budget_s: float = 0.5  # per kernel and cell: rounds go on until min_runs and this budget are both spent
     min_runs: int = 5
     max_runs: int = 10
@@ -73,6 +84,7 @@ PRESETS = {
         chunk_sizes=(16, 64),
         sequential_max_length=256,
         scan_max_length=256,
+        compiled_max_length=256,
     ),
     "tiny": MemoryPreset(
         lengths=(32,),
@@ -92,7 +104,7 @@ PRESETS = {
         mqar_test=8,
     ),
 }
-UPDATES = ("sequential", "scan", "dual")
+UPDATES = ("sequential", "scan", "dual", "dual-compiled")
 
 
 def interleaved_ms(
@@ -118,15 +130,17 @@ def run_cell(
     length: int,
     device: torch.device,
 ) -> list[dict]:
-    """One row per update kernel on the same input and weights: `sequential` and `dual` timed in turns, `scan`
-    on its own (its gigabytes of per-token weights, freed and refetched each call, slowed the call after it by
-    up to 2x when it took turns with the others)."""
+    """One row per update kernel on the same input and weights: `sequential`, `dual` and `dual-compiled` timed
+    in turns, `scan` on its own (its gigabytes of per-token weights, freed and refetched each call, slowed the
+    call after it by up to 2x when it took turns with the others). `dual-compiled` is compiled first: its row
+    keeps the wall seconds of its first forward and first forward+backward, compiling included."""
     dim = heads * head_dim
     memories = {}
     for update in updates:
         torch.manual_seed(0)  # the same weights for every kernel
         config = NeuralMemoryConfig(dim=dim, heads=heads, head_dim=head_dim, depth=2, expansion=4, chunk_size=b,
-                                    update=update)  # fmt: skip
+                                    update="dual" if update == "dual-compiled" else update,
+                                    compile=update == "dual-compiled")  # fmt: skip
         memories[update] = NeuralMemory(config).to(device)
     x = torch.randn(preset.batch, length, dim, generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -138,6 +152,14 @@ def run_cell(
         y, _ = memory(x)
         y.sum().backward()
 
+    compile_s = {}
+    if "dual-compiled" in updates:
+        torch.compiler.reset()  # a fresh cache per cell: dynamo's recompile limit never binds
+        for what, call in (("forward", forward), ("forward_backward", forward_backward)):
+            start = time.perf_counter()
+            call(memories["dual-compiled"])
+            synchronize(device)
+            compile_s[what] = time.perf_counter() - start
     fwd, fwdbwd = {}, {}
     for group in ([u for u in updates if u != "scan"], [u for u in updates if u == "scan"]):
         fwd.update(interleaved_ms({u: lambda m=memories[u]: forward(m) for u in group}, preset, device))
@@ -155,6 +177,7 @@ def run_cell(
             "forward_backward_tokens_per_s": tokens / fwdbwd[u]["wall"] * 1e3,
             "state_bytes_per_sample": 2 * weights * 4,  # weights and momentum, float32
             "scan_weights_bytes_per_chunk": b * weights * 4 if u == "scan" else 0,
+            **({f"first_{k}_s": v for k, v in compile_s.items()} if u == "dual-compiled" else {}),
         }
         for u in updates
     ]  # fmt: skip
@@ -191,6 +214,32 @@ def _times(value: float | None) -> str:
 
 def _number(value: float | None, unit: float) -> str:
     return "n/a" if value is None else f"{value / unit:.1f}"
+
+
+def _compiled_lines(cells: list[dict]) -> list[str]:
+    """`dual-compiled` against eager `dual` (timed in turns in the same cell), and its compile time."""
+    key = ("heads", "head_dim", "chunk_size", "length")
+    eager = {tuple(c[k] for k in key): c for c in cells if c["update"] == "dual"}
+    lines = []
+    for c in cells:
+        ref = eager.get(tuple(c[k] for k in key))
+        if c["update"] == "dual-compiled" and ref:
+            lines.append(
+                f"| {c['heads']}×{c['head_dim']} | {c['chunk_size']} | {c['length']} | "
+                f"{ref['forward_ms'] / c['forward_ms']:.2f}× | {ref['forward_backward_ms'] / c['forward_backward_ms']:.2f}× | "
+                f"{c['first_forward_s']:.0f} | {c['first_forward_backward_s']:.0f} |"
+            )  # fmt: skip
+    if not lines:
+        return []
+    return [
+        "",
+        "`dual-compiled` (`NeuralMemoryConfig.compile`: `torch.compile` of the chunk loop) over eager `dual`, wall, "
+        "and the wall seconds of its first calls, which compile it (not in the timings above):",
+        "",
+        "| H×d_h | b | L | fwd | fwd+bwd | first fwd, s | first fwd+bwd, s |",
+        "|---|---|---|---|---|---|---|",
+        *lines,
+    ]  # fmt: skip
 
 
 def markdown(result: dict) -> str:
@@ -230,6 +279,7 @@ def markdown(result: dict) -> str:
             f"{u['forward']:.1f}× | {u['forward_backward']:.1f}× | {_times(u['forward_cpu'])} | "
             f"{_times(u['forward_backward_cpu'])} |"
         )
+    lines += _compiled_lines(cells)
     rows, mqar = result.get("training", []), result.get("mqar_accuracy", {})
     if rows:
         r0 = rows[0]
@@ -491,9 +541,15 @@ def main(argv: list[str] | None = None) -> int:
     for i, (heads, head_dim, b, length) in enumerate(grid if "update" in parts else []):
         updates = []
         for update in UPDATES:
-            limit = {"sequential": preset.sequential_max_length, "scan": preset.scan_max_length}.get(update)
+            limit = {"sequential": preset.sequential_max_length, "scan": preset.scan_max_length,
+                     "dual-compiled": preset.compiled_max_length}.get(update)  # fmt: skip
             if limit is not None and length > limit:
-                skipped.append(f"{update} at L={length} (> {limit}: too slow or too much memory here)")
+                why = (
+                    "compiling takes minutes"
+                    if update == "dual-compiled"
+                    else "too slow or too much memory here"
+                )
+                skipped.append(f"{update} at L={length} (> {limit}: {why})")
             else:
                 updates.append(update)
         for c in run_cell(preset, updates, heads, head_dim, b, length, device):
