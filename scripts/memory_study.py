@@ -121,6 +121,7 @@ VIDEO_MODELS = {
     ),
 }
 TARGET = 0.99
+MQAR_FIGURE = ROOT / "docs/memory-mqar-curves.png"
 # The settings `mqar-curriculum`'s second stage trains beside seq 256 (§1.0's mixture; stop 17 also ran `s128` alone)
 STAGE2_MIX = ("s64", "s128")
 # Tagged curricula (`mqar-curriculum --tag`) whose stage-2 runs `<model>-s256-<tag>` `report` plots beside the
@@ -137,6 +138,10 @@ REPORTED_TAGS = {
     "s17-mix128-seed5": "stop 17, 256 beside 128 only, seed 5",
     "s17-mix128-mac": "stop 17, block MAC, 256 beside 128 only",
     "s17-mix128-mal": "stop 17, block MAL, 256 beside 128 only",
+    "s18-mac-stream-seed0": "stop 18, block MAC storing the stream, seed 0",
+    "s18-mac-stream-seed1": "stop 18, block MAC storing the stream, seed 1",
+    "s18-mac-stream-seed2": "stop 18, block MAC storing the stream, seed 2",
+    "s18-mal-stream": "stop 18, block MAL attending to the stream",
 }
 
 
@@ -444,8 +449,9 @@ def earlier_steps(run_dir: Path) -> int:
     return 0 if stage is None else read_curve(stage)["steps"] + earlier_steps(stage)
 
 
-def report() -> None:
-    """Accuracy-vs-step curves per setting (docs/memory-mqar-curves.png) and a results table (JSON)."""
+def report(figure_path: Path = MQAR_FIGURE, mqar_only: bool = False) -> None:
+    """Accuracy-vs-step curves per setting (``figure_path``) and a results table (JSON), then the recall
+    figures unless ``mqar_only``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,11 +515,11 @@ def report() -> None:
                "the seq-64 stage a mixture run started from"]  # fmt: skip
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     figure.tight_layout(rect=(0, 0.16 * rows / height, 1, 1))
-    figure.savefig(ROOT / "docs/memory-mqar-curves.png", dpi=120)
+    figure.savefig(figure_path, dpi=120)
     (RUNS / "mqar/results.json").write_text(json.dumps(summaries, indent=2))
     print(json.dumps(summaries, indent=2))
-
-    recall_report()
+    if not mqar_only:
+        recall_report()
 
 
 def recall_report() -> None:
@@ -640,7 +646,9 @@ def main(argv: list[str] | None = None) -> None:
     run = commands.add_parser("sniah-eval", help="accuracy by test length of the trained S-NIAH runs")
     run.add_argument("--samples", type=int, default=10, help="test sequences per (length, depth) cell")
     run.add_argument("runs", nargs="*", help="run names under sniah/ (default: every reported run)")
-    commands.add_parser("report", help="figures and results JSON")
+    run = commands.add_parser("report", help="figures and results JSON")
+    run.add_argument("--figure", type=Path, default=MQAR_FIGURE, help="where the MQAR curves go")
+    run.add_argument("--mqar-only", action="store_true", help="leave the recall figures as they are")
     commands.add_parser("recall-report", help="the video recall and S-NIAH figures alone")
     args, extra = parser.parse_known_args(argv)
     if args.command == "mqar":
@@ -671,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "recall-report":
         recall_report()
     else:
-        report()
+        report(args.figure, args.mqar_only)
 
 
 if __name__ == "__main__":
