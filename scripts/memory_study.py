@@ -142,6 +142,7 @@ REPORTED_TAGS = {
     "s18-mac-stream-seed1": "stop 18, block MAC storing the stream, seed 1",
     "s18-mac-stream-seed2": "stop 18, block MAC storing the stream, seed 2",
     "s18-mal-stream": "stop 18, block MAL attending to the stream",
+    "s18-stream": "stop 18, storing the stream",
 }
 
 
