@@ -143,6 +143,8 @@ REPORTED_TAGS = {
     "s18-mac-stream-seed2": "stop 18, block MAC storing the stream, seed 2",
     "s18-mal-stream": "stop 18, block MAL attending to the stream",
     "s18-stream": "stop 18, storing the stream",
+    "s18": "stop 18",
+    "s18-mag-seed3": "stop 18, stop 17's seed-3 run again",
 }
 
 
