@@ -51,6 +51,18 @@ def test_token_count_is_the_readout_plus_the_window_at_any_length(frames, kind):
     assert visual.frame.tolist() == [0] * READOUT + [f + 1 for f in range(shown) for _ in range(PER_FRAME)]
 
 
+@pytest.mark.parametrize("frames", [1, 3, 7])
+def test_no_readout_tokens_leaves_the_window_alone_also_before_the_memory_holds_a_frame(frames):
+    """``readout_tokens=0`` with HCAM: the window-only baseline of the same projector (no queries read nothing,
+    also from an empty memory)."""
+    torch.manual_seed(0)
+    model = MemoryProjector(24, 32, PER_FRAME, window_frames=WINDOW, readout_tokens=0, pool=POOL,
+                            memory_kind="hcam", memory=MEMORY["hcam"])  # fmt: skip
+    tokens, visual = model(features(frames), GRID)
+    assert tokens.shape == (2, min(frames, WINDOW) * PER_FRAME, 32)
+    assert visual.kind.tolist() == [VISUAL] * min(frames, WINDOW) * PER_FRAME
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_frames_before_the_window_reach_the_llm_only_through_the_memory(kind):
     model = projector(kind)

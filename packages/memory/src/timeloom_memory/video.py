@@ -195,6 +195,8 @@ class HCAMVideoMemory(nn.Module):
         # The queries sit after the stream, where more than a frame of them would complete a chunk of their own
         # and later queries would read it: read them in groups of a frame, each query on its own.
         queries = queries.to(state.tokens.dtype)
+        if not queries.shape[1]:  # no queries read nothing, also before any frame is written
+            return queries
         groups = queries.split(self.tokens_per_frame, dim=1)
         return torch.cat([self.hcam(group, state)[0] for group in groups], dim=1)
 
