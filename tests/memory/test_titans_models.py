@@ -24,6 +24,15 @@ def tokens(batch=2, length=24, seed=0) -> torch.Tensor:
     return torch.randint(0, 32, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def in_pieces(m: TitansLM, ids: torch.Tensor, cuts) -> tuple[torch.Tensor, list]:
+    """The logits of ``ids`` fed piece by piece (``cuts``: (start, end) pairs), the state carried between."""
+    states, pieces = None, []
+    for start, end in cuts:
+        logits, states = m(ids[:, start:end], states)
+        pieces.append(logits)
+    return torch.cat(pieces, 1), states
+
+
 @pytest.mark.parametrize("block", BLOCKS)
 def test_causality(block):
     m = model(block)
@@ -54,11 +63,8 @@ def test_pieces_with_carried_state_equal_the_whole_sequence(block):
     cuts = [(0, 8), (8, 16), (16, 32)] if block == "mac" else [(0, 1), (1, 6), (6, 7), (7, 19), (19, 32)]
     with torch.no_grad():
         whole, _ = m(ids)
-        states, pieces = None, []
-        for start, end in cuts:
-            logits, states = m(ids[:, start:end], states)
-            pieces.append(logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=0)
+        streamed, states = in_pieces(m, ids, cuts)
+    torch.testing.assert_close(streamed, whole, atol=1e-10, rtol=0)
     assert all(state.position == 32 for state in states)
 
 
@@ -153,12 +159,9 @@ def test_the_gate_can_put_the_sigmoid_on_the_attention_branch(block):
     ids = tokens(length=32)
     with torch.no_grad():
         whole, _ = m(ids)
-        states, pieces = None, []
-        for start, end in [(0, 8), (8, 16), (16, 32)]:
-            logits, states = m(ids[:, start:end], states)
-            pieces.append(logits)
+        streamed, _ = in_pieces(m, ids, [(0, 8), (8, 16), (16, 32)])
         default, _ = model(block)(ids)
-    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=0)
+    torch.testing.assert_close(streamed, whole, atol=1e-10, rtol=0)
     assert (whole - default).abs().max() > 1e-6  # the option changes the model
 
 
@@ -192,12 +195,9 @@ def test_the_stream_options_are_causal_and_stream_in_pieces(block, option):
     with torch.no_grad():
         whole, _ = m(ids)
         torch.testing.assert_close(m(changed)[0][:, :13], whole[:, :13], atol=1e-10, rtol=0)
-        states, pieces = None, []
-        for start, end in [(0, 8), (8, 16), (16, 32)]:
-            logits, states = m(ids[:, start:end], states)
-            pieces.append(logits)
+        streamed, _ = in_pieces(m, ids, [(0, 8), (8, 16), (16, 32)])
         default, _ = model(block)(ids)
-    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=0)
+    torch.testing.assert_close(streamed, whole, atol=1e-10, rtol=0)
     assert (whole - default).abs().max() > 1e-6  # the option changes the model
     with pytest.raises(ValueError, match=option):
         model(block, **{option: "both"})
