@@ -146,6 +146,8 @@ REPORTED_TAGS = {
     "s18-stream": "stop 18, storing the stream",
     "s18": "stop 18",
     "s18-mag-seed3": "stop 18, stop 17's seed-3 run again",
+    "s18-stream-sigmaatt": "stop 18, storing the stream, σ on attention",
+    "s18-mlp": "stop 18, a 2-layer MLP memory",
 }
 
 
