@@ -60,9 +60,9 @@ class TitansConfig:
             output only as a multiplier of the attention's features.
         mac_store: what MAC's memory stores and reads after writing: ``"attention"``, the attention output ``y``
             (Eq. 24 read literally), or ``"stream"``, ``x_s + y`` (the segment's normed input plus ``y``, as a
-            residual sub-layer's output would be). At initialisation ``y`` is a blend of the segment, so with
-            ``"attention"`` the memory cannot tell tokens apart until the attention has learnt to keep them
-            apart; with ``"stream"`` it sees each token's identity from the first step.
+            residual sub-layer's output would be). Our reading of MQAR (benchmarks/memory-quality.md, stop 18): at
+            initialisation ``y`` is a blend of the segment, so with ``"attention"`` the memory cannot tell tokens
+            apart until the attention has learnt to; with ``"stream"`` it sees each token from the first step.
         mal_attend: what MAL's attention reads: ``"memory"``, the memory's output (Eq. 30), or ``"stream"``, the
             normed input plus the memory's output (the memory as a residual sub-layer below the attention).
         ffn_mult: SwiGLU hidden width in multiples of ``dim``; 0 = no FFN (Zoology's MQAR harness).
@@ -93,16 +93,13 @@ class TitansConfig:
             self.memory = NeuralMemoryConfig(**self.memory)
         if self.block not in BLOCKS:
             raise ValueError(f"TitansConfig.block must be one of {BLOCKS}; got {self.block!r}")
-        if self.gate_sigmoid_on not in ("memory", "attention"):
-            raise ValueError(
-                f"TitansConfig.gate_sigmoid_on must be 'memory' or 'attention'; got {self.gate_sigmoid_on!r}"
-            )
-        if self.mal_attend not in ("memory", "stream"):
-            raise ValueError(f"TitansConfig.mal_attend must be 'memory' or 'stream'; got {self.mal_attend!r}")
-        if self.mac_store not in ("attention", "stream"):
-            raise ValueError(
-                f"TitansConfig.mac_store must be 'attention' or 'stream'; got {self.mac_store!r}"
-            )
+        for name, allowed in (
+            ("gate_sigmoid_on", ("memory", "attention")),
+            ("mac_store", ("attention", "stream")),
+            ("mal_attend", ("memory", "stream")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TitansConfig.{name} must be one of {allowed}; got {getattr(self, name)!r}")
         if self.dim % self.heads:
             raise ValueError(f"TitansConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
         if self.block == "mac" and self.segment % self.memory.chunk_size:
