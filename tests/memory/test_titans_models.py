@@ -185,10 +185,14 @@ def test_mac_can_store_the_stream_rather_than_the_attention_output():
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("block, option", [("mac", "mac_store"), ("mal", "mal_attend")])
-def test_the_stream_options_are_causal_and_stream_in_pieces(block, option):
-    """``mac_store="stream"`` and ``mal_attend="stream"`` change the model and keep causality and streaming."""
-    m = model(block, **{option: "stream"})
+@pytest.mark.parametrize(
+    "block, option, value",
+    [("mac", "mac_store", "stream"), ("mal", "mal_attend", "stream"), ("mal", "mal_attend", "residual")],
+)
+def test_the_data_flow_options_are_causal_and_stream_in_pieces(block, option, value):
+    """``mac_store="stream"`` and ``mal_attend="stream"|"residual"`` change the model and keep causality and
+    streaming."""
+    m = model(block, **{option: value})
     ids = tokens(length=32)
     changed = ids.clone()
     changed[:, 13:] = (changed[:, 13:] + 1) % 32
@@ -216,3 +220,24 @@ def test_mal_can_attend_to_the_stream_plus_the_memory():
         expected = m.embed(tokens(length=8)) + block.attention(y[:, 2:], y[:, :2])
         expected = expected + block.ffn(block.ffn_norm(expected))
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+def test_mal_can_add_the_memory_to_the_residual_stream():
+    """``mal_attend="residual"``: ``x ← x + Mem([P ‖ norm x])``, then the attention reads the RMSNorm of that
+    stream, its first P rows (``P + Mem``) the prefix; every parameter, the new norm included, gets a gradient."""
+    m = model("mal", depth=1, mal_attend="residual")
+    block = m.blocks[0]
+    x = m.embed(tokens(length=8))
+    with torch.no_grad():
+        got, _ = block(x)
+        p = block.persistent.expand(2, -1, -1)
+        y, _ = block.memory(torch.cat([p, block.norm(x)], 1), None)
+        stream = torch.cat([p, x], 1) + y
+        expected = stream[:, 2:] + block.attention(
+            block.attention_norm(stream[:, 2:]), block.attention_norm(stream[:, :2])
+        )
+        expected = expected + block.ffn(block.ffn_norm(expected))
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    logits, _ = m(tokens())
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in m.parameters())

@@ -63,8 +63,10 @@ class TitansConfig:
             residual sub-layer's output would be). Our reading of MQAR (benchmarks/memory-quality.md, stop 18): at
             initialisation ``y`` is a blend of the segment, so with ``"attention"`` the memory cannot tell tokens
             apart until the attention has learnt to; with ``"stream"`` it sees each token from the first step.
-        mal_attend: what MAL's attention reads: ``"memory"``, the memory's output (Eq. 30), or ``"stream"``, the
-            normed input plus the memory's output (the memory as a residual sub-layer below the attention).
+        mal_attend: what MAL's attention reads: ``"memory"``, the memory's output (Eq. 30); ``"stream"``, the
+            normed input plus the memory's output; or ``"residual"``, the RMSNorm of the residual stream after the
+            memory's output is added to it (the memory and the attention as two residual sub-layers, as hybrid
+            stacks such as H3 and Samba place their layers; the memory's read then reaches the head directly).
         ffn_mult: SwiGLU hidden width in multiples of ``dim``; 0 = no FFN (Zoology's MQAR harness).
         tie_embeddings: the head reuses the embedding matrix.
         memory: the neural memory's options (its ``dim`` is set to ``dim``).
@@ -83,7 +85,7 @@ class TitansConfig:
     hcam_top_k: int = 4
     gate_sigmoid_on: Literal["memory", "attention"] = "memory"
     mac_store: Literal["attention", "stream"] = "attention"
-    mal_attend: Literal["memory", "stream"] = "memory"
+    mal_attend: Literal["memory", "stream", "residual"] = "memory"
     ffn_mult: float = 4.0
     tie_embeddings: bool = True
     memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
@@ -96,7 +98,7 @@ class TitansConfig:
         for name, allowed in (
             ("gate_sigmoid_on", ("memory", "attention")),
             ("mac_store", ("attention", "stream")),
-            ("mal_attend", ("memory", "stream")),
+            ("mal_attend", ("memory", "stream", "residual")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TitansConfig.{name} must be one of {allowed}; got {getattr(self, name)!r}")
@@ -234,6 +236,7 @@ class Block(nn.Module):
         self.attention = Attention(d, config.heads, window) if kind != "lmm" else None
         self.memory = NeuralMemory(config.memory) if kind in ("lmm", "mac", "mag", "mal") else None
         self.gate = MemoryGate(d, config.gate_sigmoid_on) if kind in ("mac", "mag") else None
+        self.attention_norm = nn.RMSNorm(d) if kind == "mal" and config.mal_attend == "residual" else None
         self.hcam = (
             HCAMAttention(d, config.heads, config.hcam_chunk_size, config.hcam_top_k)
             if kind == "hcam"
@@ -294,9 +297,14 @@ class Block(nn.Module):
             out = self.gate(self.attention(h, prefix, cache=state.cache, start=start), m)
         else:  # mal: the memory's outputs at P positions become the attention's prefix for the whole stream
             first = memory is None and prefix is not None  # at stream start the memory reads [P ‖ h]
-            z = torch.cat([prefix.expand(h.shape[0], -1, -1).to(h.dtype), h], 1) if first else h
+            p = prefix.expand(h.shape[0], -1, -1).to(h.dtype) if first else None
+            z = torch.cat([p, h], 1) if first else h
             y, memory = self.memory(z, memory)
-            if self.config.mal_attend == "stream":
+            if self.config.mal_attend == "residual":  # x ← x + Mem(norm x), then the attention reads norm x
+                stream = (torch.cat([p, x], 1) if first else x) + y
+                x = stream[:, prefix.shape[1] :] if first else stream
+                y = self.attention_norm(stream)
+            elif self.config.mal_attend == "stream":
                 y = z + y
             if first:
                 state = replace(state, prefix=y[:, : prefix.shape[1]])
