@@ -45,6 +45,27 @@ def test_read_letter(reply, letter):
     assert read_letter(reply, ["up", "down"]) == letter
 
 
+@pytest.mark.parametrize(
+    ("reply", "letter"),
+    [
+        ("down, option B.", "B"),
+        ("up, option b", "B"),  # the letter decides, as in "b. up"
+        ("up , option A.", "A"),
+        ("down., option a.", "A"),
+        ("up, option c", None),  # no such option
+        ("option b", None),
+        ("maybe, option b", None),  # only an option's exact text may come before the letter
+        ("up or down, option b", None),
+        ("up, option b because", None),
+        ("up option b", None),
+        ("up, b", None),
+        ("up, option (b)", None),
+    ],
+)
+def test_read_letter_after_an_options_text(reply, letter):
+    assert read_letter(reply, ["up", "down"]) == letter
+
+
 def test_read_yes_no():
     assert [read_yes_no(r) for r in ("Yes.", " no, it does not", "y", "maybe", "")] == [
         "yes",

@@ -6,12 +6,14 @@ Answers are read back from the pixels (each digit rendered alone), not from the 
 import numpy as np
 import pytest
 import torch
+from timeloom_understanding.benchmarks.base import listed_options
 from timeloom_understanding.data import (
     ASPECTS,
     OPT_IN_ASPECTS,
     TemporalQA,
     TemporalQADataModule,
 )
+from timeloom_understanding.scoring import read_letter
 from timeloom_understanding.text import TextTokenizer
 
 from timeloom.data.moving_digits import digit_glyphs, render_digits
@@ -110,9 +112,10 @@ def test_a_window_only_guess_is_right_a_third_of_the_time(groups):
     assert abs(right / (2 * len(groups)) - 1 / 3) < 0.05
 
 
-def test_every_word_of_first_is_in_the_qa_vocabulary():
+@pytest.mark.parametrize("letter_last", [False, True])
+def test_every_word_of_first_is_in_the_qa_vocabulary(letter_last):
     tokenizer = TextTokenizer("temporal_qa")
-    dataset = TemporalQA("train", length=50, caption_share=0.5, **FIRST)
+    dataset = TemporalQA("train", length=50, caption_share=0.5, letter_last=letter_last, **FIRST)
     words = {
         word
         for index in range(len(dataset))
@@ -135,3 +138,32 @@ def test_every_word_of_first_is_in_the_qa_vocabulary():
 def test_first_is_only_asked_as_four_option_multiple_choice(arguments):
     with pytest.raises(ValueError, match="'first' aspect is asked as multiple choice with four options"):
         TemporalQA(length=1, **arguments)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [FIRST, {"aspects": ASPECTS, "formats": ["multi_choice", "caption_matching"]}],
+    ids=["first", "default-aspects"],
+)
+def test_letter_last_replies_name_the_option_then_the_letter_the_letter_reading_finds(arguments):
+    tokenizer = TextTokenizer("temporal_qa")
+    default = TemporalQA("test", length=60, seed=5, **arguments)
+    letter_last = TemporalQA("test", length=60, seed=5, letter_last=True, **arguments)
+    for index in range(len(default)):
+        for plain, last in zip(default[index], letter_last[index]):
+            assert last["conversations"][0] == plain["conversations"][0]  # the same prompt
+            assert (last["answer"], last["options"]) == (plain["answer"], plain["options"])
+            letter, text = listed_options(plain["conversations"][1]["value"])[0]
+            assert last["conversations"][1]["value"] == f"{text.rstrip('.')}, option {letter}."
+            # what the model would write (its tokens decoded) reads back to the same letter
+            prompt_options = [option for _, option in listed_options(plain["conversations"][0]["value"])]
+            decoded = tokenizer.decode(tokenizer.encode(last["conversations"][1]["value"]))
+            assert read_letter(decoded, prompt_options) == letter
+
+
+def test_letter_last_trains_only_and_held_out_splits_keep_the_reference_replies():
+    module = TemporalQADataModule(letter_last=True, train_length=4, val_length=4, test_length=4, **FIRST)
+    assert module.build_dataset("train").letter_last
+    assert not module.build_dataset("val").letter_last and not module.build_dataset("test").letter_last
+    reply = module.build_dataset("test")[0][0]["conversations"][1]["value"]
+    assert listed_options(reply)  # the evaluate command reads the answer's letter from it

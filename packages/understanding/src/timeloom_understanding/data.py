@@ -144,6 +144,10 @@ class TemporalQA(Dataset):
             two turns: "Describe the video." and its caption, then the question. It teaches the
             describe-then-answer protocol, in which the model reads the fact from its own description
             (matching text to text) instead of from the visual tokens; the question's reply is the last turn.
+        letter_last: option-letter replies name the option before its letter, ``"the 4, option C."``
+            instead of ``"C. the 4"``: the letter is then a lookup of the option just written in the listing,
+            not a step that must recall the fact and find its line at once. The prompt is the same; the
+            evaluate command's letter reading (`scoring.read_letter`) reads both forms.
         control: what the model sees, for the controls that show a question needs time: ``none`` (the
             video), ``middle_frame`` (only the middle frame, ``T = 1``), ``random_frame`` (one frame at an
             index drawn from the item's seed) or ``shuffled`` (frames in an order drawn from the item's seed).
@@ -169,6 +173,7 @@ class TemporalQA(Dataset):
         task: str = "qa",
         caption_share: float = 0.0,
         describe_first: float = 0.0,
+        letter_last: bool = False,
         control: str = "none",
         seed: int = 0,
         channels: int = 1,
@@ -180,6 +185,7 @@ class TemporalQA(Dataset):
                 f"caption_share and describe_first must lie in [0, 1]; got {caption_share}, {describe_first}"
             )
         self.caption_share, self.describe_first = caption_share, describe_first
+        self.letter_last = letter_last
         if control not in (*CONTROLS, TEXT_STAGE):
             raise ValueError(f"control must be one of {(*CONTROLS, TEXT_STAGE)}; got {control!r}")
         self.control = control
@@ -396,14 +402,15 @@ class TemporalQA(Dataset):
     def _question(self, aspect, fmt, labels, answers, rng):
         """``(prompt, options, replies)``: one prompt for the group, one reply per variant.
 
-        A reply's first token decides it: the option letter (``"B. up"``) or ``yes``/``no``.
+        A reply's first token decides it: the option letter (``"B. up"``) or ``yes``/``no``; with
+        ``letter_last`` the letter is the reply's last word (``"up, option B."``).
         """
         subject = int(labels[0])
         if aspect == "first":  # four-option multiple choice only (checked in __init__)
             options = self._first_options(labels, answers, rng)
             listing = "\n".join(f"({LETTERS[k]}) {_option_text(aspect, o)}" for k, o in enumerate(options))
             prompt = f"{_ask(aspect, subject)}\n{listing}\nAnswer with the option's letter."
-            replies = [f"{LETTERS[options.index(a)]}. {_option_text(aspect, a)}" for a in answers]
+            replies = [self._choice_reply(options.index(a), _option_text(aspect, a)) for a in answers]
             return prompt, options, replies
         choices = {
             "direction": list(DIRECTIONS),
@@ -423,7 +430,7 @@ class TemporalQA(Dataset):
             shown = [_option_text(aspect, o) for o in options]
             listing = "\n".join(f"({LETTERS[k]}) {text}" for k, text in enumerate(shown))
             prompt = f"{_ask(aspect, subject)}\n{listing}\nAnswer with the option's letter."
-            replies = [f"{LETTERS[options.index(a)]}. {_option_text(aspect, a)}" for a in answers]
+            replies = [self._choice_reply(options.index(a), _option_text(aspect, a)) for a in answers]
             return prompt, options, replies
         if fmt == "yes_no":
             asked = answers[int(rng.integers(2))]
@@ -433,8 +440,14 @@ class TemporalQA(Dataset):
         options = [captions[k] for k in rng.permutation(len(captions))]
         listing = "\n".join(f"({LETTERS[k]}) {_caption(aspect, labels, o)}" for k, o in enumerate(options))
         prompt = f"Which caption matches the video?\n{listing}\nAnswer with the option's letter."
-        replies = [f"{LETTERS[options.index(a)]}. {_caption(aspect, labels, a)}" for a in answers]
+        replies = [self._choice_reply(options.index(a), _caption(aspect, labels, a)) for a in answers]
         return prompt, options, replies
+
+    def _choice_reply(self, index: int, text: str) -> str:
+        """The reply naming option ``index`` (text ``text``): ``"C. the 4"``, or ``"the 4, option C."``."""
+        if self.letter_last:
+            return f"{text.rstrip('.')}, option {LETTERS[index]}."
+        return f"{LETTERS[index]}. {text}"
 
     def __repr__(self) -> str:
         return (
@@ -677,6 +690,7 @@ class TemporalQADataModule(TimeloomDataModule):
         task: str = "qa",
         caption_share: float = 0.0,
         describe_first: float = 0.0,
+        letter_last: bool = False,
         control: str = "none",
         channels: int = 1,
         train_length: int = 10_000,
@@ -701,10 +715,15 @@ class TemporalQADataModule(TimeloomDataModule):
             control=control,
             channels=channels,
         )
-        self.shares = {"caption_share": caption_share, "describe_first": describe_first}
-        TemporalQA(length=0, **self.shares, **self.dataset_args)  # fail now, not at a batch
+        # training levers: held-out splits ask single-turn questions with the default replies (the evaluate
+        # command reads each answer's letter from its reference reply, `items_from_conversations`)
+        self.train_levers = {
+            "caption_share": caption_share,
+            "describe_first": describe_first,
+            "letter_last": letter_last,
+        }
+        TemporalQA(length=0, **self.train_levers, **self.dataset_args)  # fail now, not at a batch
 
     def build_dataset(self, split: str) -> TemporalQA:
-        # held-out splits ask single-turn questions only
-        shares = self.shares if split == "train" else {}
-        return TemporalQA(split, length=self.lengths[split], seed=self.seed, **shares, **self.dataset_args)
+        levers = self.train_levers if split == "train" else {}
+        return TemporalQA(split, length=self.lengths[split], seed=self.seed, **levers, **self.dataset_args)

@@ -62,21 +62,28 @@ def normalize(text: str) -> str:
 
 
 _LEADING_LETTER = re.compile(r"^(?:caption\s+)?(?:\(([a-j])\)|([a-j])(?:\s*[.):]|$))")
+_TRAILING_LETTER = re.compile(r"^(.+?)\s*,\s*option\s+([a-j])\.?$")
 
 
 def read_letter(response: str, options: list[str]) -> str | None:
-    """An option letter from a reply: the exact text of an option, a bare letter, ``X.``, ``X)``, ``(X)``.
+    """An option letter from a reply: the exact text of an option, a bare letter, ``X.``, ``X)``, ``(X)``,
+    or an option's exact text followed by a letter, ``the 4, option C.`` (`TemporalQA`'s ``letter_last``).
 
-    The letter must name one of the options; anything else is None (unparsed).
+    The letter must name one of the options; anything else is None (unparsed). As with ``X. text``, the
+    letter decides, not the text beside it.
     """
     text = normalize(response).strip(" \"'")
-    for k, option in enumerate(options):
-        if text.rstrip(".") == normalize(option).rstrip("."):
-            return LETTERS[k]
+    texts = [normalize(option).rstrip(".") for option in options]
+    if text.rstrip(".") in texts:
+        return LETTERS[texts.index(text.rstrip("."))]
     match = _LEADING_LETTER.match(text)
-    if not match:
+    trailing = _TRAILING_LETTER.match(text)
+    if match:
+        letter = (match.group(1) or match.group(2)).upper()
+    elif trailing and trailing.group(1).rstrip(".") in texts:
+        letter = trailing.group(2).upper()
+    else:
         return None
-    letter = (match.group(1) or match.group(2)).upper()
     return letter if LETTERS.index(letter) < len(options) else None
 
 
