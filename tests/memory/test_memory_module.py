@@ -125,6 +125,10 @@ def test_bench_memory_tiny_preset_writes_its_tables(tmp_path):
     result = json.loads((tmp_path / "memory.json").read_text())
     assert {c["update"] for c in result["cells"]} == {"sequential", "scan", "dual"}
     assert {u["update"] for u in result["speedups"]} == {"scan", "dual"}
+    assert result["matmul_peak_flops"] > 0
+    for c in result["cells"]:  # one layer's update does the same work whichever kernel runs it (within 2×)
+        sequential = next(s for s in result["cells"] if s["update"] == "sequential")
+        assert 0.5 < c["forward_backward_flops"] / sequential["forward_backward_flops"] < 2
     models = {r["model"] for r in result["training"]}
     assert {"timeloom Titans MAC", "timeloom plain transformer (yardstick)"} <= models
     if importlib.util.find_spec("titans_pytorch") is None:
@@ -136,7 +140,7 @@ def test_bench_memory_tiny_preset_writes_its_tables(tmp_path):
     assert set(result["mqar_accuracy"]) == models
     assert all(0 <= a <= 1 for a in result["mqar_accuracy"].values())
     text = (tmp_path / "memory.md").read_text()
-    assert "| dual |" in text and "| timeloom Titans MAC |" in text
+    assert "| dual |" in text and "| timeloom Titans MAC |" in text and "fwd: 10× needs" in text
 
 
 def test_save_pretrained_round_trip(tmp_path):

@@ -9,7 +9,9 @@ turns (one call of each per round, after a warm-up round), so a shared machine's
 `scan` on its own; the inter-quartile mean of the wall times, and of this thread's CPU times beside them.
 ``dual-compiled`` is `dual` with `NeuralMemoryConfig.compile` (``torch.compile``), timed in turns with both where
 `sequential` runs; it is compiled before the timing, and the first calls' seconds (compiling included) are
-reported beside.
+reported beside. Each row's FLOPs (`timeloom.throughput.flop_counter`, the eager layer) over its time give its FLOP
+rate, set against this run's matmul peak (`measure_matmul_peak`): the share of the peak each chunk kernel runs at,
+and the share a 10× speed-up over `sequential` would need. Above 100 %, 10× needs fewer FLOPs, not a faster kernel.
 
 Part 2, training: tokens/s of one AdamW step of our `TitansLM` (MAC), of titans-pytorch's
 `MemoryAsContextTransformer` at the closest equal configuration (`TITANS_PYTORCH_MAPPING`) and of a plain
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,7 +49,7 @@ from timeloom_kernels.bench import (
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from timeloom.throughput import flop_counter, interleaved_times
+from timeloom.throughput import flop_counter, interleaved_times, measure_matmul_peak
 from timeloom_memory.neural_memory import NeuralMemory, NeuralMemoryConfig
 from timeloom_memory.tasks import IGNORE, MQAR
 from timeloom_memory.titans import TitansConfig, TitansLM
@@ -121,6 +123,18 @@ def interleaved_ms(
     return {name: {"wall": ms["wall"][name], "cpu": ms.get("cpu", {}).get(name)} for name in calls}
 
 
+def update_flops(config: NeuralMemoryConfig, x: Tensor) -> tuple[int, int]:
+    """FLOPs of one forward (no grad) and one forward+backward of the eager layer; compiling changes no math."""
+    memory = NeuralMemory(replace(config, compile=False)).to(x.device)
+    with flop_counter() as counter, torch.no_grad():
+        memory(x)
+    forward = counter.get_total_flops()
+    with flop_counter() as counter:
+        y, _ = memory(x)
+        y.sum().backward()
+    return forward, counter.get_total_flops()
+
+
 def run_cell(
     preset: MemoryPreset,
     updates: list[str],
@@ -168,6 +182,7 @@ def run_cell(
         )
     tokens = preset.batch * length
     weights = sum(heads * o * i for o, i in config.layer_shapes)
+    flops = {u: update_flops(memories[u].config, x) for u in updates}
     return [
         {
             "update": u, "heads": heads, "head_dim": head_dim, "chunk_size": b, "length": length,
@@ -175,6 +190,7 @@ def run_cell(
             "forward_cpu_ms": fwd[u]["cpu"], "forward_backward_cpu_ms": fwdbwd[u]["cpu"],
             "forward_tokens_per_s": tokens / fwd[u]["wall"] * 1e3,
             "forward_backward_tokens_per_s": tokens / fwdbwd[u]["wall"] * 1e3,
+            "forward_flops": flops[u][0], "forward_backward_flops": flops[u][1],
             "state_bytes_per_sample": 2 * weights * 4,  # weights and momentum, float32
             "scan_weights_bytes_per_chunk": b * weights * 4 if u == "scan" else 0,
             **({f"first_{k}_s": v for k, v in compile_s.items()} if u == "dual-compiled" else {}),
@@ -242,6 +258,37 @@ def _compiled_lines(cells: list[dict]) -> list[str]:
     ]  # fmt: skip
 
 
+def _roofline_lines(cells: list[dict], peak: float | None) -> list[str]:
+    """Each chunk kernel's FLOP rate as a share of the matmul peak, and the share 10× over `sequential` needs."""
+    key = ("heads", "head_dim", "chunk_size", "length")
+    base = {tuple(c[k] for k in key): c for c in cells if c["update"] == "sequential"}
+    lines = []
+    for c in cells:
+        ref = base.get(tuple(c[k] for k in key))
+        if c["update"] in ("sequential", "scan") or not ref or not peak:
+            continue
+        shares = []
+        for part in ("forward", "forward_backward"):
+            clock = f"{part}_cpu_ms" if c[f"{part}_cpu_ms"] is not None else f"{part}_ms"  # CPU time on a CPU
+            flops = c[f"{part}_flops"]
+            shares += [flops / c[clock] * 1e3 / peak, flops / (ref[clock] / 10) * 1e3 / peak]
+        lines.append(f"| {c['update']} | {c['heads']}×{c['head_dim']} | {c['chunk_size']} | {c['length']} | "
+                     + " | ".join(f"{share:.0%}" for share in shares) + " |")  # fmt: skip
+    if not lines:
+        return []
+    return [
+        "",
+        f"FLOP rates against this run's matmul peak ({peak / 1e9:.1f} GFLOP/s: a 2048² float32 matmul, the same "
+        "device and threads), by this thread's CPU time (wall on a GPU): the share each chunk kernel runs at, and the share a 10× speed-up over "
+        "`sequential` would need (its FLOPs in a tenth of `sequential`'s time). Above 100 %, 10× needs fewer FLOPs, "
+        "not a faster kernel:",
+        "",
+        "| update | H×d_h | b | L | fwd: runs at | fwd: 10× needs | fwd+bwd: runs at | fwd+bwd: 10× needs |",
+        "|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
 def markdown(result: dict) -> str:
     cells, ups, skipped = result["cells"], result["speedups"], result["skipped"]
     lines = [
@@ -258,13 +305,16 @@ def markdown(result: dict) -> str:
     lines += [
         "## The memory update (`NeuralMemory` layer, L_M = 2, expansion 4)",
         "",
-        "| update | H×d_h | b | L | fwd tok/s | fwd+bwd tok/s | state B/sample | state B/token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| update | H×d_h | b | L | fwd tok/s | fwd+bwd tok/s | fwd GFLOP/s | fwd+bwd GFLOP/s | state B/sample "
+        "| state B/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         lines.append(
             f"| {c['update']} | {c['heads']}×{c['head_dim']} | {c['chunk_size']} | {c['length']} | "
             f"{c['forward_tokens_per_s']:.0f} | {c['forward_backward_tokens_per_s']:.0f} | "
+            f"{c['forward_flops'] / c['forward_ms'] / 1e6:.1f} | "
+            f"{c['forward_backward_flops'] / c['forward_backward_ms'] / 1e6:.1f} | "
             f"{c['state_bytes_per_sample']} | {c['state_bytes_per_sample'] / c['length']:.0f} |"
         )
     lines += ["", "Speed-up over the token-by-token definition (`sequential`), timed in turns with it (`scan` on its "
@@ -279,6 +329,7 @@ def markdown(result: dict) -> str:
             f"{u['forward']:.1f}× | {u['forward_backward']:.1f}× | {_times(u['forward_cpu'])} | "
             f"{_times(u['forward_backward_cpu'])} |"
         )
+    lines += _roofline_lines(cells, result.get("matmul_peak_flops"))
     lines += _compiled_lines(cells)
     rows, mqar = result.get("training", []), result.get("mqar_accuracy", {})
     if rows:
@@ -558,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['forward_tokens_per_s']:.0f} / {c['forward_backward_tokens_per_s']:.0f} tok/s", flush=True)  # fmt: skip
     environment = describe_environment(device, torch.float32, args.preset)
     result = {"environment": environment, "cells": cells, "speedups": speedups(cells), "skipped": skipped}
+    if cells:
+        result["matmul_peak_flops"] = measure_matmul_peak(device.type)
     result["sources"] = {part: f"timeloom bench memory {' '.join(argv if argv is not None else sys.argv[1:])} "
                          f"(commit {_commit()})" for part in sorted(parts)}  # fmt: skip
     if "training" not in parts:
