@@ -1,6 +1,7 @@
 """Titans LMM / MAC / MAG / MAL and the attention baselines (spec §2.5, §2.7)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -241,3 +242,23 @@ def test_mal_can_add_the_memory_to_the_residual_stream():
     logits, _ = m(tokens())
     logits.sum().backward()
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in m.parameters())
+
+
+def test_a_zero_initialised_memory_output_starts_mal_as_its_attention_alone():
+    """``zero_init_output``: at initialisation MAL's residual branch adds nothing, so the block is ``x`` plus the
+    attention over ``norm′ x``; the output projection still gets a gradient, and the state's fingerprint is the
+    same with or without it."""
+    base = model("mal").config.memory
+    m = model("mal", depth=1, mal_attend="residual", memory=replace(base, zero_init_output=True))
+    block = m.blocks[0]
+    x = m.embed(tokens(length=8))
+    with torch.no_grad():
+        got, _ = block(x)
+        p = block.attention_norm(block.persistent.expand(2, -1, -1))
+        expected = x + block.attention(block.attention_norm(x), p)
+        expected = expected + block.ffn(block.ffn_norm(expected))
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    logits, _ = m(tokens())
+    logits.sum().backward()
+    assert block.memory.to_out.weight.grad.abs().max() > 0
+    assert replace(base, zero_init_output=True).fingerprint() == base.fingerprint()

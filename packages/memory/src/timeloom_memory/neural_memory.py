@@ -66,6 +66,8 @@ class NeuralMemoryConfig:
         momentum: False fixes η = 0 (``S_t = −θ_t u_t``: plain gradient steps; with ``depth=1`` the gated delta
             rule, Titans App. C); the chunk kernels then skip the surprise terms, which are zero.
         eta_bias, alpha_bias: initial gate biases (η ≈ 0.88 and α ≈ 0.018 at start).
+        zero_init_output: start the output projection at zero, so the layer as a residual branch starts as the
+            identity of its stream and its read joins the stream as it is learnt (initialisation only).
     """
 
     dim: int = 64
@@ -83,6 +85,7 @@ class NeuralMemoryConfig:
     momentum: bool = True
     eta_bias: float = 2.0
     alpha_bias: float = -4.0
+    zero_init_output: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "heads", "head_dim", "depth", "expansion", "chunk_size"):
@@ -107,8 +110,9 @@ class NeuralMemoryConfig:
         return [(widths[i + 1], widths[i]) for i in range(self.depth)]
 
     def fingerprint(self) -> str:
-        """Of the options that shape the state; ``compile`` does not (a saved state loads either way)."""
-        options = {k: v for k, v in asdict(self).items() if k != "compile"}
+        """Of the options that shape the state; ``compile`` and ``zero_init_output`` do not (a saved state loads
+        either way)."""
+        options = {k: v for k, v in asdict(self).items() if k not in ("compile", "zero_init_output")}
         return hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -851,6 +855,8 @@ class NeuralMemory(nn.Module):
         self.out_norm = nn.RMSNorm(c.head_dim)
         self.to_gate = nn.Linear(c.dim, inner, bias=False)
         self.to_out = nn.Linear(inner, c.dim, bias=False)
+        if c.zero_init_output:
+            nn.init.zeros_(self.to_out.weight)
 
     # ---- state ------------------------------------------------------------------------------------------
     def init_state(
