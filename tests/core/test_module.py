@@ -139,8 +139,11 @@ def test_reconstruction_is_causal_in_time():
     torch.testing.assert_close(model(video)[:, :, :3], model(changed)[:, :, :3], rtol=0, atol=0)
 
 
-def test_matmul_peak_is_a_positive_rate():
+def test_matmul_peak_is_a_positive_rate_by_either_clock():
     assert measure_matmul_peak("cpu", torch.float32, n=256) > 1e6
+    assert measure_matmul_peak("cpu", torch.float32, n=256, cpu_time=True) > 1e6
+    with pytest.raises(ValueError, match="cpu_time needs a CPU device"):
+        measure_matmul_peak("cuda", torch.float32, n=256, cpu_time=True)
 
 
 def test_wandb_goes_offline_without_an_api_key(tmp_path, monkeypatch, capsys):

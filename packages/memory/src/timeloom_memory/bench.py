@@ -10,8 +10,9 @@ turns (one call of each per round, after a warm-up round), so a shared machine's
 ``dual-compiled`` is `dual` with `NeuralMemoryConfig.compile` (``torch.compile``), timed in turns with both where
 `sequential` runs; it is compiled before the timing, and the first calls' seconds (compiling included) are
 reported beside. Each row's FLOPs (`timeloom.throughput.flop_counter`, the eager layer) over its time give its FLOP
-rate, set against this run's matmul peak (`measure_matmul_peak`): the share of the peak each chunk kernel runs at,
-and the share a 10× speed-up over `sequential` would need. Above 100 %, 10× needs fewer FLOPs, not a faster kernel.
+rate, set against this run's matmul peak (`measure_matmul_peak`, by the same clock): the share of the peak each
+chunk kernel runs at, and the share a 10× speed-up over `sequential` would need. Below 100 %, a faster kernel can
+reach 10×; above it, only fewer FLOPs can.
 
 Part 2, training: tokens/s of one AdamW step of our `TitansLM` (MAC), of titans-pytorch's
 `MemoryAsContextTransformer` at the closest equal configuration (`TITANS_PYTORCH_MAPPING`) and of a plain
@@ -278,10 +279,10 @@ def _roofline_lines(cells: list[dict], peak: float | None) -> list[str]:
         return []
     return [
         "",
-        f"FLOP rates against this run's matmul peak ({peak / 1e9:.1f} GFLOP/s: a 2048² float32 matmul, the same "
-        "device and threads), by this thread's CPU time (wall on a GPU): the share each chunk kernel runs at, and the share a 10× speed-up over "
-        "`sequential` would need (its FLOPs in a tenth of `sequential`'s time). Above 100 %, 10× needs fewer FLOPs, "
-        "not a faster kernel:",
+        f"FLOP rates against this run's matmul peak ({peak / 1e9:.1f} GFLOP/s: a 2048² float32 matmul on the same "
+        "device and threads), all by this thread's CPU time on a CPU (the wall clock on a GPU): the share each chunk "
+        "kernel runs at, and the share a 10× speed-up over `sequential` would need (its FLOPs in a tenth of "
+        "`sequential`'s time). Below 100 %, a faster kernel can reach 10×; above it, only fewer FLOPs can:",
         "",
         "| update | H×d_h | b | L | fwd: runs at | fwd: 10× needs | fwd+bwd: runs at | fwd+bwd: 10× needs |",
         "|---|---|---|---|---|---|---|---|",
