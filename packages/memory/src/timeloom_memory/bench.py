@@ -610,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['forward_tokens_per_s']:.0f} / {c['forward_backward_tokens_per_s']:.0f} tok/s", flush=True)  # fmt: skip
     environment = describe_environment(device, torch.float32, args.preset)
     result = {"environment": environment, "cells": cells, "speedups": speedups(cells), "skipped": skipped}
-    if cells:
-        result["matmul_peak_flops"] = measure_matmul_peak(device.type)
+    if cells:  # by the clock of the shares set against it: this thread's CPU time on a CPU, wall on a GPU
+        result["matmul_peak_flops"] = measure_matmul_peak(device.type, cpu_time=device.type == "cpu")
     result["sources"] = {part: f"timeloom bench memory {' '.join(argv if argv is not None else sys.argv[1:])} "
                          f"(commit {_commit()})" for part in sorted(parts)}  # fmt: skip
     if "training" not in parts:
