@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -125,8 +125,8 @@ def interleaved_ms(
 
 
 def update_flops(config: NeuralMemoryConfig, x: Tensor) -> tuple[int, int]:
-    """FLOPs of one forward (no grad) and one forward+backward of the eager layer; compiling changes no math."""
-    memory = NeuralMemory(replace(config, compile=False)).to(x.device)
+    """FLOPs of one forward (no grad) and one forward+backward of an eager layer of ``config``."""
+    memory = NeuralMemory(config).to(x.device)
     with flop_counter() as counter, torch.no_grad():
         memory(x)
     forward = counter.get_total_flops()
@@ -183,7 +183,9 @@ def run_cell(
         )
     tokens = preset.batch * length
     weights = sum(heads * o * i for o, i in config.layer_shapes)
-    flops = {u: update_flops(memories[u].config, x) for u in updates}
+    flops = {u: update_flops(memories[u].config, x) for u in updates if u != "dual-compiled"}
+    if "dual-compiled" in updates:  # compiling changes no math (`dual` runs wherever `dual-compiled` does)
+        flops["dual-compiled"] = flops["dual"]
     return [
         {
             "update": u, "heads": heads, "head_dim": head_dim, "chunk_size": b, "length": length,
