@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -299,15 +300,17 @@ def mqar_curriculum(
     extra: list[str],
     stage1_target: float = TARGET,
     mix: tuple[str, ...] = STAGE2_MIX,
+    stage1_extra: tuple[str, ...] = (),
 ) -> None:
     """§1.0's recipe in one call: seq 64 / 4 pairs (vocab 512) alone until validation ``stage1_target`` or
     ``stage1_minutes``, then seq 256 with the ``mix`` settings beside it (one setting per batch) from its
     weights, the rate decaying to 0 over the CPU-minutes left of ``total_minutes`` (both stages share the
-    budget). ``extra`` flags (e.g. a model option) go to both stages; the runs are ``<model>-s64-<tag>-stage1``
+    budget). ``extra`` flags (e.g. a model option) go to both stages, ``stage1_extra`` to the first alone (an option
+    that leaves the weights' shapes as they are, such as the attention window); the runs are ``<model>-s64-<tag>-stage1``
     and ``<model>-s256-<tag>`` (`report` plots the tags in ``REPORTED_TAGS``)."""
     first = f"{tag}-stage1"
     mqar(model, "s64", stage1_minutes, mix=[], cosine_steps=None, cosine_budget=False, init_from="", tag=first,
-         extra=["--data.init_args.vocab_size=512", *extra], target=stage1_target)  # fmt: skip
+         extra=["--data.init_args.vocab_size=512", *extra, *stage1_extra], target=stage1_target)  # fmt: skip
     stage1 = json.loads((RUNS / "mqar" / f"{model}-s64-{first}" / "summary.json").read_text())
     if stage1["exit_status"] or stage1["cpu_minutes"] is None:
         raise SystemExit(f"stage 1 of {model} ({tag}) failed (exit {stage1['exit_status']}): no stage 2")
@@ -621,6 +624,7 @@ def main(argv: list[str] | None = None) -> None:
         "--init-from", default="", help="an earlier MQAR run (its name) whose weights start this one"
     )
     run.add_argument("--tag", default="", help="run name suffix (a probe, a curriculum stage)")
+    run.add_argument("--target", type=float, default=TARGET, help="validation accuracy that ends the run early")
     run = commands.add_parser("mqar-curriculum", help="§1.0's two stages (seq 64 alone, then the mixture)")
     run.add_argument("model", choices=MODELS)
     run.add_argument(
@@ -636,6 +640,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     run.add_argument("--mix", nargs="+", default=list(STAGE2_MIX), choices=MQAR_SETTINGS,
                      help="the settings trained beside seq 256 in the second stage")  # fmt: skip
+    run.add_argument("--stage1-flags", default="", help="flags for seq 64 alone only, one string (shell-split)")
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
@@ -671,10 +676,12 @@ def main(argv: list[str] | None = None) -> None:
             args.init_from,
             args.tag,
             extra,
+            args.target,
         )
     elif args.command == "mqar-curriculum":
         mqar_curriculum(
-            args.model, args.stage1_minutes, args.minutes, args.tag, extra, args.stage1_target, args.mix
+            args.model, args.stage1_minutes, args.minutes, args.tag, extra, args.stage1_target, args.mix,
+            tuple(shlex.split(args.stage1_flags)),
         )
     elif args.command == "sniah":
         depths = tuple(float(d) if "." in d else int(d) for d in args.depths.split(","))
