@@ -627,7 +627,9 @@ def main(argv: list[str] | None = None) -> None:
         "--init-from", default="", help="an earlier MQAR run (its name) whose weights start this one"
     )
     run.add_argument("--tag", default="", help="run name suffix (a probe, a curriculum stage)")
-    run.add_argument("--target", type=float, default=TARGET, help="validation accuracy that ends the run early")
+    run.add_argument(
+        "--target", type=float, default=TARGET, help="validation accuracy that ends the run early"
+    )
     run = commands.add_parser("mqar-curriculum", help="§1.0's two stages (seq 64 alone, then the mixture)")
     run.add_argument("model", choices=MODELS)
     run.add_argument(
@@ -643,7 +645,9 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     run.add_argument("--mix", nargs="+", default=list(STAGE2_MIX), choices=MQAR_SETTINGS,
                      help="the settings trained beside seq 256 in the second stage")  # fmt: skip
-    run.add_argument("--stage1-flags", default="", help="flags for seq 64 alone only, one string (shell-split)")
+    run.add_argument(
+        "--stage1-flags", default="", help="flags for seq 64 alone only, one string (shell-split)"
+    )
     run = commands.add_parser("sniah", help="one S-NIAH pass-key training run")
     run.add_argument("model", choices=SNIAH_MODELS)
     run.add_argument("--minutes", type=float, default=8.0, help="CPU-minute budget of the run")
@@ -682,10 +686,9 @@ def main(argv: list[str] | None = None) -> None:
             args.target,
         )
     elif args.command == "mqar-curriculum":
-        mqar_curriculum(
-            args.model, args.stage1_minutes, args.minutes, args.tag, extra, args.stage1_target, args.mix,
-            tuple(shlex.split(args.stage1_flags)),
-        )
+        stage1_extra = tuple(shlex.split(args.stage1_flags))
+        mqar_curriculum(args.model, args.stage1_minutes, args.minutes, args.tag, extra, args.stage1_target,
+                        args.mix, stage1_extra)  # fmt: skip
     elif args.command == "sniah":
         depths = tuple(float(d) if "." in d else int(d) for d in args.depths.split(","))
         sniah(args.model, args.minutes, args.length, depths, args.tag, extra)
