@@ -42,6 +42,7 @@ MODELS = {
     "titans-lmm": "titans-lmm-tiny.yaml",
     "titans-mag-delta": "titans-mag-delta-tiny.yaml",
     "titans-mac-delta": "titans-mac-delta-tiny.yaml",
+    "titans-mal-delta": "titans-mal-delta-tiny.yaml",
 }
 # MQAR settings, grown from the start (seq 64 / 4 pairs / vocab 256) to Zoology's seq 256 / 16 pairs
 # (vocab 512 there: MQAR needs vocab > seq).

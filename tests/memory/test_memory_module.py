@@ -77,6 +77,7 @@ def expected_parameters(c: TitansConfig) -> int:
         total += 4 * d * d if kind != "lmm" else 0
         total += memory if kind in ("lmm", "mac", "mag", "mal") else 0
         total += 2 * d + d * d if kind in ("mac", "mag") else 0
+        total += d if kind == "mal" and c.mal_attend == "residual" else 0  # the attention's own RMSNorm
         hidden = int(c.ffn_mult * d)
         total += d + 3 * d * hidden if hidden else 0
     return total
