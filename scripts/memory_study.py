@@ -151,6 +151,8 @@ REPORTED_TAGS = {
     "s20-mal-residual-w1-seed0": "stop 20, block MAL, residual memory, window 1 in stage 1, seed 0",
     "s20-mal-residual-w1-seed1": "stop 20, block MAL, residual memory, window 1 in stage 1, seed 1",
     "s20-mal-residual-w1-seed2": "stop 20, block MAL, residual memory, window 1 in stage 1, seed 2",
+    "s20-seed0": "stop 20, seed 0",
+    "s20-seed1": "stop 20, seed 1",
     "s18-stream": "stop 18, storing the stream",
     "s18": "stop 18",
     "s18-mag-seed3": "stop 18, stop 17's seed-3 run again",
