@@ -409,16 +409,21 @@ def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
     whether its value token is less than ``reach`` tokens back (inside one window) or not. Beside it,
     how often the answer is one of the sequence's own values: the 1/num_pairs plateau answers a context value
     without binding it to its key, and past ``reach`` only a memory (or a second layer) can know those values.
+    With a Titans memory, also ``memory_alone``: the accuracy with every attention's output zeroed, i.e. what the
+    memory answers by itself (MAG's gate then passes σ(0) = ½ of the memory's read; MAL `residual` keeps its memory
+    sub-layers; MAL `stream` and `memory` reach the stream only through their attention, so there it is ≈ 0).
     Kept in ``<run>/by_reach.json`` and reused while the checkpoint it scored is unchanged (`report` scores every
     run, and a seq-256 Titans checkpoint takes ≈ 12 CPU-seconds)."""
     checkpoint = run_dir / "checkpoints/last.ckpt"
     cache, stamp = run_dir / "by_reach.json", checkpoint.stat().st_mtime_ns
     kept = json.loads(cache.read_text()) if cache.exists() else {}
-    if kept.get("checkpoint_mtime_ns") == stamp and kept.get("samples") == samples:
+    fresh = kept.get("checkpoint_mtime_ns") == stamp and kept.get("samples") == samples
+    if fresh and "memory_alone" in kept["result"]:
         return kept["result"]
     import torch
     from timeloom_memory.module import MemoryLMModule
     from timeloom_memory.tasks import IGNORE, MQAR
+    from timeloom_memory.titans import Attention
 
     module = MemoryLMModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     config = module.config
@@ -426,8 +431,20 @@ def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
     items = [MQAR(**task, length=samples, split="val")[i] for i in range(samples)]
     input_ids = torch.stack([item["input_ids"] for item in items])
     labels = torch.stack([item["labels"] for item in items])
-    with torch.no_grad():
-        answers = torch.cat([module(ids).argmax(-1) for ids in input_ids.split(64)])
+
+    def answer() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([module(ids).argmax(-1) for ids in input_ids.split(64)])
+
+    answers = answer()
+    memory_alone = None
+    if any(block.memory is not None for block in module.model.blocks):
+        hooks = [m.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+                 for m in module.modules() if isinstance(m, Attention)]  # fmt: skip
+        silenced = answer()
+        for hook in hooks:
+            hook.remove()
+        memory_alone = round(float((silenced == labels)[labels != IGNORE].float().mean()), 3)
     values = input_ids[:, 1 : 2 * task["num_pairs"] : 2]
     a_value = (answers.unsqueeze(-1) == values.unsqueeze(1)).any(-1)
     labelled, position = labels != IGNORE, torch.arange(labels.shape[1])
@@ -435,7 +452,7 @@ def by_reach(run_dir: Path, task: dict, samples: int = 512) -> dict:
     # only this split says whether a window alone could see the answer)
     keys = input_ids[:, 0 : 2 * task["num_pairs"] : 2]
     value_at = 2 * (input_ids.unsqueeze(-1) == keys.unsqueeze(1)).float().argmax(-1) + 1
-    result = {"reach": reach}
+    result = {"reach": reach, "memory_alone": memory_alone}
     splits = (("near", position < reach), ("far", position >= reach),
               ("value_within_reach", position - value_at < reach), ("value_beyond_reach", position - value_at >= reach))  # fmt: skip
     for name, where in splits:
