@@ -67,7 +67,8 @@ class TitansConfig:
             normed input plus the memory's output; or ``"residual"``, the RMSNorm of the residual stream after the
             memory's output is added to it (the memory and the attention as two residual sub-layers, as hybrid
             stacks such as H3 and Samba place their layers; the memory's read then reaches the head directly). On
-            MQAR seq 256 neither new flow reaches ``"stream"``'s 0.607 (benchmarks/memory-quality.md, stop 19).
+            MQAR seq 256, ``"residual"`` reaches 0.99 once the first training stage runs at ``window=1``, where only
+            the memory can answer (configs/memory/titans-mal-delta-tiny.yaml; benchmarks/memory-quality.md, stop 20).
         ffn_mult: SwiGLU hidden width in multiples of ``dim``; 0 = no FFN (Zoology's MQAR harness).
         tie_embeddings: the head reuses the embedding matrix.
         memory: the neural memory's options (its ``dim`` is set to ``dim``).
